@@ -1,0 +1,197 @@
+"""ProgressiveRackBuilder: the one place where the rack grows and trainability is set.
+
+Stack ids are creation order (stack k is trained in phase k); rack positions run from
+the input side to the head. In append mode they agree; in prepend mode stack k sits at
+position 0 and the trunk between it and the head.
+
+Rack-level parameters: the token embedding (and the head tied to it) trains in phase 0
+only, because from phase 1 on it feeds the trunk whose outputs may be cached. The final
+norm, and an untied head, train in every phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn as nn
+
+from . import adapters
+from .config import QUANTIZED_PRECISIONS, ConfigError, StackWiseConfig, load_time_mapping
+from .data import load_tokenizer
+from .masking import time_step_for_stack
+from .model import Rack, Stack
+from .precision import apply_precision, compute_dtype, precision_support, weight_bytes
+
+
+def default_d_ff(d_model: int) -> int:
+    return 32 * -(-(8 * d_model // 3) // 32)  # SwiGLU's 8/3 d_model, rounded up to 32
+
+
+def depth_time_step(config: StackWiseConfig, stack_id: int) -> int:
+    p = config.training.progressive
+    custom = load_time_mapping(p.custom_time_mapping) if p.stack_time_mapping == "custom" else None
+    return time_step_for_stack(stack_id, p.stack_time_mapping, p.time_per_stack, p.max_stacks,
+                               p.num_time_steps, custom)
+
+
+def create_stack_from_config(stack_id: int, n_blocks: int, config: StackWiseConfig,
+                             precision: str | None = None) -> Stack:
+    """A new stack as the config describes it: blocks, time conditioning and depth time,
+    precision applied to its weights, and its stack LoRA when qlora_enabled."""
+    m, p = config.model, config.training.progressive
+    precision = precision or config.stack_precision(stack_id)
+    stack = Stack(
+        stack_id, n_blocks, m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.d_ff or default_d_ff(m.d_model),
+        config.causal, m.norm_eps, p.time_encoding_type, p.time_embedding_dim, p.num_time_steps,
+        time_step=depth_time_step(config, stack_id))
+    for module in stack.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=m.init_std)
+    apply_precision(stack, precision)
+    stack.precision, stack.compute_dtype = precision, compute_dtype(precision)
+    if precision in QUANTIZED_PRECISIONS:
+        stack.is_loaded_in_4bit = True  # lets peft pick its bitsandbytes-aware LoRA layer
+    if p.qlora_enabled:
+        rank, alpha = adapters.stack_lora_params(stack_id, p)
+        adapters.add_adapter(stack, adapters.STACK_ADAPTER, rank, alpha, p.qlora_dropout)
+    return stack
+
+
+class ProgressiveRackBuilder:
+    """Grows a Rack stack by stack.
+
+    Args:
+        config: a StackWiseConfig; None builds the default config, updated with
+            `model_overrides` (e.g. d_model=256, n_heads=8) as in the source document.
+        building_mode: "append" or "prepend"; None takes training.progressive.building_mode.
+        default_precision: precision of stacks not given one; None takes
+            training.progressive.stack_precisions / new_stack_precision.
+    """
+
+    def __init__(self, config: StackWiseConfig | None = None, building_mode: str | None = None,
+                 default_precision: str | None = None, **model_overrides):
+        if config is None:
+            config = StackWiseConfig()
+            fields = {f.name for f in dataclasses.fields(config.model)}
+            for key, value in model_overrides.items():
+                if key not in fields:
+                    raise ConfigError(f"model.{key}: unknown key")
+                setattr(config.model, key, value)
+        elif model_overrides:
+            raise TypeError("pass model settings either in config or as keyword arguments, not both")
+        self.config = config.validate()
+        p = config.training.progressive
+        self.building_mode = building_mode or p.building_mode
+        if self.building_mode not in ("append", "prepend"):
+            raise ConfigError(f"building_mode: must be append or prepend, got {self.building_mode!r}")
+        self.default_precision = default_precision
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        m = config.model
+        self.rack = Rack(m.vocab_size or tokenizer.vocab_size, m.d_model, m.max_seq_len, m.n_heads,
+                         tokenizer.pad_id, m.tie_embeddings, m.rope_theta, m.norm_eps,
+                         p.time_interpretation, m.init_std)
+
+    # ------------------------------------------------------------------ growing
+    @property
+    def num_stacks(self) -> int:
+        return len(self.rack.stacks)
+
+    @property
+    def stack_ids(self) -> list[int]:
+        """Stack ids in rack order, input side first."""
+        return [s.stack_id for s in self.rack.stacks]
+
+    def stack(self, stack_id: int) -> Stack:
+        return next(s for s in self.rack.stacks if s.stack_id == stack_id)
+
+    def position(self, stack_id: int) -> int:
+        return self.stack_ids.index(stack_id)
+
+    def append_stack(self, n_blocks: int | None = None, precision: str | None = None) -> Stack:
+        return self._add(n_blocks, precision, at_input_side=False)
+
+    def prepend_stack(self, n_blocks: int | None = None, precision: str | None = None) -> Stack:
+        return self._add(n_blocks, precision, at_input_side=True)
+
+    def add_stack(self, n_blocks: int | None = None, precision: str | None = None) -> Stack:
+        """Add a stack where building_mode says."""
+        return self._add(n_blocks, precision, at_input_side=self.building_mode == "prepend")
+
+    def _add(self, n_blocks, precision, at_input_side) -> Stack:
+        p = self.config.training.progressive
+        stack_id = self.num_stacks
+        if stack_id >= p.max_stacks:
+            raise ValueError(f"training.progressive.max_stacks is {p.max_stacks}: cannot add stack {stack_id}")
+        if precision is None and self.default_precision is not None and stack_id not in p.stack_precisions:
+            precision = self.default_precision
+        stack = create_stack_from_config(stack_id, n_blocks or self.config.blocks_per_stack, self.config, precision)
+        if p.progressive_qlora:
+            for trunk_stack in self.rack.stacks:
+                if adapters.TRUNK_ADAPTER not in adapters.adapter_params(trunk_stack):
+                    adapters.add_adapter(trunk_stack, adapters.TRUNK_ADAPTER, p.progressive_qlora_rank,
+                                         p.progressive_qlora_alpha, p.qlora_dropout)
+        self.rack.stacks.insert(0 if at_input_side else self.num_stacks, stack)
+        return stack
+
+    def build_rack(self) -> Rack:
+        return self.rack
+
+    # ------------------------------------------------------------------ trainability
+    def freeze_trunk(self, indices) -> None:
+        """Freeze every parameter of these stacks, LoRA included."""
+        for i in indices:
+            for param in self.stack(i).parameters():
+                param.requires_grad_(False)
+
+    def freeze_all_but_qlora(self, indices) -> None:
+        """Only the LoRA adapters (stack and trunk) of these stacks train."""
+        for i in indices:
+            for name, param in self.stack(i).named_parameters():
+                param.requires_grad_(adapters.is_lora_param(name))
+
+    def prepare_phase(self, stack_id: int | None = None) -> None:
+        """Set requires_grad for the phase that trains `stack_id` (default: the newest)."""
+        stack_id = self.num_stacks - 1 if stack_id is None else stack_id
+        trunk = [i for i in self.stack_ids if i != stack_id]
+        for name, param in self.stack(stack_id).named_parameters():
+            param.requires_grad_(param.is_floating_point())  # 4-bit base weights cannot train
+        if self.config.training.progressive.trunk_strategy == "qlora":
+            self.freeze_all_but_qlora(trunk)
+        else:
+            self.freeze_trunk(trunk)
+        first_phase = not trunk
+        self.rack.embed.weight.requires_grad_(first_phase)
+        self.rack.head.weight.requires_grad_(first_phase or self.rack.head.weight is not self.rack.embed.weight)
+        for param in self.rack.norm.parameters():
+            param.requires_grad_(True)
+
+    # ------------------------------------------------------------------ reporting
+    def get_rack_info(self) -> dict:
+        stacks = []
+        device = next(self.rack.parameters()).device
+        for pos, stack in enumerate(self.rack.stacks):
+            params = list(stack.parameters())
+            lora_bytes = sum(p.numel() * p.element_size() for n, p in stack.named_parameters() if adapters.is_lora_param(n))
+            stacks.append({
+                "stack_id": stack.stack_id,
+                "position": pos,
+                "n_blocks": len(stack.blocks),
+                "precision": stack.precision,
+                "precision_note": precision_support(stack.precision, device),
+                "weight_bytes": weight_bytes(stack) - lora_bytes,  # base weights as stored
+                "adapter_bytes": lora_bytes,
+                "params": sum(p.numel() for p in params),
+                "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+                "adapters": adapters.adapter_params(stack),
+                "time_step": stack.time_step,
+            })
+        all_params = list(self.rack.parameters())
+        return {
+            "building_mode": self.building_mode,
+            "num_stacks": self.num_stacks,
+            "stack_order": self.stack_ids,
+            "stacks": stacks,
+            "total_params": sum(p.numel() for p in all_params),
+            "trainable_params": sum(p.numel() for p in all_params if p.requires_grad),
+            "weight_bytes": weight_bytes(self.rack),
+        }

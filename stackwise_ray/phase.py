@@ -1,0 +1,120 @@
+"""One phase: train the newest stack for a number of steps. Ordinary PyTorch, no globals.
+
+This body runs in one process here, and inside Ray Train workers for the Ray phases.
+Which parameters train is decided before the call (ProgressiveRackBuilder.prepare_phase).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable, Iterator
+
+import torch
+
+from .config import TrainingConfig
+from .model import Rack
+
+
+def get_lr(it: int, steps: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to min_lr at the last step."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    progress = (it - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def phase_steps(tcfg: TrainingConfig, batches_per_epoch: int) -> int:
+    if tcfg.epochs_per_stack is not None:
+        return tcfg.epochs_per_stack * batches_per_epoch
+    return tcfg.steps_per_stack
+
+
+def forever(loader: Iterable) -> Iterator:
+    """Iterate a loader epoch after epoch (a DataLoader reshuffles on each pass)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the training data yields no batch")
+
+
+def rack_loss(rack: Rack, batch: dict, start: int = 0):
+    """Forward one prepared batch; a batch carrying `trunk_activations` enters at rack
+    position `start` and runs no trunk stack."""
+    return rack(batch["input_ids"], batch["time_step"], batch["targets"], batch["combined_masks"],
+                hidden=batch.get("trunk_activations"), start=start if "trunk_activations" in batch else 0)
+
+
+def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps: int,
+                val_batches: Iterable[dict] | None = None, start: int = 0) -> dict:
+    """Train every parameter of `rack` with requires_grad on `steps` prepared batches.
+
+    Args:
+        rack: the model; requires_grad already set for this phase.
+        batches: prepared batches (a ProgressiveDataLoader), iterated epoch after epoch.
+        tcfg: learning rate schedule, clipping, logging and evaluation settings.
+        steps: optimizer steps in this phase.
+        val_batches: prepared validation batches; evaluated once at the end.
+        start: rack position where cached trunk activations enter (see rack_loss).
+    Returns:
+        metrics: loss curve, final validation numbers, parameter counts, wall time.
+    """
+    params = [p for p in rack.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("this phase has no trainable parameter")
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    data = forever(batches)
+    curve = []
+    rack.train()
+    t0 = time.perf_counter()
+    for it in range(steps):
+        lr = get_lr(it, steps, tcfg.lr, tcfg.min_lr, tcfg.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        _, loss = rack_loss(rack, next(data), start)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        opt.step()
+        if it % tcfg.log_every == 0 or it == steps - 1:
+            curve.append({"step": it, "loss": loss.item(), "lr": lr})
+    opt.zero_grad(set_to_none=True)  # frees gradient memory before the rack is evaluated or saved
+    metrics = {
+        "steps": steps,
+        "loss_curve": curve,
+        "train_loss": curve[-1]["loss"] if curve else float("nan"),
+        "train_time_s": time.perf_counter() - t0,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in rack.parameters()),
+    }
+    if val_batches is not None:
+        metrics.update(evaluate(rack, val_batches, tcfg.eval_batches, start))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(rack: Rack, batches: Iterable[dict], max_batches: int | None = None, start: int = 0) -> dict:
+    """Token-weighted loss, perplexity and accuracy over the loss positions."""
+    was_training = rack.training
+    rack.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits, _ = rack_loss(rack, batch, start)
+        mask = batch["combined_masks"]
+        targets = batch["targets"][mask]
+        chosen = logits[mask].float()
+        total_loss += torch.nn.functional.cross_entropy(chosen, targets, reduction="sum").item()
+        correct += (chosen.argmax(-1) == targets).sum().item()
+        count += targets.numel()
+    rack.train(was_training)
+    if count == 0:
+        raise ValueError("validation data has no position to score")
+    val_loss = total_loss / count
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_accuracy": correct / count, "val_tokens": count}
