@@ -7,9 +7,9 @@ Both are active in the forward pass; which ones train is decided in builder.py.
 
 from __future__ import annotations
 
+import warnings
+
 import torch.nn as nn
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 
 from .config import ProgressiveConfig
 
@@ -50,15 +50,21 @@ def stack_lora_params(stack_idx: int, p: ProgressiveConfig) -> tuple[int, float]
 
 def add_adapter(stack: nn.Module, name: str, rank: int, alpha: float, dropout: float = 0.0) -> None:
     """Add a LoRA adapter called `name` to every projection of `stack`; all adapters stay active."""
+    from peft import LoraConfig, inject_adapter_in_model  # imported when needed: it takes seconds
+
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGET_MODULES)
-    inject_adapter_in_model(config, stack, adapter_name=name)
+    with warnings.catch_warnings():  # a second adapter on the same layers is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, stack, adapter_name=name)
     for layer in lora_layers(stack):
         # peft activates only the newest adapter; the source's dual LoRA keeps both on
         layer.set_adapter(sorted(layer.lora_A.keys()))
 
 
-def lora_layers(module: nn.Module) -> list[LoraLayer]:
-    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+def lora_layers(module: nn.Module) -> list:
+    """peft's LoRA layers in `module` (found by their adapter tables, so peft stays unimported
+    in racks that have none)."""
+    return [m for m in module.modules() if hasattr(m, "lora_A") and hasattr(m, "set_adapter")]
 
 
 def adapter_params(module: nn.Module) -> dict[str, dict]:

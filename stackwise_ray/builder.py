@@ -79,12 +79,13 @@ class ProgressiveRackBuilder:
                 setattr(config.model, key, value)
         elif model_overrides:
             raise TypeError("pass model settings either in config or as keyword arguments, not both")
-        self.config = config.validate()
+        self.config = config.validate(check_files=False)
         p = config.training.progressive
         self.building_mode = building_mode or p.building_mode
         if self.building_mode not in ("append", "prepend"):
             raise ConfigError(f"building_mode: must be append or prepend, got {self.building_mode!r}")
         self.default_precision = default_precision
+        self.plan: list[dict] = []  # how each stack was added, in creation order (rebuilds the rack)
         tokenizer = load_tokenizer(config.data.tokenizer)
         m = config.model
         self.rack = Rack(m.vocab_size or tokenizer.vocab_size, m.d_model, m.max_seq_len, m.n_heads,
@@ -131,6 +132,7 @@ class ProgressiveRackBuilder:
                     adapters.add_adapter(trunk_stack, adapters.TRUNK_ADAPTER, p.progressive_qlora_rank,
                                          p.progressive_qlora_alpha, p.qlora_dropout)
         self.rack.stacks.insert(0 if at_input_side else self.num_stacks, stack)
+        self.plan.append({"n_blocks": len(stack.blocks), "precision": stack.precision, "at_input_side": at_input_side})
         return stack
 
     def build_rack(self) -> Rack:

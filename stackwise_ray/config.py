@@ -113,10 +113,21 @@ class TrainingConfig:
 
 
 @dataclass
+class RayConfig:
+    num_workers: int = 1  # Ray Train workers per phase (DDP across them)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    cache_backend: Literal["object_store", "arrow"] = "object_store"
+    storage_path: str = "runs"  # relative paths are made absolute against the working directory
+    address: Optional[str] = None  # None: RAY_ADDRESS or a local Ray
+
+
+@dataclass
 class StackWiseConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "StackWiseConfig":
@@ -160,7 +171,9 @@ class StackWiseConfig:
             return self.training.progressive.training_objective == "clm"
         return self.model.attention == "causal"
 
-    def validate(self) -> "StackWiseConfig":
+    def validate(self, check_files: bool = True) -> "StackWiseConfig":
+        """Raise ConfigError naming the first bad key. check_files=False skips the data and
+        tokenizer file checks (loading a trained rack elsewhere needs neither)."""
         # attribute assignment bypasses from_dict, so types are checked again here
         _check_types(self, "")
         m, d, t, p = self.model, self.data, self.training, self.training.progressive
@@ -176,6 +189,9 @@ class StackWiseConfig:
             for k in keys:
                 if getattr(obj, k) is not None:
                     _positive(obj, sec, k)
+        _positive(self.ray, "ray", "num_workers", "cpus_per_worker")
+        if d.batch_size % self.ray.num_workers:
+            _fail("data.batch_size", f"the global batch must split evenly over ray.num_workers={self.ray.num_workers}, got {d.batch_size}")
         if p.time_per_stack < 0:
             _fail("training.progressive.time_per_stack", f"must be >= 0, got {p.time_per_stack}")
         if t.lr <= 0:
@@ -216,7 +232,8 @@ class StackWiseConfig:
         self._validate_precisions()
         self._validate_lora()
         self._validate_time()
-        _validate_data_source(d)
+        if check_files:
+            _validate_data_source(d)
         return self
 
     def stack_precision(self, stack_idx: int) -> str:
@@ -271,6 +288,16 @@ class StackWiseConfig:
                 step = fn(k, p.max_stacks, p.num_time_steps)
                 if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < p.num_time_steps:
                     _fail("training.progressive.custom_time_mapping", f"{p.custom_time_mapping} returned {step!r} for stack {k}; expected an int in [0, {p.num_time_steps})")
+
+
+def load_config(path: str | os.PathLike) -> StackWiseConfig:
+    """Read and validate a YAML file; every error message starts with the file's path."""
+    path = os.fspath(path)
+    try:
+        return StackWiseConfig.from_yaml(path).validate()
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(path) else f"{path}: {msg}") from None
 
 
 def load_time_mapping(spec: str, key: str = "training.progressive.custom_time_mapping"):

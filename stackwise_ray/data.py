@@ -266,15 +266,36 @@ def build_datasets(config: StackWiseConfig, tokenizer=None):
         n = len(records)
     if n < 2:
         raise ValueError(f"data.source {d.source}: too small for seq_len {T}: {n} example(s), need at least 2")
+    return (*split_dataset(TokenDataset(inputs, torch.arange(n), targets), d.val_fraction, d.split_seed), tokenizer)
 
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(d.split_seed))
-    n_val = min(max(1, round(n * d.val_fraction)), n - 1)
-    val_ids, train_ids = perm[:n_val].sort().values, perm[n_val:].sort().values
 
-    def subset(ids):
-        return TokenDataset(inputs[ids], ids.clone(), None if targets is None else targets[ids])
+def split_dataset(ds: TokenDataset, val_fraction: float, split_seed: int) -> tuple[TokenDataset, TokenDataset]:
+    """Seeded permutation split: the first max(1, round(N*val_fraction)) rows, at most
+    N-1, are validation. Each part keeps the global example ids, ordered by id."""
+    n = len(ds)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
 
-    return subset(train_ids), subset(val_ids), tokenizer
+    def subset(rows):
+        rows = rows.sort().values
+        return TokenDataset(ds.input_ids[rows], ds.example_ids[rows], None if ds.targets is None else ds.targets[rows])
+
+    return subset(perm[n_val:]), subset(perm[:n_val])
+
+
+def dataset_from_user(data, config: StackWiseConfig) -> tuple[TokenDataset, TokenDataset]:
+    """A user's Dataset or DataLoader (items with `input_ids`, optional `example_id` and
+    `targets`) as train/validation TokenDatasets, split like the configured data."""
+    ds = getattr(data, "dataset", data)
+    if isinstance(ds, TokenDataset):
+        return split_dataset(ds, config.data.val_fraction, config.data.split_seed)
+    items = [ds[i] for i in range(len(ds))]
+    if len(items) < 2 or not all(isinstance(it, dict) and "input_ids" in it for it in items):
+        raise ValueError("dataloader: expected at least 2 items, each a dict with 'input_ids'")
+    ids = torch.tensor([int(it.get("example_id", i)) for i, it in enumerate(items)])
+    targets = torch.stack([torch.as_tensor(it["targets"]) for it in items]) if "targets" in items[0] else None
+    inputs = torch.stack([torch.as_tensor(it["input_ids"]) for it in items]).long()
+    return split_dataset(TokenDataset(inputs, ids, targets), config.data.val_fraction, config.data.split_seed)
 
 
 def _token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -342,6 +363,35 @@ def make_dataloader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, drop
                       num_workers=0, generator=torch.Generator().manual_seed(seed))
 
 
+class GlobalBatches:
+    """Deterministic global batches of `batch_size` rows, reshuffled each epoch from
+    (seed, epoch); worker `rank` of `world` takes rows rank::world of every batch, so any
+    number of workers sees the same global batches (a partial last batch is dropped)."""
+
+    def __init__(self, ds: TokenDataset, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
+        if len(ds) < batch_size:
+            raise ValueError(f"data.batch_size {batch_size} is larger than the {len(ds)} examples available")
+        self.ds, self.batch_size, self.seed, self.shuffle = ds, batch_size, seed, shuffle
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def __len__(self) -> int:
+        return len(self.ds) // self.batch_size
+
+    def __iter__(self):
+        n, B = len(self.ds), self.batch_size
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(n)
+        self.epoch += 1
+        for i in range(n // B):
+            rows = order[i * B:(i + 1) * B][self.rank::self.world]
+            batch = {"input_ids": self.ds.input_ids[rows], "example_ids": self.ds.example_ids[rows]}
+            if self.ds.targets is not None:
+                batch["targets"] = self.ds.targets[rows]
+            yield batch
+
+
 class ProgressiveDataLoader:
     """Batches for the phase that trains stack `stack_idx`: corrupted inputs, targets,
     masks and time step from the masking strategy, and, when a trunk cache is given and
@@ -370,5 +420,5 @@ class ProgressiveDataLoader:
         for batch in self.base_dataloader:
             out = self.masking_strategy.generate_masks_for_stack(batch, self.stack_idx)
             if self.cache_activations and self.trunk_activations is not None:
-                out["trunk_activations"] = self.trunk_activations.lookup(out["example_ids"])
+                out["trunk_activations"] = self.trunk_activations.lookup(out["example_ids"], out["input_ids"])
             yield out

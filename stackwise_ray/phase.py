@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -41,15 +41,17 @@ def forever(loader: Iterable) -> Iterator:
             raise ValueError("the training data yields no batch")
 
 
-def rack_loss(rack: Rack, batch: dict, start: int = 0):
+def rack_loss(rack: Rack, batch: dict, start: int = 0, device: torch.device | str = "cpu"):
     """Forward one prepared batch; a batch carrying `trunk_activations` enters at rack
-    position `start` and runs no trunk stack."""
-    return rack(batch["input_ids"], batch["time_step"], batch["targets"], batch["combined_masks"],
-                hidden=batch.get("trunk_activations"), start=start if "trunk_activations" in batch else 0)
+    position `start` and runs only the stacks from there on."""
+    b = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return rack(b["input_ids"], b["time_step"], b["targets"], b["combined_masks"],
+                hidden=b.get("trunk_activations"), start=start if "trunk_activations" in b else 0)
 
 
 def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps: int,
-                val_batches: Iterable[dict] | None = None, start: int = 0) -> dict:
+                val_batches: Iterable[dict] | None = None, start: int = 0,
+                device: torch.device | str = "cpu", on_log: Callable[[dict], None] | None = None) -> dict:
     """Train every parameter of `rack` with requires_grad on `steps` prepared batches.
 
     Args:
@@ -59,6 +61,8 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         steps: optimizer steps in this phase.
         val_batches: prepared validation batches; evaluated once at the end.
         start: rack position where cached trunk activations enter (see rack_loss).
+        device: where the batches go.
+        on_log: called with each loss-curve entry (Ray phases report it).
     Returns:
         metrics: loss curve, final validation numbers, parameter counts, wall time.
     """
@@ -74,7 +78,7 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         lr = get_lr(it, steps, tcfg.lr, tcfg.min_lr, tcfg.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        _, loss = rack_loss(rack, next(data), start)
+        _, loss = rack_loss(rack, next(data), start, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tcfg.grad_clip > 0:
@@ -82,6 +86,8 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         opt.step()
         if it % tcfg.log_every == 0 or it == steps - 1:
             curve.append({"step": it, "loss": loss.item(), "lr": lr})
+            if on_log is not None:
+                on_log(curve[-1])
     opt.zero_grad(set_to_none=True)  # frees gradient memory before the rack is evaluated or saved
     metrics = {
         "steps": steps,
@@ -92,12 +98,13 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         "total_params": sum(p.numel() for p in rack.parameters()),
     }
     if val_batches is not None:
-        metrics.update(evaluate(rack, val_batches, tcfg.eval_batches, start))
+        metrics.update(evaluate(rack, val_batches, tcfg.eval_batches, start, device))
     return metrics
 
 
 @torch.no_grad()
-def evaluate(rack: Rack, batches: Iterable[dict], max_batches: int | None = None, start: int = 0) -> dict:
+def evaluate(rack: Rack, batches: Iterable[dict], max_batches: int | None = None, start: int = 0,
+             device: torch.device | str = "cpu") -> dict:
     """Token-weighted loss, perplexity and accuracy over the loss positions."""
     was_training = rack.training
     rack.eval()
@@ -105,9 +112,9 @@ def evaluate(rack: Rack, batches: Iterable[dict], max_batches: int | None = None
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        logits, _ = rack_loss(rack, batch, start)
-        mask = batch["combined_masks"]
-        targets = batch["targets"][mask]
+        logits, _ = rack_loss(rack, batch, start, device)
+        mask = batch["combined_masks"].to(logits.device)
+        targets = batch["targets"].to(logits.device)[mask]
         chosen = logits[mask].float()
         total_loss += torch.nn.functional.cross_entropy(chosen, targets, reduction="sum").item()
         correct += (chosen.argmax(-1) == targets).sum().item()

@@ -18,3 +18,30 @@ def tiny_config(model=None, data=None, training=None, **progressive) -> StackWis
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting Ray costs seconds)."""
+    import os
+
+    import ray
+
+    from stackwise_ray.trainer import RAY_ENV_DEFAULTS
+
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def ray_config(**overrides):
+    """A config small enough that a Ray phase is dominated by Ray's own start-up."""
+    training = {"steps_per_stack": 8, "eval_batches": 2, "log_every": 4, **overrides.pop("training", {})}
+    ray_section = overrides.pop("ray", {})
+    config = tiny_config(data={"max_examples": 120, **overrides.pop("data", {})}, training=training,
+                         max_stacks=3, **overrides)
+    for key, value in ray_section.items():
+        setattr(config.ray, key, value)
+    return config.validate()

@@ -60,7 +60,7 @@ class DictCache:
                 h = rack.run_stacks(rack.embed_tokens(batch["input_ids"]), batch["input_ids"], batch["time_step"], end=trunk_end)
                 self.rows.update(zip(batch["example_ids"].tolist(), h))
 
-    def lookup(self, example_ids):
+    def lookup(self, example_ids, input_ids=None):
         return torch.stack([self.rows[i] for i in example_ids.tolist()])
 
 

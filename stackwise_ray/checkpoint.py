@@ -1,0 +1,102 @@
+"""Save and load a rack: safetensors weights, per-adapter safetensors, JSON metadata.
+
+A checkpoint rebuilds its own model: the metadata holds the config and how each stack
+was added (blocks, precision, side), so `load_rack` replays the growth and loads the
+weights. No pickles: config objects are stored as plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file, save_model
+
+from .adapters import is_lora_param
+from .builder import ProgressiveRackBuilder
+from .config import StackWiseConfig
+
+WEIGHTS = "model.safetensors"
+METADATA = "rack.json"
+TOKENIZER = "tokenizer.json"
+
+
+def write_json(path: str, obj) -> None:
+    """Write JSON atomically: a reader sees the old file or the whole new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=float)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_rack(builder: ProgressiveRackBuilder, directory: str, extra: dict | None = None) -> None:
+    """Write the rack under `directory` (created if needed)."""
+    os.makedirs(directory, exist_ok=True)
+    rack = builder.build_rack()
+    save_model(rack, os.path.join(directory, WEIGHTS))  # drops the tied head's duplicate storage
+    state = rack.state_dict()
+    for name in sorted({n.split(".lora_")[1].split(".")[1] for n in state if is_lora_param(n)}):
+        tensors = {n: t.contiguous() for n, t in state.items() if f".{name}." in n and is_lora_param(n)}
+        os.makedirs(os.path.join(directory, "adapters"), exist_ok=True)
+        save_file(tensors, os.path.join(directory, "adapters", f"{name}.safetensors"))
+    config = builder.config.to_dict()
+    if builder.config.data.tokenizer != "byte":
+        shutil.copyfile(builder.config.data.tokenizer, os.path.join(directory, TOKENIZER))
+        config["data"]["tokenizer"] = TOKENIZER  # relative to the checkpoint
+    write_json(os.path.join(directory, METADATA), {
+        "format": 1,
+        "config": config,
+        "building_mode": builder.building_mode,
+        "plan": builder.plan,
+        "stack_order": builder.stack_ids,
+        "time_steps": {s.stack_id: s.time_step for s in rack.stacks},
+        **(extra or {}),
+    })
+
+
+def load_metadata(directory: str) -> dict:
+    return read_json(os.path.join(directory, METADATA))
+
+
+def load_rack(directory: str, device: str | torch.device = "cpu") -> ProgressiveRackBuilder:
+    """Rebuild the builder (and its rack) saved in `directory`, weights loaded."""
+    meta = load_metadata(directory)
+    raw = meta["config"]
+    if raw["data"]["tokenizer"] == TOKENIZER:
+        raw["data"]["tokenizer"] = os.path.join(directory, TOKENIZER)
+    config = StackWiseConfig.from_dict(raw)
+    builder = ProgressiveRackBuilder(config, building_mode=meta["building_mode"])
+    for step in meta["plan"]:
+        add = builder.prepend_stack if step["at_input_side"] else builder.append_stack
+        add(n_blocks=step["n_blocks"], precision=step["precision"])
+    load_weights(builder.build_rack(), os.path.join(directory, WEIGHTS))
+    builder.build_rack().to(device)
+    return builder
+
+
+def load_weights(rack: torch.nn.Module, path: str) -> None:
+    """Load a safetensors file into `rack`, restoring bitsandbytes 4-bit weights from their
+    stored quant state (a plain load_state_dict does not accept those keys)."""
+    state = load_file(path)
+    restored = set()
+    for name, module in rack.named_modules():
+        if type(module).__module__.startswith("bitsandbytes") and type(module).__name__ == "Linear4bit":
+            import bitsandbytes as bnb
+
+            key = f"{name}.weight"
+            stats = {k[len(key) + 1:]: state.pop(k) for k in list(state) if k.startswith(key + ".")}
+            module.weight = bnb.nn.Params4bit.from_prequantized(
+                data=state.pop(key), quantized_stats=stats, requires_grad=False, device=module.weight.device)
+            restored.add(key)
+    missing, unexpected = rack.load_state_dict(state, strict=False)
+    tied = {"head.weight"} if rack.head.weight is rack.embed.weight else set()
+    if unexpected or set(missing) - restored - tied:
+        raise ValueError(f"{path}: weights do not match the rack: missing {sorted(set(missing) - restored - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")

@@ -1,0 +1,83 @@
+"""Use a trained rack: evaluate it like the run did, and sample text from it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .builder import ProgressiveRackBuilder
+from .data import GlobalBatches, ProgressiveDataLoader, build_datasets
+from .masking import TimeStepMasking, mask_rate
+from .phase import evaluate
+
+
+def evaluate_rack(builder: ProgressiveRackBuilder, val_ds=None) -> dict:
+    """Validation numbers computed exactly as the last phase reported them: the same
+    batches, the same corruption (keyed by example id) and the full rack from tokens."""
+    config = builder.config
+    if val_ds is None:
+        _, val_ds, _ = build_datasets(config)
+    masking = TimeStepMasking(config)
+    newest = builder.num_stacks - 1
+    batches = ProgressiveDataLoader(GlobalBatches(val_ds, min(config.data.batch_size, len(val_ds)),
+                                                  config.training.seed, shuffle=False), masking, newest)
+    return evaluate(builder.build_rack(), batches, config.training.eval_batches)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of logits (N, V); returns (tokens, their probabilities)."""
+    if temperature <= 0:
+        probs = torch.softmax(logits, -1)
+        tok = probs.argmax(-1)
+        return tok, probs.gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tok, probs.gather(-1, tok[:, None])[:, 0]
+
+
+@torch.no_grad()
+def sample(builder: ProgressiveRackBuilder, prompt: str = "", length: int = 64, temperature: float = 0.8,
+           top_k: int | None = 40, seed: int = 0, steps: int = 16) -> str:
+    """Generate text: left to right for clm, iterative unmasking for mlm."""
+    config, rack = builder.config, builder.build_rack().eval()
+    masking = TimeStepMasking(config)
+    tok = masking.tokenizer
+    special = torch.tensor(sorted(tok.special_ids))
+    g = torch.Generator().manual_seed(seed)
+    ids = tok.encode(prompt)[-(config.model.max_seq_len - 1):] or [tok.bos_id]
+    T = config.model.max_seq_len
+    t0 = torch.zeros(1, dtype=torch.long)  # time-as-input: a clean step for generation
+    if config.training.progressive.training_objective != "mlm":
+        for _ in range(length):
+            x = torch.tensor([ids[-T:]])
+            logits, _ = rack(x, time_steps=t0)
+            step_logits = logits[:, -1].float()
+            step_logits[:, special] = float("-inf")
+            nxt, _ = pick(step_logits, temperature, top_k, g)
+            ids.append(int(nxt))
+        return tok.decode(ids)
+    length = min(length, T - len(ids))
+    x = torch.tensor([ids + [tok.mask_id] * length])
+    masked = x == tok.mask_id
+    p = config.training.progressive
+    for i in range(steps):
+        frac = masked.float().mean().item()
+        # time-as-input: the step whose mask rate matches what is still masked
+        t = min(range(p.num_time_steps), key=lambda s: abs(mask_rate(s, p.num_time_steps, p.min_mask_rate, p.max_mask_rate) - frac))
+        logits, _ = rack(x, time_steps=torch.tensor([t]))
+        logits = logits[0].float()
+        logits[:, special] = float("-inf")
+        cand, conf = pick(logits, temperature, top_k, g)
+        remaining = int(masked.sum())
+        # cosine schedule: how many positions stay masked after this step
+        keep_masked = int(remaining * math.cos(math.pi / 2 * (i + 1) / steps)) if i < steps - 1 else 0
+        conf = torch.where(masked[0], conf, torch.tensor(-1.0))
+        reveal = conf.argsort(descending=True)[: remaining - keep_masked]
+        x[0, reveal] = cand[reveal]
+        masked[0, reveal] = False
+    return tok.decode(x[0].tolist())

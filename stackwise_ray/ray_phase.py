@@ -1,0 +1,199 @@
+"""Phases on Ray Train: one `TorchTrainer.fit()` per stack, and the task that builds caches.
+
+`train_loop_per_worker` is the worker side: rebuild the rack from the previous phase's
+checkpoint, add the new stack, train it (DDP across workers), evaluate, and report a
+checkpoint (rank 0 writes it). `fit_phase` is the driver side.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import resource
+import tempfile
+import time
+
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from .builder import ProgressiveRackBuilder
+from .cache import ActivationCache, compute_cache, from_arrow, write_parquet
+from .checkpoint import load_metadata, load_rack, save_rack
+from .config import StackWiseConfig
+from .data import GlobalBatches, ProgressiveDataLoader, build_datasets, load_tokenizer
+from .masking import TimeStepMasking
+from .phase import evaluate, phase_steps, train_stack
+
+CACHE_DATASET = "trunk_cache"
+
+
+def load_data(config: StackWiseConfig, data_ref):
+    """(train, val, tokenizer): the user's data passed through the object store, or config.data."""
+    if data_ref is not None:
+        train_ds, val_ds = ray.get(data_ref)
+        return train_ds, val_ds, load_tokenizer(config.data.tokenizer)
+    return build_datasets(config)
+
+
+def start_builder(config: StackWiseConfig, prev_checkpoint: str | None, stack_id: int, step: dict):
+    """The rack of phase `stack_id`: the previous phase's rack plus a new, seeded stack."""
+    builder = load_rack(prev_checkpoint) if prev_checkpoint else ProgressiveRackBuilder(config)
+    if builder.num_stacks != stack_id:
+        raise RuntimeError(f"checkpoint {prev_checkpoint} holds {builder.num_stacks} stacks, expected {stack_id}")
+    torch.manual_seed(config.training.seed * 1009 + stack_id)  # same new stack on every worker and rerun
+    add = builder.prepend_stack if step["at_input_side"] else builder.append_stack
+    add(n_blocks=step["n_blocks"], precision=step["precision"])
+    builder.prepare_phase()
+    return builder
+
+
+def read_worker_cache(spec: dict | None, d_model: int) -> ActivationCache | None:
+    if spec is None:
+        return None
+    if spec["backend"] == "object_store":
+        return ActivationCache(**ray.get(spec["ref"]))
+    import pyarrow as pa
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    shard = ray.train.get_dataset_shard(CACHE_DATASET)
+    table = pa.concat_tables(list(shard.iter_batches(batch_size=None, batch_format="pyarrow")))
+    return from_arrow(table, d_model)
+
+
+def train_loop_per_worker(cfg: dict) -> dict:
+    t_enter = time.time()
+    config = StackWiseConfig.from_dict(cfg["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    stack_id, cache_spec = cfg["stack_id"], cfg["cache"]
+    builder = start_builder(config, cfg["prev_checkpoint"], stack_id, cfg["step"])
+    train_ds, val_ds, tokenizer = load_data(config, cfg["data_ref"])
+    masking = TimeStepMasking(config, tokenizer)
+    cache = read_worker_cache(cache_spec, config.model.d_model)
+    position = cache_spec["position"] if cache_spec else 0
+
+    device = ray.train.torch.get_device()
+    rack = builder.build_rack()
+    model = ray.train.torch.prepare_model(rack)  # DDP when world > 1
+    B, seed = config.data.batch_size, config.training.seed
+    train_batches = ProgressiveDataLoader(GlobalBatches(train_ds, B, seed, True, rank, world), masking, stack_id,
+                                          cache, cache is not None)
+    val_batches = ProgressiveDataLoader(GlobalBatches(val_ds, min(B, len(val_ds)), seed, shuffle=False), masking, stack_id)
+
+    trunk_calls = []
+    hooks = [s.register_forward_hook(lambda *a: trunk_calls.append(1)) for s in rack.stacks if s.stack_id != stack_id]
+    steps = phase_steps(config.training, len(train_batches.base_dataloader))
+    t_train = time.time()
+    metrics = train_stack(model, train_batches, config.training, steps, start=position, device=device,
+                          on_log=lambda entry: ray.train.report({"stack": stack_id, **entry}))
+    for h in hooks:
+        h.remove()
+    train_s = time.time() - t_train
+    # the full rack from tokens, no cache: the numbers a reloaded checkpoint reproduces
+    metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device))
+    p = config.training.progressive
+    metrics.update({
+        "stack": stack_id,
+        "precision": builder.stack(stack_id).precision,
+        "time_step": builder.stack(stack_id).time_step if p.time_interpretation == "depth" else "per example",
+        "trunk_forwards": len(trunk_calls),
+        "startup_s": t_enter - cfg["fit_started"],
+        "train_s": train_s,
+        "peak_memory_mb": peak_memory_mb(device),
+        "num_workers": world,
+        "rack": builder.get_rack_info(),
+    })
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            save_rack(builder, d, extra={"metrics": metrics})
+            ray.train.report(summary(metrics), checkpoint=Checkpoint.from_directory(d))
+    else:
+        ray.train.report(summary(metrics))
+    return metrics
+
+
+def summary(metrics: dict) -> dict:
+    """The flat scalars of a phase's metrics (what Ray Train and Tune show)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+
+
+def peak_memory_mb(device) -> float:
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------- driver side
+
+def fit_phase(config: StackWiseConfig, stack_id: int, step: dict, prev_checkpoint: str | None,
+              cache_spec: dict | None, run_dir: str, data_ref=None, callbacks=None) -> tuple[dict, str]:
+    """Train stack `stack_id` as one TorchTrainer run; returns (metrics, checkpoint path)."""
+    r = config.ray
+    datasets, dataset_config = None, None
+    if cache_spec is not None and cache_spec["backend"] == "arrow":
+        # read_parquet's file-listing task needs a free CPU, which a phase holding every CPU of
+        # a small machine does not leave; from_arrow schedules nothing
+        datasets = {CACHE_DATASET: ray.data.from_arrow(pq.read_table(cache_spec["path"], memory_map=True))}
+        dataset_config = ray.train.DataConfig(datasets_to_split=[])  # every worker reads the whole cache
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "stack_id": stack_id, "step": step,
+                           "prev_checkpoint": prev_checkpoint, "cache": cache_spec, "data_ref": data_ref,
+                           "fit_started": time.time()},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=phase_name(stack_id), storage_path=run_dir, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        datasets=datasets,
+        **({"dataset_config": dataset_config} if dataset_config else {}),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return load_metadata(result.checkpoint.path)["metrics"], result.checkpoint.path
+
+
+def phase_name(stack_id: int) -> str:
+    return f"phase_{stack_id:03d}"
+
+
+def finished_checkpoint(run_dir: str, stack_id: int) -> str | None:
+    """A checkpoint that phase `stack_id` already wrote in `run_dir` (e.g. before a crash)."""
+    for path in sorted(glob.glob(os.path.join(run_dir, phase_name(stack_id), "checkpoint_*")), reverse=True):
+        try:
+            if load_metadata(path)["metrics"]["stack"] == stack_id:
+                return path
+        except (OSError, KeyError, ValueError):
+            continue
+    return None
+
+
+@ray.remote(num_returns=2)
+def build_cache(checkpoint: str, stack_id: int, start: int, end: int, prev, backend: str, path: str | None, data_ref):
+    """Ray task: the stream entering rack position `end` for the training split, from the
+    rack in `checkpoint` (the trial owns the result, so it outlives phase workers).
+
+    Returns (arrays or None, info)."""
+    t0 = time.perf_counter()
+    builder = load_rack(checkpoint)
+    config = builder.config
+    train_ds, _, tokenizer = load_data(config, data_ref)
+    if isinstance(prev, str):
+        prev = from_arrow(pq.read_table(prev), config.model.d_model)
+    elif prev is not None:
+        prev = ActivationCache(**prev)
+    cache = compute_cache(builder.build_rack(), train_ds, TimeStepMasking(config, tokenizer), stack_id, start, end, prev)
+    info = {"rows": len(cache), "bytes": cache.nbytes, "incremental": prev is not None,
+            "stacks_run": end - start, "build_s": 0.0}
+    if backend == "arrow":
+        write_parquet(cache, path)
+        info["build_s"] = time.perf_counter() - t0
+        return None, info
+    info["build_s"] = time.perf_counter() - t0
+    return cache.arrays(), info

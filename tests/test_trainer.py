@@ -1,0 +1,122 @@
+"""Progressive runs on Ray Train: phases, caches, checkpoints, resume, workers."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stackwise_ray.cache import from_arrow
+from stackwise_ray.checkpoint import load_rack, read_json
+from stackwise_ray.data import build_datasets
+from stackwise_ray.inference import evaluate_rack
+from stackwise_ray.trainer import ProgressiveTrainer
+
+from .conftest import ray_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def weights(path):
+    return {n: t.clone() for n, t in load_rack(path).build_rack().state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def arrow_run(tmp_path_factory, ray_session):
+    """3 stacks, append, frozen trunk, Arrow cache, 1 worker."""
+    storage = tmp_path_factory.mktemp("runs")
+    trainer = ProgressiveTrainer(ray_config(ray={"cache_backend": "arrow"}), storage_path=str(storage), name="arrow")
+    return trainer, trainer.train_progressively()
+
+
+def test_three_stacks_are_three_phases_with_three_checkpoints(arrow_run):
+    trainer, history = arrow_run
+    assert [m["stack"] for m in history] == [0, 1, 2]
+    assert [m["status"] for m in history] == ["trained"] * 3
+    for k in range(3):
+        marker = read_json(os.path.join(trainer.run_dir, "phases", f"phase_{k:03d}.json"))
+        assert os.path.isfile(os.path.join(marker["checkpoint"], "model.safetensors"))
+        assert load_rack(marker["checkpoint"]).num_stacks == k + 1
+    assert history[2]["rack"]["num_stacks"] == 3 and history[2]["steps"] == 8
+    assert history[2]["trainable_params"] < history[2]["total_params"]
+
+
+def test_reloaded_final_rack_reproduces_the_reported_validation_loss(arrow_run):
+    trainer, history = arrow_run
+    numbers = evaluate_rack(load_rack(os.path.join(trainer.run_dir, "final")))
+    assert numbers["val_loss"] == history[-1]["val_loss"]
+    assert numbers["val_accuracy"] == history[-1]["val_accuracy"]
+
+
+def test_cached_phases_run_no_trunk_forward_and_cache_equals_a_fresh_trunk_forward(arrow_run):
+    trainer, history = arrow_run
+    assert [m["cache"]["kind"] for m in history] == ["none", "trunk_outputs", "trunk_outputs"]
+    assert [m["trunk_forwards"] for m in history] == [0, 0, 0]
+    assert history[2]["cache"]["incremental"] is True and history[2]["cache"]["stacks_run"] == 1
+    rack = load_rack(os.path.join(trainer.run_dir, "final")).build_rack().eval()
+    cache = from_arrow(pq.read_table(os.path.join(trainer.run_dir, "cache", "position_002.parquet")), 32)
+    train_ds, _, _ = build_datasets(trainer.config)
+    assert len(cache) == len(train_ds)
+    ids = torch.from_numpy(cache.input_ids[:16]).long()
+    with torch.no_grad():
+        fresh = rack.run_stacks(rack.embed_tokens(ids), ids, end=2)
+    torch.testing.assert_close(torch.from_numpy(cache.hidden[:16]), fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_object_store_and_arrow_caches_train_the_same_weights(arrow_run, tmp_path):
+    trainer, _ = arrow_run
+    other = ProgressiveTrainer(ray_config(target_stacks=2), storage_path=str(tmp_path), name="store")
+    history = other.train_progressively()
+    assert history[1]["cache"]["backend"] == "object_store" and history[1]["trunk_forwards"] == 0
+    arrow_phase1 = read_json(os.path.join(trainer.run_dir, "phases", "phase_001.json"))["checkpoint"]
+    a, b = weights(arrow_phase1), weights(os.path.join(other.run_dir, "final"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_two_workers_match_one_worker(arrow_run, tmp_path):
+    trainer, history = arrow_run
+    two = ProgressiveTrainer(ray_config(target_stacks=1, ray={"num_workers": 2}), storage_path=str(tmp_path), name="ddp")
+    h2 = two.train_progressively()
+    assert h2[0]["num_workers"] == 2
+    one = weights(read_json(os.path.join(trainer.run_dir, "phases", "phase_000.json"))["checkpoint"])
+    ddp = weights(os.path.join(two.run_dir, "final"))
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], rtol=2e-2, atol=2e-3)
+    assert abs(h2[0]["val_loss"] - history[0]["val_loss"]) < 0.02
+
+
+def test_killed_run_resumes_at_the_first_unfinished_phase(ray_session, tmp_path):
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(
+        "model: {d_model: 32, n_heads: 2, blocks_per_stack: 1, max_seq_len: 32}\n"
+        "data: {seq_len: 32, batch_size: 8, max_examples: 120}\n"
+        "training: {steps_per_stack: 8, eval_batches: 2, warmup_steps: 2,\n"
+        "           progressive: {time_embedding_dim: 16, max_stacks: 3}}\n")
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "stackwise_ray.train", str(config_path), "--storage", str(tmp_path),
+                             "--name", "killed"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "killed" / "phases" / "phase_000.json"
+    deadline = time.time() + 240
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    assert not (tmp_path / "killed" / "phases" / "phase_002.json").exists()
+    from stackwise_ray.config import load_config
+
+    trainer = ProgressiveTrainer(load_config(config_path), storage_path=str(tmp_path), name="killed", resume=True)
+    history = trainer.train_progressively()
+    assert history[0]["status"] == "reused"
+    assert [m["status"] for m in history[1:]] in (["trained", "trained"], ["recovered", "trained"])
+    assert load_rack(os.path.join(trainer.run_dir, "final")).num_stacks == 3
+    with pytest.raises(ValueError, match="already there"):
+        ProgressiveTrainer(load_config(config_path), storage_path=str(tmp_path), name="killed").train_progressively()
