@@ -78,9 +78,10 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         lr = get_lr(it, steps, tcfg.lr, tcfg.min_lr, tcfg.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        _, loss = rack_loss(rack, next(data), start, device)
+        batch = next(data)
+        _, loss = rack_loss(rack, batch, start, device)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * token_share(batch["combined_masks"], device)).backward()
         if tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
         opt.step()
@@ -100,6 +101,20 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
     if val_batches is not None:
         metrics.update(evaluate(rack, val_batches, tcfg.eval_batches, start, device))
     return metrics
+
+
+def token_share(mask: torch.Tensor, device) -> float:
+    """Scale for a worker's mean loss so that DDP's gradient average equals the gradient of
+    the mean over the global batch's loss positions (workers hold different counts)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 1.0
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return 1.0
+    local = mask.sum().to(device=device, dtype=torch.float64)
+    total = local.clone()
+    torch.distributed.all_reduce(total)  # a sync point per step, one scalar
+    return (local * world / total).item()
 
 
 @torch.no_grad()

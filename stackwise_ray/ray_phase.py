@@ -41,6 +41,7 @@ def load_data(config: StackWiseConfig, data_ref):
 
 def start_builder(config: StackWiseConfig, prev_checkpoint: str | None, stack_id: int, step: dict):
     """The rack of phase `stack_id`: the previous phase's rack plus a new, seeded stack."""
+    torch.manual_seed(config.training.seed)  # the embedding of phase 0
     builder = load_rack(prev_checkpoint) if prev_checkpoint else ProgressiveRackBuilder(config)
     if builder.num_stacks != stack_id:
         raise RuntimeError(f"checkpoint {prev_checkpoint} holds {builder.num_stacks} stacks, expected {stack_id}")
