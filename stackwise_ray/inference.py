@@ -40,16 +40,24 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator)
     return tok, probs.gather(-1, tok[:, None])[:, 0]
 
 
-@torch.no_grad()
 def sample(builder: ProgressiveRackBuilder, prompt: str = "", length: int = 64, temperature: float = 0.8,
            top_k: int | None = 40, seed: int = 0, steps: int = 16) -> str:
     """Generate text: left to right for clm, iterative unmasking for mlm."""
+    tok = TimeStepMasking(builder.config).tokenizer
+    ids = tok.encode(prompt)[-(builder.config.model.max_seq_len - 1):] or [tok.bos_id]
+    return tok.decode(generate(builder, ids, length, temperature, top_k, seed, steps))
+
+
+@torch.no_grad()
+def generate(builder: ProgressiveRackBuilder, ids: list[int], length: int, temperature: float = 0.8,
+             top_k: int | None = 40, seed: int = 0, steps: int = 16) -> list[int]:
+    """Token ids: the prompt `ids` followed by `length` generated tokens (mlm: at most
+    max_seq_len in all, every mask filled)."""
     config, rack = builder.config, builder.build_rack().eval()
-    masking = TimeStepMasking(config)
-    tok = masking.tokenizer
+    tok = TimeStepMasking(config).tokenizer
     special = torch.tensor(sorted(tok.special_ids))
     g = torch.Generator().manual_seed(seed)
-    ids = tok.encode(prompt)[-(config.model.max_seq_len - 1):] or [tok.bos_id]
+    ids = list(ids)
     T = config.model.max_seq_len
     t0 = torch.zeros(1, dtype=torch.long)  # time-as-input: a clean step for generation
     if config.training.progressive.training_objective != "mlm":
@@ -60,7 +68,7 @@ def sample(builder: ProgressiveRackBuilder, prompt: str = "", length: int = 64, 
             step_logits[:, special] = float("-inf")
             nxt, _ = pick(step_logits, temperature, top_k, g)
             ids.append(int(nxt))
-        return tok.decode(ids)
+        return ids
     length = min(length, T - len(ids))
     x = torch.tensor([ids + [tok.mask_id] * length])
     masked = x == tok.mask_id
@@ -80,4 +88,4 @@ def sample(builder: ProgressiveRackBuilder, prompt: str = "", length: int = 64, 
         reveal = conf.argsort(descending=True)[: remaining - keep_masked]
         x[0, reveal] = cand[reveal]
         masked[0, reveal] = False
-    return tok.decode(x[0].tolist())
+    return x[0].tolist()

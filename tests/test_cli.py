@@ -1,0 +1,57 @@
+"""Command lines: bad input is one line and exit status 2; sampling works on any rack."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stackwise_ray.builder import ProgressiveRackBuilder
+from stackwise_ray.inference import generate
+
+from .conftest import tiny_config
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("training:\n  progressive:\n    qlora_rnak: 8\n", "training.progressive.qlora_rnak: unknown key (did you mean 'qlora_rank'?)"),
+    ("training:\n  progressive:\n    qlora_rank: 0\n", "training.progressive.qlora_rank: must be > 0, got 0"),
+    ("model: [1, 2\n", "YAML syntax error"),
+    ("data:\n  source: /nonexistent/corpus.jsonl\n", "data.source: no such file"),
+])
+def test_train_rejects_bad_config_with_one_line_and_status_2(tmp_path, body, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    storage = tmp_path / "storage"
+    result = run_cli("stackwise_ray.train", str(path), "--storage", str(storage))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}") and expected in lines[0]
+    assert "Traceback" not in result.stderr and not storage.exists()
+
+
+def test_train_rejects_empty_data_file(tmp_path):
+    data = tmp_path / "empty.txt"
+    data.write_text("")
+    path = tmp_path / "x.yaml"
+    path.write_text(f"data:\n  source: {data}\n")
+    result = run_cli("stackwise_ray.train", str(path))
+    assert result.returncode == 2 and str(data) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_without_a_rack_is_status_2(tmp_path):
+    result = run_cli("stackwise_ray.sample", str(tmp_path))
+    assert result.returncode == 2 and "no trained rack" in result.stderr
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_generate_fills_every_position(objective):
+    builder = ProgressiveRackBuilder(tiny_config(training_objective=objective))
+    builder.add_stack()
+    prompt = list(b"The ")
+    ids = generate(builder, prompt, length=12, steps=4)
+    assert ids[:4] == prompt and len(ids) == 16
+    assert builder.build_rack().pad_id not in ids and 257 not in ids  # no pad, no mask token left
