@@ -131,8 +131,9 @@ def peak_memory_mb(device) -> float:
 # ---------------------------------------------------------------- driver side
 
 def fit_phase(config: StackWiseConfig, stack_id: int, step: dict, prev_checkpoint: str | None,
-              cache_spec: dict | None, run_dir: str, data_ref=None, callbacks=None) -> tuple[dict, str]:
-    """Train stack `stack_id` as one TorchTrainer run; returns (metrics, checkpoint path)."""
+              cache_spec: dict | None, storage: str, name: str, data_ref=None, callbacks=None) -> tuple[dict, str]:
+    """Train stack `stack_id` as one TorchTrainer run named `name` under `storage`;
+    returns (metrics, checkpoint path)."""
     r = config.ray
     datasets, dataset_config = None, None
     if cache_spec is not None and cache_spec["backend"] == "arrow":
@@ -148,7 +149,7 @@ def fit_phase(config: StackWiseConfig, stack_id: int, step: dict, prev_checkpoin
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=phase_name(stack_id), storage_path=run_dir, callbacks=callbacks,
+            name=name, storage_path=storage, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=0),
             checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets=datasets,
@@ -160,15 +161,11 @@ def fit_phase(config: StackWiseConfig, stack_id: int, step: dict, prev_checkpoin
     return load_metadata(result.checkpoint.path)["metrics"], result.checkpoint.path
 
 
-def phase_name(stack_id: int) -> str:
-    return f"phase_{stack_id:03d}"
-
-
-def finished_checkpoint(run_dir: str, stack_id: int) -> str | None:
-    """A checkpoint that phase `stack_id` already wrote in `run_dir` (e.g. before a crash)."""
-    for path in sorted(glob.glob(os.path.join(run_dir, phase_name(stack_id), "checkpoint_*")), reverse=True):
+def finished_checkpoint(storage: str, name: str) -> str | None:
+    """A checkpoint that the phase run `name` already wrote (e.g. before a crash)."""
+    for path in sorted(glob.glob(os.path.join(storage, name, "checkpoint_*")), reverse=True):
         try:
-            if load_metadata(path)["metrics"]["stack"] == stack_id:
+            if "metrics" in load_metadata(path):
                 return path
         except (OSError, KeyError, ValueError):
             continue

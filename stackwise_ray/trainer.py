@@ -1,12 +1,13 @@
-"""ProgressiveTrainer: one Ray Train phase per stack, caches between phases, resume.
+"""ProgressiveTrainer: one Ray Train phase per stack, caches between them, resume.
 
 Run directory (`storage_path/name/`):
-    phase_000/checkpoint_*/   Ray Train's checkpoint of phase 0 (rack.json, model.safetensors)
-    phases/phase_000.json     completion marker, written atomically after the phase
-    cache/position_001.parquet  Arrow cache (cache_backend: arrow)
-    final/                    the trained rack (a copy of the last phase's checkpoint)
-    summary.json              per-stack history
-A phase counts as finished only once its marker exists; `resume=True` skips those.
+    phases/<phase id>/checkpoint_*/  Ray Train's checkpoint of a phase (rack.json, model.safetensors)
+    phases/<phase id>/done.json      completion record, written atomically after the phase
+    phases/<phase id>/cache_*.parquet  Arrow caches built from that phase's rack
+    final/                           the trained rack (a copy of the last phase's checkpoint)
+    summary.json                     per-stack history
+Phases are content-addressed (phase_store.py): a phase with a completion record is reused,
+by a resumed run or by another trial of a sweep sharing the store, never retrained.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import ray
 
 from .builder import ProgressiveRackBuilder
 from .cache import plan_cache
-from .checkpoint import load_metadata, load_rack, read_json, write_json
+from .checkpoint import load_metadata, load_rack, write_json
 from .config import StackWiseConfig
 from .data import dataset_from_user
-from .ray_phase import build_cache, finished_checkpoint, fit_phase, phase_name
+from .phase_store import PhaseStore, phase_identity
+from .ray_phase import build_cache, finished_checkpoint, fit_phase
 
 RAY_ENV_DEFAULTS = {
     # Train V2 polls workers every 2 s by default; a phase's teardown waits for one poll
@@ -54,15 +56,19 @@ class ProgressiveTrainer:
         storage_path: root of run directories (default config.ray.storage_path).
         name: run directory name (default: a timestamp).
         resume: continue the run in that directory, skipping finished phases.
-        callbacks: Ray Train callbacks for every phase (e.g. Tune's report callback).
+        callbacks: Ray Train callbacks for every phase.
+        phase_store: a directory of phases shared with other runs (a sweep's); default
+            RUN_DIR/phases.
+        on_phase: called with each phase's metrics as soon as the phase is done or reused.
     """
 
     def __init__(self, config: StackWiseConfig, storage_path: str | None = None, name: str | None = None,
-                 resume: bool = False, callbacks=None):
+                 resume: bool = False, callbacks=None, phase_store: str | None = None, on_phase=None):
         self.config = config.validate()
         self.run_dir = os.path.join(os.path.abspath(storage_path or config.ray.storage_path),
                                     name or time.strftime("run-%Y%m%d-%H%M%S"))
-        self.resume, self.callbacks = resume, callbacks
+        self.store = PhaseStore(phase_store or os.path.join(self.run_dir, "phases"))
+        self.resume, self.callbacks, self.on_phase = resume, callbacks, on_phase
 
     def train_progressively(self, rack_builder: ProgressiveRackBuilder | None = None, dataloader=None,
                             target_stacks: int | None = None) -> list[dict]:
@@ -81,34 +87,42 @@ class ProgressiveTrainer:
         self._check_run_dir()
         ensure_ray(config)
         data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else None
-        history, prev, cache = [], None, None
+        history, prev, cache, ids = [], None, None, []
         for stack_id, step in enumerate(plan):
-            marker = self._marker_path(stack_id)
-            if os.path.exists(marker):
-                done = read_json(marker)
-                history.append({**done["metrics"], "status": "reused"})
-                prev = done["checkpoint"]
-                continue
-            t0 = time.time()
-            cache_spec, cache, cache_info = self._cache_for(config, stack_id, prev, cache, data_ref)
-            t1 = time.time()
-            checkpoint = finished_checkpoint(self.run_dir, stack_id)
-            if checkpoint is not None:  # trained before a crash that came before its marker
-                metrics, status = load_metadata(checkpoint)["metrics"], "recovered"
-            else:
-                shutil.rmtree(os.path.join(self.run_dir, phase_name(stack_id)), ignore_errors=True)
-                metrics, checkpoint = fit_phase(config, stack_id, step, prev, cache_spec, self.run_dir, data_ref,
-                                                self.callbacks)
-                status = "trained"
-            metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
-                            "orchestration_s": time.time() - t1 - metrics["train_s"]})
-            write_json(marker, {"stack": stack_id, "checkpoint": checkpoint, "metrics": metrics})
-            history.append({**metrics, "status": status})
-            prev = checkpoint
+            ids.append(phase_identity(config, plan, stack_id))
+            record, status = self.store.record(ids[-1]), "reused"
+            if record is None:
+                with self.store.claim(ids[-1]):
+                    record = self.store.record(ids[-1])  # another trial may have finished it meanwhile
+                    if record is None:
+                        record, cache, status = self._run_phase(config, stack_id, step, prev, cache, ids, data_ref)
+            history.append({**record["metrics"], "status": status, "phase_id": ids[-1],
+                            "checkpoint": record["checkpoint"]})
+            prev = record["checkpoint"]
+            if self.on_phase is not None:
+                self.on_phase(history[-1])
         final = self._publish_final(prev, history)
         if rack_builder is not None:
             rack_builder.__dict__.update(load_rack(final).__dict__)
         return history
+
+    def _run_phase(self, config, stack_id, step, prev, cache, ids, data_ref):
+        t0 = time.time()
+        cache_spec, cache, cache_info = self._cache_for(config, stack_id, prev, cache, ids, data_ref)
+        t1 = time.time()
+        checkpoint = finished_checkpoint(self.store.root, ids[-1])
+        if checkpoint is not None:  # trained before a crash that came before its record
+            metrics, status = load_metadata(checkpoint)["metrics"], "recovered"
+        else:
+            shutil.rmtree(os.path.join(self.store.root, ids[-1]), ignore_errors=True)
+            metrics, checkpoint = fit_phase(config, stack_id, step, prev, cache_spec, self.store.root, ids[-1],
+                                            data_ref, self.callbacks)
+            status = "trained"
+        metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
+                        "orchestration_s": time.time() - t1 - metrics["train_s"]})
+        record = {"stack": stack_id, "phase_id": ids[-1], "checkpoint": checkpoint, "metrics": metrics}
+        self.store.finish(ids[-1], record)
+        return record, cache, status
 
     train_rack = train_progressively  # the source document uses both names
 
@@ -136,22 +150,21 @@ class ProgressiveTrainer:
         return steps
 
     def _check_run_dir(self) -> None:
-        markers = os.path.join(self.run_dir, "phases")
-        if not self.resume and os.path.isdir(markers) and os.listdir(markers):
+        own_store = self.store.root == os.path.join(self.run_dir, "phases")
+        if not self.resume and own_store and self.store.finished_count():
             raise RunDirError(f"{self.run_dir}: a run with finished phases is already there; resume it or choose another name")
-        os.makedirs(markers, exist_ok=True)
+        os.makedirs(self.run_dir, exist_ok=True)
 
-    def _marker_path(self, stack_id: int) -> str:
-        return os.path.join(self.run_dir, "phases", f"{phase_name(stack_id)}.json")
-
-    def _cache_for(self, config, stack_id, prev_checkpoint, cache, data_ref):
+    def _cache_for(self, config, stack_id, prev_checkpoint, cache, ids, data_ref):
         """(spec for the phase's workers, the cache kept for later phases, info for metrics)."""
         plan = plan_cache(config, stack_id)
         info = {"kind": plan.kind, "reason": plan.reason}
         if plan.kind == "none":
             return None, cache, info
         backend = config.ray.cache_backend
-        path = os.path.join(self.run_dir, "cache", f"position_{plan.position:03d}.parquet")
+        # the cache is determined by the phases before the position it feeds
+        source = ids[plan.position - 1] if plan.position > 0 else ids[0]
+        path = os.path.join(self.store.root, source, f"cache_position_{plan.position:03d}.parquet")
         if cache is not None and cache["position"] == plan.position:
             info.update(cache["info"], built=False)
         elif backend == "arrow" and os.path.exists(path) and cache is None:  # written before a restart

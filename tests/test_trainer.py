@@ -38,10 +38,12 @@ def test_three_stacks_are_three_phases_with_three_checkpoints(arrow_run):
     trainer, history = arrow_run
     assert [m["stack"] for m in history] == [0, 1, 2]
     assert [m["status"] for m in history] == ["trained"] * 3
+    assert len({m["phase_id"] for m in history}) == 3
     for k in range(3):
-        marker = read_json(os.path.join(trainer.run_dir, "phases", f"phase_{k:03d}.json"))
-        assert os.path.isfile(os.path.join(marker["checkpoint"], "model.safetensors"))
-        assert load_rack(marker["checkpoint"]).num_stacks == k + 1
+        record = read_json(os.path.join(trainer.run_dir, "phases", history[k]["phase_id"], "done.json"))
+        assert record["checkpoint"] == history[k]["checkpoint"]
+        assert os.path.isfile(os.path.join(record["checkpoint"], "model.safetensors"))
+        assert load_rack(record["checkpoint"]).num_stacks == k + 1
     assert history[2]["rack"]["num_stacks"] == 3 and history[2]["steps"] == 8
     assert history[2]["trainable_params"] < history[2]["total_params"]
 
@@ -59,7 +61,8 @@ def test_cached_phases_run_no_trunk_forward_and_cache_equals_a_fresh_trunk_forwa
     assert [m["trunk_forwards"] for m in history] == [0, 0, 0]
     assert history[2]["cache"]["incremental"] is True and history[2]["cache"]["stacks_run"] == 1
     rack = load_rack(os.path.join(trainer.run_dir, "final")).build_rack().eval()
-    cache = from_arrow(pq.read_table(os.path.join(trainer.run_dir, "cache", "position_002.parquet")), 32)
+    path = os.path.join(trainer.run_dir, "phases", history[1]["phase_id"], "cache_position_002.parquet")
+    cache = from_arrow(pq.read_table(path), 32)
     train_ds, _, _ = build_datasets(trainer.config)
     assert len(cache) == len(train_ds)
     ids = torch.from_numpy(cache.input_ids[:16]).long()
@@ -73,8 +76,8 @@ def test_object_store_and_arrow_caches_train_the_same_weights(arrow_run, tmp_pat
     other = ProgressiveTrainer(ray_config(target_stacks=2), storage_path=str(tmp_path), name="store")
     history = other.train_progressively()
     assert history[1]["cache"]["backend"] == "object_store" and history[1]["trunk_forwards"] == 0
-    arrow_phase1 = read_json(os.path.join(trainer.run_dir, "phases", "phase_001.json"))["checkpoint"]
-    a, b = weights(arrow_phase1), weights(os.path.join(other.run_dir, "final"))
+    a, b = weights(arrow_run[1][1]["checkpoint"]), weights(os.path.join(other.run_dir, "final"))
+    assert history[1]["phase_id"] == arrow_run[1][1]["phase_id"]  # the cache backend is not part of a phase's identity
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -85,7 +88,7 @@ def test_two_workers_match_one_worker(arrow_run, tmp_path):
     two = ProgressiveTrainer(ray_config(target_stacks=1, ray={"num_workers": 2}), storage_path=str(tmp_path), name="ddp")
     h2 = two.train_progressively()
     assert h2[0]["num_workers"] == 2
-    one = weights(read_json(os.path.join(trainer.run_dir, "phases", "phase_000.json"))["checkpoint"])
+    one = weights(history[0]["checkpoint"])
     ddp = weights(os.path.join(two.run_dir, "final"))
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-3, atol=1e-4)
@@ -103,14 +106,13 @@ def test_killed_run_resumes_at_the_first_unfinished_phase(ray_session, tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "stackwise_ray.train", str(config_path), "--storage", str(tmp_path),
                              "--name", "killed"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp_path / "killed" / "phases" / "phase_000.json"
+    store = tmp_path / "killed" / "phases"
     deadline = time.time() + 240
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+    while not list(store.glob("*/done.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert marker.exists()
-    assert not (tmp_path / "killed" / "phases" / "phase_002.json").exists()
+    assert [p.parent.name[:3] for p in store.glob("*/done.json")] == ["s00"]
     from stackwise_ray.config import load_config
 
     trainer = ProgressiveTrainer(load_config(config_path), storage_path=str(tmp_path), name="killed", resume=True)

@@ -1,0 +1,87 @@
+"""Content-addressed phases: a finished phase is reused by any run or trial that needs it.
+
+A phase's identity hashes everything that can change what phases 0..k produce: the
+model, data and training settings, and, per stack 0..k, how it was added (blocks,
+precision, side), its LoRA rank/alpha and time step, plus the trunk strategy once a trunk
+exists. Keys that cannot change the result (target_stacks, cache settings, storage) are
+left out, so a sweep over later-stack strategies shares its common early phases.
+
+Layout under the store root:
+    <id>/checkpoint_*/   the Ray Train run of the phase (its name is the id)
+    <id>/done.json       completion record, written atomically after the phase
+    <id>.lock            held (flock) by the run training that phase
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+
+from .adapters import stack_lora_params
+from .builder import depth_time_step
+from .checkpoint import read_json, write_json
+from .config import StackWiseConfig
+
+TRUNK_KEYS = ("trunk_strategy", "building_mode", "progressive_qlora", "progressive_qlora_rank",
+              "progressive_qlora_alpha")
+IRRELEVANT_KEYS = {"enabled", "cache_activations", "target_stacks", "stack_precisions", "qlora_configs",
+                   "qlora_strategy", "qlora_rank_pattern", "qlora_alpha_pattern", "qlora_rank", "qlora_alpha",
+                   "stack_time_mapping", "custom_time_mapping", "time_per_stack", "max_stacks", *TRUNK_KEYS}
+
+
+def phase_identity(config: StackWiseConfig, plan: list[dict], k: int) -> str:
+    p = config.training.progressive
+    training = {f.name: getattr(config.training, f.name) for f in dataclasses.fields(config.training)
+                if f.name != "progressive"}
+    stacks = []
+    for j in range(k + 1):
+        stacks.append({
+            "n_blocks": plan[j]["n_blocks"], "precision": plan[j]["precision"],
+            "at_input_side": plan[j]["at_input_side"] if j > 0 else None,  # a first stack has no side
+            "lora": stack_lora_params(j, p) if p.qlora_enabled else None,
+            "time_step": depth_time_step(config, j),
+        })
+    parts = {
+        "model": dataclasses.asdict(config.model),
+        "data": dataclasses.asdict(config.data),
+        "training": training,
+        "progressive": {key: v for key, v in dataclasses.asdict(p).items() if key not in IRRELEVANT_KEYS},
+        "trunk": {key: getattr(p, key) for key in TRUNK_KEYS} if k > 0 else None,
+        "num_workers": config.ray.num_workers,
+        "stacks": stacks,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return f"s{k:02d}-{digest[:16]}"
+
+
+class PhaseStore:
+    def __init__(self, root: str):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    def record(self, phase_id: str) -> dict | None:
+        """The completion record of a finished phase, or None."""
+        path = os.path.join(self.root, phase_id, "done.json")
+        return read_json(path) if os.path.exists(path) else None
+
+    def finish(self, phase_id: str, record: dict) -> None:
+        os.makedirs(os.path.join(self.root, phase_id), exist_ok=True)
+        write_json(os.path.join(self.root, phase_id, "done.json"), record)
+
+    @contextlib.contextmanager
+    def claim(self, phase_id: str):
+        """Hold the phase's lock: a second run needing the same phase waits here, then finds
+        it finished. The lock dies with its process, so a crashed owner blocks no one."""
+        with open(os.path.join(self.root, f"{phase_id}.lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def finished_count(self) -> int:
+        return sum(1 for d in os.listdir(self.root) if os.path.exists(os.path.join(self.root, d, "done.json")))
