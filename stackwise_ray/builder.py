@@ -167,6 +167,11 @@ class ProgressiveRackBuilder:
         for param in self.rack.norm.parameters():
             param.requires_grad_(True)
 
+    def prepare_end_to_end(self) -> None:
+        """Every stack and rack-level parameter trains (the compute-matched baseline)."""
+        for param in self.rack.parameters():
+            param.requires_grad_(param.is_floating_point())
+
     # ------------------------------------------------------------------ reporting
     def get_rack_info(self) -> dict:
         stacks = []

@@ -122,12 +122,30 @@ class RayConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS or a local Ray
 
 
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class TuneConfig:
+    search_space: dict = field(default_factory=dict)  # {key path: {grid|choice|uniform|loguniform|randint: ...}}
+    num_samples: int = 1
+    metric: Literal["val_loss", "val_ppl", "val_accuracy"] = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    max_concurrent_trials: int = 2
+    scheduler: Literal["none", "asha", "median"] = "none"
+    grace_period: int = 1  # stacks a trial trains before the scheduler may stop it
+    reduction_factor: float = 2
+    searcher: Literal["none", "optuna"] = "none"
+    baseline: Literal["none", "end_to_end"] = "none"
+
+
 @dataclass
 class StackWiseConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "StackWiseConfig":
@@ -232,6 +250,7 @@ class StackWiseConfig:
         self._validate_precisions()
         self._validate_lora()
         self._validate_time()
+        self._validate_tune(check_files)
         if check_files:
             _validate_data_source(d)
         return self
@@ -288,6 +307,70 @@ class StackWiseConfig:
                 step = fn(k, p.max_stacks, p.num_time_steps)
                 if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < p.num_time_steps:
                     _fail("training.progressive.custom_time_mapping", f"{p.custom_time_mapping} returned {step!r} for stack {k}; expected an int in [0, {p.num_time_steps})")
+
+
+    def _validate_tune(self, check_files: bool) -> None:
+        t = self.tune
+        _positive(t, "tune", "num_samples", "max_concurrent_trials", "grace_period")
+        if t.reduction_factor <= 1:
+            _fail("tune.reduction_factor", f"must be > 1, got {t.reduction_factor}")
+        if t.searcher != "none" and (t.baseline != "none" or any("grid" in s for s in t.search_space.values() if isinstance(s, dict))):
+            _fail("tune.searcher", "a searcher picks its own points: use choice instead of grid, and baseline: none")
+        for path, spec in t.search_space.items():
+            key = f"tune.search_space.{path}"
+            field_type = _field_type(self, str(path), key)
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+                _fail(key, f"must be a mapping with one of {', '.join(SEARCH_KINDS)}, got {spec!r}")
+            kind, values = next(iter(spec.items()))
+            if kind in ("grid", "choice"):
+                if not isinstance(values, list) or not values:
+                    _fail(f"{key}.{kind}", f"must be a non-empty list, got {values!r}")
+                for value in values:  # every value must make a valid config
+                    try:
+                        apply_overrides(self, {path: value}).validate(check_files)
+                    except ConfigError as e:
+                        _fail(f"{key}.{kind}", f"value {value!r}: {e}")
+            else:
+                if (not isinstance(values, list) or len(values) != 2
+                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                        or values[0] >= values[1]):
+                    _fail(f"{key}.{kind}", f"must be [low, high] with low < high, got {values!r}")
+                if kind == "loguniform" and values[0] <= 0:
+                    _fail(f"{key}.{kind}", "bounds must be > 0")
+                if field_type not in (int, float) or (kind == "randint" and field_type is not int):
+                    _fail(key, f"{kind} needs a numeric key, {path} is not")
+
+
+def _field_type(config, path: str, key: str):
+    """The declared type of the config key at `path` (a.b.c), or a ConfigError naming `key`."""
+    obj, parts = config, path.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+        if part not in names or (i == 0 and part == "tune"):
+            near = difflib.get_close_matches(part, names, n=1)
+            _fail(key, f"no such config key{f' (did you mean {near[0]!r}?)' if near else ''}")
+        tp = typing.get_type_hints(type(obj))[part]
+        obj = getattr(obj, part)
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                _fail(key, "is a whole section; sweep one of its keys")
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            return args[0] if typing.get_origin(tp) in (Union, types.UnionType) else tp
+
+
+def apply_overrides(config: StackWiseConfig, overrides: dict) -> StackWiseConfig:
+    """A copy of `config` with `{key path: value}` set, as one trial sees it: without the
+    tune section (not validated)."""
+    raw = config.to_dict()
+    raw.pop("tune")
+    out = StackWiseConfig.from_dict(raw)
+    for path, value in overrides.items():
+        *parents, last = str(path).split(".")
+        obj = out
+        for part in parents:
+            obj = getattr(obj, part)
+        setattr(obj, last, float(value) if isinstance(getattr(obj, last), float) and isinstance(value, int) else value)
+    return out
 
 
 def load_config(path: str | os.PathLike) -> StackWiseConfig:

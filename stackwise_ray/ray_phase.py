@@ -25,6 +25,7 @@ from .cache import ActivationCache, compute_cache, from_arrow, write_parquet
 from .checkpoint import load_metadata, load_rack, save_rack
 from .config import StackWiseConfig
 from .data import GlobalBatches, ProgressiveDataLoader, build_datasets, load_tokenizer
+from .flops import end_to_end_flops, forward_flops_per_token, phase_flops, trunk_mode
 from .masking import TimeStepMasking
 from .phase import evaluate, phase_steps, train_stack
 
@@ -39,16 +40,21 @@ def load_data(config: StackWiseConfig, data_ref):
     return build_datasets(config)
 
 
-def start_builder(config: StackWiseConfig, prev_checkpoint: str | None, stack_id: int, step: dict):
-    """The rack of phase `stack_id`: the previous phase's rack plus a new, seeded stack."""
+def start_builder(config: StackWiseConfig, prev_checkpoint: str | None, stack_id: int, steps: list[dict]):
+    """The rack of phase `stack_id`: the previous phase's rack plus new, seeded stacks (one
+    for a progressive phase; all of them for the end-to-end baseline)."""
     torch.manual_seed(config.training.seed)  # the embedding of phase 0
     builder = load_rack(prev_checkpoint) if prev_checkpoint else ProgressiveRackBuilder(config)
     if builder.num_stacks != stack_id:
         raise RuntimeError(f"checkpoint {prev_checkpoint} holds {builder.num_stacks} stacks, expected {stack_id}")
-    torch.manual_seed(config.training.seed * 1009 + stack_id)  # same new stack on every worker and rerun
-    add = builder.prepend_stack if step["at_input_side"] else builder.append_stack
-    add(n_blocks=step["n_blocks"], precision=step["precision"])
-    builder.prepare_phase()
+    for k, step in enumerate(steps, start=stack_id):
+        torch.manual_seed(config.training.seed * 1009 + k)  # same new stack on every worker and rerun
+        add = builder.prepend_stack if step["at_input_side"] else builder.append_stack
+        add(n_blocks=step["n_blocks"], precision=step["precision"])
+    if len(steps) == 1:
+        builder.prepare_phase()
+    else:
+        builder.prepare_end_to_end()
     return builder
 
 
@@ -70,8 +76,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
     config = StackWiseConfig.from_dict(cfg["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    stack_id, cache_spec = cfg["stack_id"], cfg["cache"]
-    builder = start_builder(config, cfg["prev_checkpoint"], stack_id, cfg["step"])
+    cache_spec, steps_to_add = cfg["cache"], cfg["steps"]
+    builder = start_builder(config, cfg["prev_checkpoint"], cfg["stack_id"], steps_to_add)
+    stack_id = builder.num_stacks - 1  # the newest stack: the one this phase trains
     train_ds, val_ds, tokenizer = load_data(config, cfg["data_ref"])
     masking = TimeStepMasking(config, tokenizer)
     cache = read_worker_cache(cache_spec, config.model.d_model)
@@ -87,7 +94,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
 
     trunk_calls = []
     hooks = [s.register_forward_hook(lambda *a: trunk_calls.append(1)) for s in rack.stacks if s.stack_id != stack_id]
-    steps = phase_steps(config.training, len(train_batches.base_dataloader))
+    steps = cfg["train_steps"] or phase_steps(config.training, len(train_batches.base_dataloader))
     t_train = time.time()
     metrics = train_stack(model, train_batches, config.training, steps, start=position, device=device,
                           on_log=lambda entry: ray.train.report({"stack": stack_id, **entry}))
@@ -97,7 +104,15 @@ def train_loop_per_worker(cfg: dict) -> dict:
     # the full rack from tokens, no cache: the numbers a reloaded checkpoint reproduces
     metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device))
     p = config.training.progressive
+    tokens = steps * B * config.data.seq_len
+    if len(steps_to_add) > 1:
+        flops = end_to_end_flops(rack, tokens, config.data.seq_len)
+    else:
+        mode = trunk_mode(cache_spec["kind"] if cache_spec else "none", p.building_mode, p.trunk_strategy)
+        head_trains = stack_id == 0 or not config.model.tie_embeddings
+        flops = phase_flops(rack, stack_id, mode, tokens, config.data.seq_len, head_trains)
     metrics.update({
+        "train_flops": flops,
         "stack": stack_id,
         "precision": builder.stack(stack_id).precision,
         "time_step": builder.stack(stack_id).time_step if p.time_interpretation == "depth" else "per example",
@@ -130,10 +145,12 @@ def peak_memory_mb(device) -> float:
 
 # ---------------------------------------------------------------- driver side
 
-def fit_phase(config: StackWiseConfig, stack_id: int, step: dict, prev_checkpoint: str | None,
-              cache_spec: dict | None, storage: str, name: str, data_ref=None, callbacks=None) -> tuple[dict, str]:
-    """Train stack `stack_id` as one TorchTrainer run named `name` under `storage`;
-    returns (metrics, checkpoint path)."""
+def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], prev_checkpoint: str | None,
+              cache_spec: dict | None, storage: str, name: str, data_ref=None, callbacks=None,
+              train_steps: int | None = None) -> tuple[dict, str]:
+    """Train the stacks `steps` describes (one, or all for the end-to-end baseline), first
+    id `stack_id`, as one TorchTrainer run named `name` under `storage`; `train_steps`
+    overrides the configured step count. Returns (metrics, checkpoint path)."""
     r = config.ray
     datasets, dataset_config = None, None
     if cache_spec is not None and cache_spec["backend"] == "arrow":
@@ -143,7 +160,7 @@ def fit_phase(config: StackWiseConfig, stack_id: int, step: dict, prev_checkpoin
         dataset_config = ray.train.DataConfig(datasets_to_split=[])  # every worker reads the whole cache
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "stack_id": stack_id, "step": step,
+        train_loop_config={"config": config.to_dict(), "stack_id": stack_id, "steps": steps, "train_steps": train_steps,
                            "prev_checkpoint": prev_checkpoint, "cache": cache_spec, "data_ref": data_ref,
                            "fit_started": time.time()},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
@@ -187,8 +204,10 @@ def build_cache(checkpoint: str, stack_id: int, start: int, end: int, prev, back
     elif prev is not None:
         prev = ActivationCache(**prev)
     cache = compute_cache(builder.build_rack(), train_ds, TimeStepMasking(config, tokenizer), stack_id, start, end, prev)
+    rack, T = builder.build_rack(), config.data.seq_len
+    run_flops = sum(forward_flops_per_token(s, T, rack.embed.embedding_dim) for s in rack.stacks[start:end])
     info = {"rows": len(cache), "bytes": cache.nbytes, "incremental": prev is not None,
-            "stacks_run": end - start, "build_s": 0.0}
+            "stacks_run": end - start, "build_s": 0.0, "flops": run_flops * len(cache) * T}
     if backend == "arrow":
         write_parquet(cache, path)
         info["build_s"] = time.perf_counter() - t0

@@ -18,6 +18,7 @@ import shutil
 import time
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .builder import ProgressiveRackBuilder
 from .cache import plan_cache
@@ -115,16 +116,46 @@ class ProgressiveTrainer:
             metrics, status = load_metadata(checkpoint)["metrics"], "recovered"
         else:
             shutil.rmtree(os.path.join(self.store.root, ids[-1]), ignore_errors=True)
-            metrics, checkpoint = fit_phase(config, stack_id, step, prev, cache_spec, self.store.root, ids[-1],
+            metrics, checkpoint = fit_phase(config, stack_id, [step], prev, cache_spec, self.store.root, ids[-1],
                                             data_ref, self.callbacks)
             status = "trained"
+        built = cache_info.get("flops", 0.0) if cache_info.get("built") else 0.0
         metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
+                        "flops": metrics["train_flops"] + built,
                         "orchestration_s": time.time() - t1 - metrics["train_s"]})
         record = {"stack": stack_id, "phase_id": ids[-1], "checkpoint": checkpoint, "metrics": metrics}
         self.store.finish(ids[-1], record)
         return record, cache, status
 
     train_rack = train_progressively  # the source document uses both names
+
+    def train_end_to_end(self, train_steps: int, target_stacks: int | None = None) -> dict:
+        """The compute-matched baseline: the final architecture built at once and trained
+        for `train_steps` steps as one phase (all parameters train). Returns its metrics."""
+        config = self.config
+        plan = self._plan(config, None, target_stacks)
+        self._check_run_dir()
+        ensure_ray(config)
+        phase_id = f"e2e-{phase_identity(config, plan, len(plan) - 1)[4:]}-{train_steps}"
+        record, status = self.store.record(phase_id), "reused"
+        if record is None:
+            with self.store.claim(phase_id):
+                record = self.store.record(phase_id)
+                if record is None:
+                    t0 = time.time()
+                    metrics, checkpoint = fit_phase(config, 0, plan, None, None, self.store.root, phase_id,
+                                                    None, self.callbacks, train_steps)
+                    metrics.update({"cache": {"kind": "none", "reason": "end-to-end baseline"}, "cache_s": 0.0,
+                                    "flops": metrics["train_flops"], "phase_wall_s": time.time() - t0,
+                                    "orchestration_s": time.time() - t0 - metrics["train_s"]})
+                    record, status = {"stack": len(plan) - 1, "phase_id": phase_id, "checkpoint": checkpoint,
+                                      "metrics": metrics}, "trained"
+                    self.store.finish(phase_id, record)
+        history = [{**record["metrics"], "status": status, "phase_id": phase_id, "checkpoint": record["checkpoint"]}]
+        self._publish_final(record["checkpoint"], history)
+        if self.on_phase is not None:
+            self.on_phase(history[0])
+        return history[0]
 
     # ------------------------------------------------------------------ pieces
     def _config_for(self, builder) -> StackWiseConfig:
@@ -174,7 +205,9 @@ class ProgressiveTrainer:
         else:
             incremental = cache is not None and cache["position"] == plan.position - 1
             prev = (cache["ref"] if backend == "object_store" else cache["path"]) if incremental else None
-            ref, info_ref = build_cache.remote(prev_checkpoint, stack_id, plan.position - 1 if incremental else 0,
+            # outside any placement group: a Tune trial's group holds only its trial slot
+            outside = PlacementGroupSchedulingStrategy(placement_group=None)
+            ref, info_ref = build_cache.options(scheduling_strategy=outside).remote(prev_checkpoint, stack_id, plan.position - 1 if incremental else 0,
                                                plan.position, prev, backend, path, data_ref)
             cache = {"position": plan.position, "path": path, "ref": ref, "info": ray.get(info_ref)}
             info.update(cache["info"], built=True)

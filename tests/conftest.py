@@ -31,7 +31,7 @@ def ray_session():
 
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, resources={"trial_slot": 2})
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,274 @@
+"""python -m stackwise_ray.tune experiments/x.yaml [--address ADDR] [--resume] [--storage PATH] [--name NAME] [--dry-run]
+
+A Ray Tune sweep of progressive runs: the search space is the YAML's `tune:` section.
+Each trial is a function trainable that runs one TorchTrainer per stack and reports after
+every stack (`stacks_done` is the schedulers' time axis). Trials share finished phases
+through the experiment's phase store. Results land in EXPERIMENT_DIR (storage/name):
+results.csv/.parquet (one row per trial), phases.csv (one row per trial and stack),
+best_config.yaml, phases/ (shared phases), trials/<trial id>/final (each trial's rack).
+
+From Python: `trainable(config, experiment_dir)` and `build_tuner(config, ...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+from .config import ConfigError, StackWiseConfig, apply_overrides, load_config
+
+TRIAL_RESOURCE = "trial_slot"  # trials hold this instead of CPUs: a trial holding a CPU its phases need can deadlock
+
+
+def grid_variants(config: StackWiseConfig) -> list[dict]:
+    """Every combination of the grid keys, plus the baseline when asked for."""
+    grid = {k: v["grid"] for k, v in config.tune.search_space.items() if "grid" in v}
+    variants = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    if config.tune.baseline == "end_to_end":
+        variants.append({"kind": "baseline"})
+    return variants
+
+
+def param_space(config: StackWiseConfig) -> dict:
+    from ray import tune
+
+    sampled = {"choice": lambda v: tune.choice(v), "uniform": lambda v: tune.uniform(*v),
+               "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
+    space = {path: sampled[kind](values) for path, spec in config.tune.search_space.items()
+             for kind, values in spec.items() if kind != "grid"}
+    variants = grid_variants(config)
+    if variants != [{}]:
+        space["variant"] = tune.grid_search(variants)
+    return space
+
+
+def trial_config(base: StackWiseConfig, params: dict) -> tuple[str, StackWiseConfig]:
+    """(kind, config) of one trial: the base with the trial's values applied."""
+    variant = dict(params.get("variant", {}))
+    if variant.pop("kind", "progressive") == "baseline":
+        return "baseline", apply_overrides(base, {}).validate()
+    overrides = {**variant, **{k: v for k, v in params.items() if k != "variant"}}
+    return "progressive", apply_overrides(base, overrides).validate()
+
+
+def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: float | None = None) -> None:
+    """The function trainable: one progressive run (or the baseline), reported per stack."""
+    import ray.tune
+
+    from .flops import baseline_steps
+    from .trainer import ProgressiveTrainer
+
+    kind, config = trial_config(StackWiseConfig.from_dict(base), params)
+    t0, counts, total_flops = time.time(), {"trained": 0, "reused": 0, "recovered": 0}, [0.0]
+
+    def report(m: dict) -> None:
+        counts[m["status"]] += 1
+        total_flops[0] += m["flops"]
+        ray.tune.report({
+            "kind": kind, "stack": m["stack"], "stacks_done": m["stack"] + 1, "val_loss": m["val_loss"],
+            "val_ppl": m["val_ppl"], "val_accuracy": m["val_accuracy"], "phase_flops": m["flops"],
+            "flops": total_flops[0], "phase_status": m["status"], "phase_id": m["phase_id"],
+            "phases_trained": counts["trained"] + counts["recovered"], "phases_reused": counts["reused"],
+            "phase_wall_s": m["phase_wall_s"] if m["status"] != "reused" else 0.0, "train_s": m["train_s"],
+            "peak_memory_mb": m["peak_memory_mb"], "wall_s": time.time() - t0})
+
+    trainer = ProgressiveTrainer(config, storage_path=os.path.join(experiment_dir, "trials"),
+                                 name=ray.tune.get_context().get_trial_id(), resume=True,
+                                 phase_store=os.path.join(experiment_dir, "phases"), on_phase=report)
+    if kind == "baseline":
+        trainer.train_end_to_end(baseline_steps(config, baseline_budget))
+    else:
+        trainer.train_progressively()
+
+
+def trainable(config: StackWiseConfig, experiment_dir: str):
+    """The Tune trainable for sweeps of `config` (resources included): trials get their
+    values as {key path: value} and a `variant` dict for grid keys."""
+    from ray import tune
+
+    budget = None
+    if config.tune.baseline == "end_to_end":
+        from .data import build_datasets
+        from .flops import progressive_budget
+
+        budget = progressive_budget(apply_overrides(config, {}), len(build_datasets(config)[0]))
+    fn = tune.with_parameters(run_trial, base=config.to_dict(), experiment_dir=experiment_dir, baseline_budget=budget)
+    return tune.with_resources(fn, {TRIAL_RESOURCE: 1})
+
+
+def build_tuner(config: StackWiseConfig, storage_path: str | None = None, name: str | None = None,
+                callbacks=None, **tune_config_overrides):
+    """A ray.tune.Tuner for the sweep `config` describes; keyword arguments override
+    ray.tune.TuneConfig fields (e.g. search_alg=..., scheduler=...)."""
+    from ray import tune
+
+    storage = os.path.abspath(storage_path or config.ray.storage_path)
+    name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    experiment_dir = os.path.join(storage, name)
+    t = config.tune
+    tune_config = dict(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                       max_concurrent_trials=t.max_concurrent_trials, scheduler=scheduler(config),
+                       search_alg=searcher(config))
+    tune_config.update(tune_config_overrides)
+    return tune.Tuner(trainable(config, experiment_dir), param_space=param_space(config),
+                      tune_config=tune.TuneConfig(**tune_config),
+                      run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                                                failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def scheduler(config: StackWiseConfig):
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    t = config.tune
+    if t.scheduler == "asha":
+        return ASHAScheduler(time_attr="stacks_done", max_t=config.target_stacks, grace_period=t.grace_period,
+                             reduction_factor=t.reduction_factor)
+    if t.scheduler == "median":
+        return MedianStoppingRule(time_attr="stacks_done", grace_period=t.grace_period)
+    return None
+
+
+def searcher(config: StackWiseConfig):
+    if config.tune.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch  # needs the optuna extra
+
+        return OptunaSearch()
+    return None
+
+
+def start_ray(config: StackWiseConfig, address: str | None) -> str:
+    """Connect or start Ray for a sweep; returns the dashboard URL (or a note)."""
+    import ray
+
+    from .trainer import RAY_ENV_DEFAULTS
+
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ctx = ray.init(address=address)
+        if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < 1:
+            raise ConfigError(f"the cluster at {address} has no '{TRIAL_RESOURCE}' resource: start its nodes with "
+                              f"--resources='{{\"{TRIAL_RESOURCE}\": N}}' (N = trials a node may drive)")
+    else:
+        ctx = ray.init(resources={TRIAL_RESOURCE: config.tune.max_concurrent_trials}, dashboard_host="127.0.0.1")
+    need = config.ray.num_workers * config.ray.cpus_per_worker
+    if need > ray.cluster_resources().get("CPU", 0):
+        raise ConfigError(f"ray.num_workers x ray.cpus_per_worker = {need} CPUs per phase, more than the cluster's "
+                          f"{ray.cluster_resources().get('CPU', 0):g}")
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url else "(no dashboard: install ray[default])"
+
+
+# ---------------------------------------------------------------- results
+
+def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[dict]:
+    """results.csv/.parquet, phases.csv and best_config.yaml from a ResultGrid."""
+    import pandas as pd
+    import yaml
+
+    swept = list(config.tune.search_space)
+    rows, phases = [], []
+    for result in grid:
+        params = result.config or {}
+        kind, trial_cfg = trial_config(config, params)
+        variant = {k: v for k, v in params.get("variant", {}).items() if k != "kind"}
+        values = {k: (variant.get(k, params.get(k)) if kind == "progressive" else None) for k in swept}
+        m = result.metrics or {}
+        frame = result.metrics_dataframe
+        trial_id = m.get("trial_id") or os.path.basename(result.path)
+        done = m.get("stacks_done", 0)
+        status = "ERROR" if result.error else ("TERMINATED" if done >= config.target_stacks or kind == "baseline"
+                                                 else "STOPPED")
+        rows.append({"trial_id": trial_id, "kind": kind, "status": status, **values,
+                     "val_loss": m.get("val_loss"), "val_ppl": m.get("val_ppl"), "val_accuracy": m.get("val_accuracy"),
+                     "stacks_done": done, "flops": m.get("flops"), "wall_s": m.get("wall_s"),
+                     "phases_trained": m.get("phases_trained", 0), "phases_reused": m.get("phases_reused", 0),
+                     "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:300],
+                     "_config": trial_cfg})
+        if frame is not None and len(frame):
+            for _, r in frame.iterrows():
+                phases.append({"trial_id": trial_id, "kind": kind, "stack": r["stack"], "val_loss": r["val_loss"],
+                               "flops": r["phase_flops"], "cum_flops": r["flops"], "wall_s": r["phase_wall_s"],
+                               "train_s": r["train_s"], "peak_memory_mb": r["peak_memory_mb"],
+                               "status": r["phase_status"], "phase_id": r["phase_id"]})
+    table = pd.DataFrame([{k: v for k, v in r.items() if k != "_config"} for r in rows])
+    table.to_csv(os.path.join(experiment_dir, "results.csv"), index=False)
+    table.astype({c: str for c in swept}).to_parquet(os.path.join(experiment_dir, "results.parquet"), index=False)
+    pd.DataFrame(phases).to_csv(os.path.join(experiment_dir, "phases.csv"), index=False)
+    scored = [r for r in rows if r["val_loss"] is not None and r["status"] != "ERROR"]
+    if scored:
+        best = (min if config.tune.mode == "min" else max)(scored, key=lambda r: r[config.tune.metric])
+        with open(os.path.join(experiment_dir, "best_config.yaml"), "w") as f:
+            yaml.safe_dump(best["_config"].to_dict(), f, sort_keys=False)
+    return rows
+
+
+def results_table(rows: list[dict], swept: list[str]) -> str:
+    cols = ["trial_id", "kind", *swept, "val_loss", "flops", "wall_s", "phases_trained", "phases_reused", "status"]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.3f}"
+        return "-" if v is None else str(v)
+
+    cells = [[c.split(".")[-1] for c in cols]] + [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stackwise_ray.tune", description="A Ray Tune sweep of progressive runs.")
+    parser.add_argument("config", help="experiment YAML with a tune: section")
+    parser.add_argument("--address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, or a local Ray)")
+    parser.add_argument("--storage", help="root of experiment directories (default: ray.storage_path)")
+    parser.add_argument("--name", help="experiment name (default: the YAML file's name)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument("--dry-run", action="store_true", help="print the trials without running them")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if not args.dry_run:
+            from .data import build_datasets
+
+            build_datasets(config)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}" if str(e).startswith(args.config) else f"error: {args.config}: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        variants = grid_variants(config)
+        sampled = [k for k, s in config.tune.search_space.items() if "grid" not in s]
+        print(f"{len(variants) * config.tune.num_samples} trials ({len(variants)} grid points x num_samples "
+              f"{config.tune.num_samples}); sampled per trial: {', '.join(sampled) or 'nothing'}")
+        for i, v in enumerate(variants):
+            print(f"  {i}: {v or '(the base config)'}")
+        return 0
+    name = args.name or os.path.splitext(os.path.basename(args.config))[0]
+    storage = os.path.abspath(args.storage or config.ray.storage_path)
+    experiment_dir = os.path.join(storage, name)
+    from ray import tune
+
+    if os.path.isdir(experiment_dir) and not args.resume and tune.Tuner.can_restore(experiment_dir):
+        print(f"error: {experiment_dir}: a sweep is already there; pass --resume or another --name", file=sys.stderr)
+        return 2
+    try:
+        print(f"Ray dashboard: {start_ray(config, args.address)}", flush=True)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.resume and tune.Tuner.can_restore(experiment_dir):
+        tuner = tune.Tuner.restore(experiment_dir, trainable=trainable(config, experiment_dir), resume_errored=True)
+    else:
+        tuner = build_tuner(config, storage, name)
+    grid = tuner.fit()
+    rows = write_results(grid, config, experiment_dir)
+    print(results_table(rows, list(config.tune.search_space)))
+    print(f"\nresults: {experiment_dir}/results.csv  best config: {experiment_dir}/best_config.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
