@@ -9,6 +9,7 @@ import time
 
 import pandas as pd
 import pytest
+import yaml
 from ray import tune
 
 from stackwise_ray.config import ConfigError, StackWiseConfig
@@ -107,8 +108,10 @@ class Recorder(tune.Callback):
 
 
 def test_asha_stops_a_clearly_worse_trial_after_its_first_stack(ray_session, tmp_path):
+    raw = yaml.safe_load(TINY)
+    raw["training"]["min_lr"] = 0.0
     config = StackWiseConfig.from_dict({
-        **__import__("yaml").safe_load(TINY),
+        **raw,
         "tune": {"search_space": {"training.lr": {"grid": [3e-3, 1e-7]}}, "scheduler": "asha",
                  "grace_period": 1, "max_concurrent_trials": 1}}).validate()
     recorder = Recorder()
