@@ -119,3 +119,15 @@ def test_asha_stops_a_clearly_worse_trial_after_its_first_stack(ray_session, tmp
     done = {r.config["variant"]["training.lr"]: r.metrics["stacks_done"] for r in grid}
     assert done == {3e-3: 2, 1e-7: 1}
     assert len(recorder.results) == 3 and {s for _, s, _ in recorder.results} == {1, 2}
+
+
+def test_optuna_searcher_is_wired_through_ray_tune(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from stackwise_ray.tune import param_space, searcher
+
+    config = StackWiseConfig.from_dict({"tune": {"searcher": "optuna", "search_space": {
+        "training.lr": {"loguniform": [1e-4, 1e-2]}, "training.progressive.building_mode": {"choice": ["append", "prepend"]}}}}).validate()
+    assert isinstance(searcher(config), OptunaSearch)
+    space = param_space(config)
+    assert set(space) == {"training.lr", "training.progressive.building_mode"}  # no grid variant with a searcher
