@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .checkpoint import sha256_file
 from .config import StackWiseConfig
 from .data import ProgressiveDataLoader, TokenDataset
 
@@ -96,7 +97,20 @@ def write_parquet(cache: ActivationCache, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     pq.write_table(table, tmp, use_dictionary=False, compression="none")  # dictionary-encoded floats read ~3x slower
+    checksum = sha256_file(tmp)
     os.replace(tmp, path)
+    with open(f"{path}.sha256.tmp{os.getpid()}", "w") as f:
+        f.write(checksum)
+    os.replace(f"{path}.sha256.tmp{os.getpid()}", f"{path}.sha256")  # written last: its presence means complete
+
+
+def parquet_intact(path: str) -> bool:
+    """The cache file exists, was completely written, and is unaltered."""
+    try:
+        with open(f"{path}.sha256") as f:
+            return sha256_file(path) == f.read().strip()
+    except OSError:
+        return False
 
 
 def from_arrow(table: pa.Table, d_model: int) -> ActivationCache:
@@ -115,6 +129,11 @@ class CachePlan:
     kind: str  # "trunk_outputs" | "trunk_inputs" | "none"
     position: int
     reason: str
+
+
+def cache_bytes(rows: int, seq_len: int, d_model: int) -> int:
+    """Size of a cache of `rows` examples (ids, corrupted inputs, float32 activations)."""
+    return rows * (8 + 4 * seq_len + 4 * seq_len * d_model)
 
 
 def plan_cache(config: StackWiseConfig, stack_id: int) -> CachePlan:

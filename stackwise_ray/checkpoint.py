@@ -7,6 +7,7 @@ weights. No pickles: config objects are stored as plain JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from .builder import ProgressiveRackBuilder
 from .config import StackWiseConfig
 
 WEIGHTS = "model.safetensors"
+CHECKSUMS = "checksums.json"
 METADATA = "rack.json"
 TOKENIZER = "tokenizer.json"
 
@@ -34,6 +36,41 @@ def write_json(path: str, obj) -> None:
 def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+class CorruptCheckpointError(ValueError):
+    pass
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str) -> None:
+    """Record every file's sha256, last, so a truncated or altered file is detected."""
+    sums = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if rel != CHECKSUMS and ".tmp" not in name:
+                sums[rel] = sha256_file(path)
+    write_json(os.path.join(directory, CHECKSUMS), sums)
+
+
+def verify_checkpoint(directory: str) -> None:
+    """Raise CorruptCheckpointError naming the first missing or altered file."""
+    path = os.path.join(directory, CHECKSUMS)
+    if not os.path.isfile(path):
+        raise CorruptCheckpointError(f"{directory}: no {CHECKSUMS} (incomplete checkpoint)")
+    for rel, expected in read_json(path).items():
+        file = os.path.join(directory, rel)
+        if not os.path.isfile(file) or sha256_file(file) != expected:
+            raise CorruptCheckpointError(f"{file}: missing or altered (checksum mismatch)")
 
 
 def save_rack(builder: ProgressiveRackBuilder, directory: str, extra: dict | None = None) -> None:
@@ -59,6 +96,7 @@ def save_rack(builder: ProgressiveRackBuilder, directory: str, extra: dict | Non
         "time_steps": {s.stack_id: s.time_step for s in rack.stacks},
         **(extra or {}),
     })
+    write_checksums(directory)
 
 
 def load_metadata(directory: str) -> dict:
@@ -66,7 +104,9 @@ def load_metadata(directory: str) -> dict:
 
 
 def load_rack(directory: str, device: str | torch.device = "cpu") -> ProgressiveRackBuilder:
-    """Rebuild the builder (and its rack) saved in `directory`, weights loaded."""
+    """Rebuild the builder (and its rack) saved in `directory`, weights loaded; a corrupt
+    checkpoint raises CorruptCheckpointError instead of loading."""
+    verify_checkpoint(directory)
     meta = load_metadata(directory)
     raw = meta["config"]
     if raw["data"]["tokenizer"] == TOKENIZER:

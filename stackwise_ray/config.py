@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import math
 import os
 import types
 import typing
@@ -109,6 +110,7 @@ class TrainingConfig:
     grad_clip: float = 1.0
     eval_batches: int = 8
     log_every: int = 10
+    checkpoint_every: int = 50  # in-phase checkpoint every N steps (0: only at the end), for worker restarts
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
@@ -120,6 +122,9 @@ class RayConfig:
     cache_backend: Literal["object_store", "arrow"] = "object_store"
     storage_path: str = "runs"  # relative paths are made absolute against the working directory
     address: Optional[str] = None  # None: RAY_ADDRESS or a local Ray
+    max_failures: int = 2  # worker failures a phase survives (it restarts from its last in-phase checkpoint)
+    cache_max_bytes: Optional[int] = None  # None: half the object store, or half the free disk for arrow
+    inject_worker_failure: Optional[str] = None  # testing aid: "stack:step" makes a worker exit once there
 
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -208,6 +213,15 @@ class StackWiseConfig:
                 if getattr(obj, k) is not None:
                     _positive(obj, sec, k)
         _positive(self.ray, "ray", "num_workers", "cpus_per_worker")
+        if self.ray.max_failures < 0:
+            _fail("ray.max_failures", f"must be >= 0, got {self.ray.max_failures}")
+        if t.checkpoint_every < 0:
+            _fail("training.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
+        if self.ray.cache_max_bytes is not None and self.ray.cache_max_bytes < 0:
+            _fail("ray.cache_max_bytes", f"must be >= 0, got {self.ray.cache_max_bytes}")
+        fault = self.ray.inject_worker_failure
+        if fault is not None and not (fault.count(":") == 1 and all(x.isdigit() for x in fault.split(":"))):
+            _fail("ray.inject_worker_failure", f"must look like 'stack:step', got {fault!r}")
         if d.batch_size % self.ray.num_workers:
             _fail("data.batch_size", f"the global batch must split evenly over ray.num_workers={self.ray.num_workers}, got {d.batch_size}")
         if p.time_per_stack < 0:
@@ -304,7 +318,10 @@ class StackWiseConfig:
                 _fail("training.progressive.custom_time_mapping", "stack_time_mapping custom needs 'module:function' here")
             fn = load_time_mapping(p.custom_time_mapping, "training.progressive.custom_time_mapping")
             for k in range(self.target_stacks):
-                step = fn(k, p.max_stacks, p.num_time_steps)
+                try:
+                    step = fn(k, p.max_stacks, p.num_time_steps)
+                except Exception as e:
+                    _fail("training.progressive.custom_time_mapping", f"{p.custom_time_mapping} raised {type(e).__name__} for stack {k}: {_first_line(e)}")
                 if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < p.num_time_steps:
                     _fail("training.progressive.custom_time_mapping", f"{p.custom_time_mapping} returned {step!r} for stack {k}; expected an int in [0, {p.num_time_steps})")
 
@@ -332,7 +349,7 @@ class StackWiseConfig:
                         _fail(f"{key}.{kind}", f"value {value!r}: {e}")
             else:
                 if (not isinstance(values, list) or len(values) != 2
-                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
                         or values[0] >= values[1]):
                     _fail(f"{key}.{kind}", f"must be [low, high] with low < high, got {values!r}")
                 if kind == "loguniform" and values[0] <= 0:
@@ -395,6 +412,8 @@ def load_time_mapping(spec: str, key: str = "training.progressive.custom_time_ma
         module = importlib.import_module(module_name)
     except ImportError as e:
         _fail(key, f"cannot import module {module_name!r}: {e}")
+    except Exception as e:  # the module itself is broken (SyntaxError, an error at import time)
+        _fail(key, f"cannot import module {module_name!r}: {type(e).__name__}: {_first_line(e)}")
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         _fail(key, f"module {module_name!r} has no function {fn_name!r}")
@@ -497,6 +516,10 @@ def _validate_data_source(d: DataConfig) -> None:
         _fail("data.source", f"no such file: {d.source} (use 'pydoc' for the bundled corpus)")
     if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
         _fail("data.tokenizer", f"no such file: {d.tokenizer} (use 'byte' for the built-in byte tokenizer)")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _fail(path: str, msg: str):

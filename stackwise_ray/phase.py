@@ -51,7 +51,9 @@ def rack_loss(rack: Rack, batch: dict, start: int = 0, device: torch.device | st
 
 def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps: int,
                 val_batches: Iterable[dict] | None = None, start: int = 0,
-                device: torch.device | str = "cpu", on_log: Callable[[dict], None] | None = None) -> dict:
+                device: torch.device | str = "cpu", on_log: Callable[[dict], None] | None = None,
+                on_step_end: Callable[[int, torch.optim.Optimizer, list], None] | None = None,
+                resume: dict | None = None) -> dict:
     """Train every parameter of `rack` with requires_grad on `steps` prepared batches.
 
     Args:
@@ -63,6 +65,9 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         start: rack position where cached trunk activations enter (see rack_loss).
         device: where the batches go.
         on_log: called with each loss-curve entry (Ray phases report it).
+        on_step_end: called with (steps done, optimizer, loss curve) after every step
+            (in-phase checkpoints).
+        resume: {"step", "optimizer", "loss_curve"} of an in-phase checkpoint to continue from.
     Returns:
         metrics: loss curve, final validation numbers, parameter counts, wall time.
     """
@@ -71,10 +76,15 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         raise ValueError("this phase has no trainable parameter")
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     data = forever(batches)
-    curve = []
+    curve, first = [], 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        curve, first = list(resume["loss_curve"]), resume["step"]
+        for _ in range(first):  # the same batches as an uninterrupted phase from here on
+            next(data)
     rack.train()
     t0 = time.perf_counter()
-    for it in range(steps):
+    for it in range(first, steps):
         lr = get_lr(it, steps, tcfg.lr, tcfg.min_lr, tcfg.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -89,6 +99,8 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
             curve.append({"step": it, "loss": loss.item(), "lr": lr})
             if on_log is not None:
                 on_log(curve[-1])
+        if on_step_end is not None:
+            on_step_end(it + 1, opt, curve)
     opt.zero_grad(set_to_none=True)  # frees gradient memory before the rack is evaluated or saved
     metrics = {
         "steps": steps,

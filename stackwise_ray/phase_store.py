@@ -20,10 +20,11 @@ import fcntl
 import hashlib
 import json
 import os
+import warnings
 
 from .adapters import stack_lora_params
 from .builder import depth_time_step
-from .checkpoint import read_json, write_json
+from .checkpoint import CorruptCheckpointError, read_json, verify_checkpoint, write_json
 from .config import StackWiseConfig
 
 TRUNK_KEYS = ("trunk_strategy", "building_mode", "progressive_qlora", "progressive_qlora_rank",
@@ -64,12 +65,26 @@ class PhaseStore:
         os.makedirs(root, exist_ok=True)
 
     def record(self, phase_id: str) -> dict | None:
-        """The completion record of a finished phase, or None."""
+        """The completion record of a finished phase whose checkpoint is intact, or None. A
+        phase whose checkpoint fails its checksums is forgotten (and so trained again)."""
         path = os.path.join(self.root, phase_id, "done.json")
-        return read_json(path) if os.path.exists(path) else None
+        if not os.path.exists(path):
+            return None
+        record = read_json(path)
+        record["checkpoint"] = os.path.join(self.root, record["checkpoint"])
+        try:
+            verify_checkpoint(record["checkpoint"])
+        except CorruptCheckpointError as e:
+            warnings.warn(f"phase {phase_id} is trained again: {e}")
+            os.remove(path)
+            return None
+        return record
 
     def finish(self, phase_id: str, record: dict) -> None:
+        """Write the completion record; checkpoint paths are stored relative to the store,
+        so a store can be moved or mounted elsewhere."""
         os.makedirs(os.path.join(self.root, phase_id), exist_ok=True)
+        record = {**record, "checkpoint": os.path.relpath(record["checkpoint"], self.root)}
         write_json(os.path.join(self.root, phase_id, "done.json"), record)
 
     @contextlib.contextmanager

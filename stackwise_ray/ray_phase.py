@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from .builder import ProgressiveRackBuilder
 from .cache import ActivationCache, compute_cache, from_arrow, write_parquet
-from .checkpoint import load_metadata, load_rack, save_rack
+from .checkpoint import load_metadata, load_rack, load_weights, save_rack, verify_checkpoint
 from .config import StackWiseConfig
 from .data import GlobalBatches, ProgressiveDataLoader, build_datasets, load_tokenizer
 from .flops import end_to_end_flops, forward_flops_per_token, phase_flops, trunk_mode
@@ -95,9 +95,20 @@ def train_loop_per_worker(cfg: dict) -> dict:
     trunk_calls = []
     hooks = [s.register_forward_hook(lambda *a: trunk_calls.append(1)) for s in rack.stacks if s.stack_id != stack_id]
     steps = cfg["train_steps"] or phase_steps(config.training, len(train_batches.base_dataloader))
+    resume = read_in_phase_checkpoint(rack)
+
+    def on_step_end(done: int, opt, curve: list) -> None:
+        every = config.training.checkpoint_every
+        if every and done % every == 0 and done < steps:
+            report_in_phase_checkpoint(builder, stack_id, done, opt, curve, rank)
+        if config.ray.inject_worker_failure == f"{stack_id}:{done}" and not os.path.exists(cfg["fault_marker"]):
+            open(cfg["fault_marker"], "w").close()
+            os._exit(1)  # a worker dying mid-phase, once (testing aid)
+
     t_train = time.time()
     metrics = train_stack(model, train_batches, config.training, steps, start=position, device=device,
-                          on_log=lambda entry: ray.train.report({"stack": stack_id, **entry}))
+                          on_log=lambda entry: ray.train.report({"stack": stack_id, **entry}),
+                          on_step_end=on_step_end, resume=resume)
     for h in hooks:
         h.remove()
     train_s = time.time() - t_train
@@ -112,6 +123,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
         head_trains = stack_id == 0 or not config.model.tie_embeddings
         flops = phase_flops(rack, stack_id, mode, tokens, config.data.seq_len, head_trains)
     metrics.update({
+        "resumed_from_step": resume["step"] if resume else 0,
         "train_flops": flops,
         "stack": stack_id,
         "precision": builder.stack(stack_id).precision,
@@ -130,6 +142,33 @@ def train_loop_per_worker(cfg: dict) -> dict:
     else:
         ray.train.report(summary(metrics))
     return metrics
+
+
+def report_in_phase_checkpoint(builder, stack_id: int, done: int, opt, curve: list, rank: int) -> None:
+    """Every worker reports; rank 0 attaches the rack, optimizer state and loss curve so a
+    restarted worker group continues at step `done`."""
+    if rank != 0:
+        ray.train.report({"stack": stack_id, "step": done})
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_rack(builder, d, extra={"in_phase": {"stack": stack_id, "step": done, "loss_curve": curve}})
+        torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
+        ray.train.report({"stack": stack_id, "step": done}, checkpoint=Checkpoint.from_directory(d))
+
+
+def read_in_phase_checkpoint(rack) -> dict | None:
+    """The in-phase checkpoint this attempt restarts from (Ray Train hands it over after a
+    worker failure), loaded into `rack`; None on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        meta = load_metadata(d)
+        if "in_phase" not in meta:
+            return None
+        load_weights(rack, os.path.join(d, "model.safetensors"))
+        optimizer = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
+    return {"step": meta["in_phase"]["step"], "optimizer": optimizer, "loss_curve": meta["in_phase"]["loss_curve"]}
 
 
 def summary(metrics: dict) -> dict:
@@ -162,12 +201,13 @@ def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], prev_ch
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "stack_id": stack_id, "steps": steps, "train_steps": train_steps,
                            "prev_checkpoint": prev_checkpoint, "cache": cache_spec, "data_ref": data_ref,
+                           "fault_marker": os.path.join(storage, f"{name}.fault"),
                            "fit_started": time.time()},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets=datasets,
         **({"dataset_config": dataset_config} if dataset_config else {}),
@@ -182,9 +222,10 @@ def finished_checkpoint(storage: str, name: str) -> str | None:
     """A checkpoint that the phase run `name` already wrote (e.g. before a crash)."""
     for path in sorted(glob.glob(os.path.join(storage, name, "checkpoint_*")), reverse=True):
         try:
+            verify_checkpoint(path)
             if "metrics" in load_metadata(path):
                 return path
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError):  # incomplete, corrupt or in-phase: not a finished phase
             continue
     return None
 

@@ -16,12 +16,13 @@ import copy
 import os
 import shutil
 import time
+import warnings
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .builder import ProgressiveRackBuilder
-from .cache import plan_cache
+from .cache import cache_bytes, parquet_intact, plan_cache
 from .checkpoint import load_metadata, load_rack, write_json
 from .config import StackWiseConfig
 from .data import dataset_from_user
@@ -193,12 +194,18 @@ class ProgressiveTrainer:
         if plan.kind == "none":
             return None, cache, info
         backend = config.ray.cache_backend
+        size, budget = cache_bytes(self._train_rows(data_ref), config.data.seq_len, config.model.d_model), self._budget(config)
+        if size > budget:  # said before the phase starts, instead of failing in the middle of it
+            reason = (f"a {size / 2**20:.0f} MiB cache exceeds the {budget / 2**20:.0f} MiB budget "
+                      "(ray.cache_max_bytes): the trunk is recomputed instead")
+            warnings.warn(f"phase {stack_id}: {reason}")
+            return None, None, {"kind": "none", "reason": reason, "over_budget": True}
         # the cache is determined by the phases before the position it feeds
         source = ids[plan.position - 1] if plan.position > 0 else ids[0]
         path = os.path.join(self.store.root, source, f"cache_position_{plan.position:03d}.parquet")
         if cache is not None and cache["position"] == plan.position:
             info.update(cache["info"], built=False)
-        elif backend == "arrow" and os.path.exists(path) and cache is None:  # written before a restart
+        elif backend == "arrow" and cache is None and parquet_intact(path):  # written before a restart
             cache = {"position": plan.position, "path": path, "ref": None,
                      "info": {"rows": None, "bytes": os.path.getsize(path), "build_s": 0.0, "incremental": False}}
             info.update(cache["info"], built=False)
@@ -214,6 +221,20 @@ class ProgressiveTrainer:
         spec = {"backend": backend, "position": plan.position, "kind": plan.kind,
                 "ref": cache["ref"], "path": cache["path"]}
         return spec, cache, {**info, "backend": backend, "position": plan.position}
+
+    def _train_rows(self, data_ref) -> int:
+        if data_ref is not None:
+            return len(ray.get(data_ref)[0])
+        from .data import build_datasets
+
+        return len(build_datasets(self.config)[0])
+
+    def _budget(self, config) -> float:
+        if config.ray.cache_max_bytes is not None:
+            return config.ray.cache_max_bytes
+        if config.ray.cache_backend == "arrow":
+            return shutil.disk_usage(self.store.root).free / 2
+        return ray.available_resources().get("object_store_memory", 0) / 2
 
     def _publish_final(self, checkpoint: str, history: list[dict]) -> str:
         final = os.path.join(self.run_dir, "final")

@@ -7,7 +7,6 @@ Each file starts with `# expect: <substring of the error line>`. Paths inside th
 so every test runs with the repo root as its working directory.
 """
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -75,8 +74,7 @@ def test_bad_config_in_a_real_process(name, cli, tmp_path):
     path = ROOT / "tests" / "bad_configs" / f"{name}.yaml"
     storage = tmp_path / "store"
     result = subprocess.run([sys.executable, "-m", cli, rel(path), "--storage", str(storage)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)  # -m puts the cwd (repo root) on sys.path
     assert result.returncode == 2, result
     check_error(result.stderr, rel(path), expected_of(path))
     assert not storage.exists()

@@ -40,7 +40,9 @@ def test_three_stacks_are_three_phases_with_three_checkpoints(arrow_run):
     assert [m["status"] for m in history] == ["trained"] * 3
     assert len({m["phase_id"] for m in history}) == 3
     for k in range(3):
-        record = read_json(os.path.join(trainer.run_dir, "phases", history[k]["phase_id"], "done.json"))
+        raw = read_json(os.path.join(trainer.run_dir, "phases", history[k]["phase_id"], "done.json"))
+        assert not os.path.isabs(raw["checkpoint"])  # stored relative: a store can move
+        record = trainer.store.record(history[k]["phase_id"])
         assert record["checkpoint"] == history[k]["checkpoint"]
         assert os.path.isfile(os.path.join(record["checkpoint"], "model.safetensors"))
         assert load_rack(record["checkpoint"]).num_stacks == k + 1
@@ -122,3 +124,44 @@ def test_killed_run_resumes_at_the_first_unfinished_phase(ray_session, tmp_path)
     assert load_rack(os.path.join(trainer.run_dir, "final")).num_stacks == 3
     with pytest.raises(ValueError, match="already there"):
         ProgressiveTrainer(load_config(config_path), storage_path=str(tmp_path), name="killed").train_progressively()
+
+
+def test_worker_killed_mid_phase_resumes_in_phase_and_an_over_budget_cache_recomputes(arrow_run, tmp_path):
+    config = ray_config(target_stacks=2, training={"checkpoint_every": 2},
+                        ray={"inject_worker_failure": "1:4", "max_failures": 2, "cache_max_bytes": 1000})
+    trainer = ProgressiveTrainer(config, storage_path=str(tmp_path), name="fault")
+    with pytest.warns(UserWarning, match="exceeds the 0 MiB budget"):
+        history = trainer.train_progressively()
+    assert [m["stack"] for m in history] == [0, 1]
+    assert os.path.exists(os.path.join(trainer.store.root, f"{history[1]['phase_id']}.fault"))  # the worker did die
+    # the latest in-phase checkpoint Ray Train registered before the worker died (2 or 4)
+    assert history[1]["resumed_from_step"] in (2, 4) and history[0]["resumed_from_step"] == 0
+    assert history[1]["cache"]["over_budget"] is True  # recomputed: one trunk forward per step of this attempt
+    assert history[1]["trunk_forwards"] == 8 - history[1]["resumed_from_step"]
+    # the interrupted, recomputing phase trains what the uninterrupted, cached one did
+    uninterrupted = weights(arrow_run[1][1]["checkpoint"])
+    for name, tensor in weights(history[1]["checkpoint"]).items():
+        torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-4, atol=1e-5)
+
+
+def test_corrupt_checkpoint_and_cache_are_detected_and_rebuilt(arrow_run, tmp_path):
+    import shutil
+
+    from stackwise_ray.checkpoint import CorruptCheckpointError
+
+    trainer, history = arrow_run
+    shutil.copytree(trainer.run_dir, tmp_path / "arrow")
+    store = tmp_path / "arrow" / "phases"
+    model = next((store / history[2]["phase_id"]).glob("checkpoint_*/model.safetensors"))
+    model.write_bytes(model.read_bytes()[:100])  # truncated
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+        load_rack(str(model.parent))
+    cache = store / history[1]["phase_id"] / "cache_position_002.parquet"
+    cache.write_bytes(cache.read_bytes()[:-10])
+    again = ProgressiveTrainer(trainer.config, storage_path=str(tmp_path), name="arrow", resume=True)
+    with pytest.warns(UserWarning, match="trained again"):
+        rerun = again.train_progressively()
+    assert [m["status"] for m in rerun] == ["reused", "reused", "trained"]
+    assert rerun[2]["cache"]["built"] is True
+    numbers = evaluate_rack(load_rack(os.path.join(again.run_dir, "final")))
+    assert numbers["val_loss"] == rerun[2]["val_loss"]

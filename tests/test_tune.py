@@ -131,3 +131,18 @@ def test_optuna_searcher_is_wired_through_ray_tune(tmp_path):
     assert isinstance(searcher(config), OptunaSearch)
     space = param_space(config)
     assert set(space) == {"training.lr", "training.progressive.building_mode"}  # no grid variant with a searcher
+
+
+def test_a_failing_trial_is_an_error_row_and_the_sweep_goes_on(ray_session, tmp_path):
+    raw = yaml.safe_load(TINY)
+    raw["training"]["progressive"]["max_stacks"] = 1
+    raw["ray"] = {"max_failures": 0}
+    raw["tune"] = {"search_space": {"ray.inject_worker_failure": {"grid": [None, "0:2"]}}}
+    config = StackWiseConfig.from_dict(raw).validate()
+    from stackwise_ray.tune import write_results
+
+    grid = build_tuner(config, storage_path=str(tmp_path), name="faulty").fit()
+    rows = {r["ray.inject_worker_failure"]: r for r in write_results(grid, config, str(tmp_path / "faulty"))}
+    assert rows[None]["status"] == "TERMINATED" and rows[None]["val_loss"] is not None
+    assert rows["0:2"]["status"] == "ERROR" and rows["0:2"]["error"]
+    assert len(pd.read_csv(tmp_path / "faulty" / "results.csv")) == 2
