@@ -136,13 +136,13 @@ def test_optuna_searcher_is_wired_through_ray_tune(tmp_path):
 def test_a_failing_trial_is_an_error_row_and_the_sweep_goes_on(ray_session, tmp_path):
     raw = yaml.safe_load(TINY)
     raw["training"]["progressive"]["max_stacks"] = 1
-    raw["ray"] = {"max_failures": 0}
-    raw["tune"] = {"search_space": {"ray.inject_worker_failure": {"grid": [None, "0:2"]}}}
+    # one example is too few for a train/validation split: that trial raises when it loads its data
+    raw["tune"] = {"search_space": {"data.max_examples": {"grid": [120, 1]}}}
     config = StackWiseConfig.from_dict(raw).validate()
     from stackwise_ray.tune import write_results
 
     grid = build_tuner(config, storage_path=str(tmp_path), name="faulty").fit()
-    rows = {r["ray.inject_worker_failure"]: r for r in write_results(grid, config, str(tmp_path / "faulty"))}
-    assert rows[None]["status"] == "TERMINATED" and rows[None]["val_loss"] is not None
-    assert rows["0:2"]["status"] == "ERROR" and rows["0:2"]["error"]
+    rows = {r["data.max_examples"]: r for r in write_results(grid, config, str(tmp_path / "faulty"))}
+    assert rows[120]["status"] == "TERMINATED" and rows[120]["val_loss"] is not None
+    assert rows[1]["status"] == "ERROR" and "too small" in rows[1]["error"]
     assert len(pd.read_csv(tmp_path / "faulty" / "results.csv")) == 2
