@@ -59,7 +59,9 @@ def test_source_document_attribute_snippets_validate():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiments_validate(path):
-    StackWiseConfig.from_yaml(path).validate()
+    config = StackWiseConfig.from_yaml(path).validate()
+    assert path.read_text().startswith("# python -m stackwise_ray.")  # the first line is the command that runs it
+    assert config.target_stacks >= 1
 
 
 def test_error_names_full_key_path():
