@@ -213,6 +213,7 @@ class StackWiseConfig:
                 if getattr(obj, k) is not None:
                     _positive(obj, sec, k)
         _positive(self.ray, "ray", "num_workers", "cpus_per_worker")
+        storage_dir(self.ray.storage_path)
         if self.ray.max_failures < 0:
             _fail("ray.max_failures", f"must be >= 0, got {self.ray.max_failures}")
         if t.checkpoint_every < 0:
@@ -388,6 +389,16 @@ def apply_overrides(config: StackWiseConfig, overrides: dict) -> StackWiseConfig
             obj = getattr(obj, part)
         setattr(obj, last, float(value) if isinstance(getattr(obj, last), float) and isinstance(value, int) else value)
     return out
+
+
+def storage_dir(path: str) -> str:
+    """An absolute local directory for a storage path: a plain or mounted path, or file://."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:
+        raise ConfigError(f"ray.storage_path: {path!r}: only local or mounted paths (or file://) are supported; "
+                          "mount shared storage (NFS, EFS, a ReadWriteMany volume) on every node instead")
+    return os.path.abspath(path)
 
 
 def load_config(path: str | os.PathLike) -> StackWiseConfig:

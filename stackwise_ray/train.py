@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, storage_dir
 
 
 def stack_table(history: list[dict]) -> str:
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        if args.storage:
+            config.ray.storage_path = storage_dir(args.storage)
         from .data import build_datasets  # a bad data file fails here, before Ray starts
 
         build_datasets(config)

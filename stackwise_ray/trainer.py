@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .builder import ProgressiveRackBuilder
 from .cache import cache_bytes, parquet_intact, plan_cache
 from .checkpoint import load_metadata, load_rack, write_json
-from .config import StackWiseConfig
+from .config import StackWiseConfig, storage_dir
 from .data import dataset_from_user
 from .phase_store import PhaseStore, phase_identity
 from .ray_phase import build_cache, finished_checkpoint, fit_phase
@@ -67,7 +67,7 @@ class ProgressiveTrainer:
     def __init__(self, config: StackWiseConfig, storage_path: str | None = None, name: str | None = None,
                  resume: bool = False, callbacks=None, phase_store: str | None = None, on_phase=None):
         self.config = config.validate()
-        self.run_dir = os.path.join(os.path.abspath(storage_path or config.ray.storage_path),
+        self.run_dir = os.path.join(storage_dir(storage_path or config.ray.storage_path),
                                     name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.store = PhaseStore(phase_store or os.path.join(self.run_dir, "phases"))
         self.resume, self.callbacks, self.on_phase = resume, callbacks, on_phase

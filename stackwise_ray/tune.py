@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from .config import ConfigError, StackWiseConfig, apply_overrides, load_config
+from .config import ConfigError, StackWiseConfig, apply_overrides, load_config, storage_dir
 
 TRIAL_RESOURCE = "trial_slot"  # trials hold this instead of CPUs: a trial holding a CPU its phases need can deadlock
 
@@ -105,7 +105,7 @@ def build_tuner(config: StackWiseConfig, storage_path: str | None = None, name: 
     ray.tune.TuneConfig fields (e.g. search_alg=..., scheduler=...)."""
     from ray import tune
 
-    storage = os.path.abspath(storage_path or config.ray.storage_path)
+    storage = storage_dir(storage_path or config.ray.storage_path)
     name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
     experiment_dir = os.path.join(storage, name)
     t = config.tune
@@ -231,6 +231,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        if args.storage:
+            config.ray.storage_path = storage_dir(args.storage)
         if not args.dry_run:
             from .data import build_datasets
 
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
             print(f"  {i}: {v or '(the base config)'}")
         return 0
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
-    storage = os.path.abspath(args.storage or config.ray.storage_path)
+    storage = storage_dir(args.storage or config.ray.storage_path)
     experiment_dir = os.path.join(storage, name)
     from ray import tune
 

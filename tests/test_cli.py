@@ -55,3 +55,15 @@ def test_generate_fills_every_position(objective):
     ids = generate(builder, prompt, length=12, steps=4)
     assert ids[:4] == prompt and len(ids) == 16
     assert builder.build_rack().pad_id not in ids and 257 not in ids  # no pad, no mask token left
+
+
+def test_storage_must_be_local_or_file_uri(tmp_path):
+    from stackwise_ray.config import storage_dir
+
+    assert storage_dir(f"file://{tmp_path}") == str(tmp_path)
+    path = tmp_path / "x.yaml"
+    path.write_text("model: {d_model: 32, n_heads: 2}\n")
+    for module in ("stackwise_ray.train", "stackwise_ray.tune"):
+        result = run_cli(module, str(path), "--storage", "s3://bucket/runs")
+        assert result.returncode == 2 and "only local or mounted paths" in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
