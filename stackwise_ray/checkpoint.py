@@ -103,16 +103,21 @@ def load_metadata(directory: str) -> dict:
     return read_json(os.path.join(directory, METADATA))
 
 
-def load_rack(directory: str, device: str | torch.device = "cpu") -> ProgressiveRackBuilder:
+def load_rack(directory: str, device: str | torch.device = "cpu",
+              config: StackWiseConfig | None = None) -> ProgressiveRackBuilder:
     """Rebuild the builder (and its rack) saved in `directory`, weights loaded; a corrupt
-    checkpoint raises CorruptCheckpointError instead of loading."""
+    checkpoint raises CorruptCheckpointError instead of loading.
+
+    `config` replaces the saved config: a run reusing another run's phase (same phase
+    identity, so the same stacks) continues with its own strategy settings."""
     verify_checkpoint(directory)
     meta = load_metadata(directory)
-    raw = meta["config"]
-    if raw["data"]["tokenizer"] == TOKENIZER:
-        raw["data"]["tokenizer"] = os.path.join(directory, TOKENIZER)
-    config = StackWiseConfig.from_dict(raw)
-    builder = ProgressiveRackBuilder(config, building_mode=meta["building_mode"])
+    if config is None:
+        raw = meta["config"]
+        if raw["data"]["tokenizer"] == TOKENIZER:
+            raw["data"]["tokenizer"] = os.path.join(directory, TOKENIZER)
+        config = StackWiseConfig.from_dict(raw)
+    builder = ProgressiveRackBuilder(config, building_mode=config.training.progressive.building_mode)
     for step in meta["plan"]:
         add = builder.prepend_stack if step["at_input_side"] else builder.append_stack
         add(n_blocks=step["n_blocks"], precision=step["precision"])

@@ -44,7 +44,8 @@ def start_builder(config: StackWiseConfig, prev_checkpoint: str | None, stack_id
     """The rack of phase `stack_id`: the previous phase's rack plus new, seeded stacks (one
     for a progressive phase; all of them for the end-to-end baseline)."""
     torch.manual_seed(config.training.seed)  # the embedding of phase 0
-    builder = load_rack(prev_checkpoint) if prev_checkpoint else ProgressiveRackBuilder(config)
+    # the trial's own config: the previous phase may have been trained by another trial
+    builder = load_rack(prev_checkpoint, config=config) if prev_checkpoint else ProgressiveRackBuilder(config)
     if builder.num_stacks != stack_id:
         raise RuntimeError(f"checkpoint {prev_checkpoint} holds {builder.num_stacks} stacks, expected {stack_id}")
     for k, step in enumerate(steps, start=stack_id):
@@ -231,14 +232,15 @@ def finished_checkpoint(storage: str, name: str) -> str | None:
 
 
 @ray.remote(num_returns=2)
-def build_cache(checkpoint: str, stack_id: int, start: int, end: int, prev, backend: str, path: str | None, data_ref):
+def build_cache(config: dict, checkpoint: str, stack_id: int, start: int, end: int, prev, backend: str,
+                path: str | None, data_ref):
     """Ray task: the stream entering rack position `end` for the training split, from the
     rack in `checkpoint` (the trial owns the result, so it outlives phase workers).
 
     Returns (arrays or None, info)."""
     t0 = time.perf_counter()
-    builder = load_rack(checkpoint)
-    config = builder.config
+    config = StackWiseConfig.from_dict(config)  # this run's corruption, not the checkpoint's run's
+    builder = load_rack(checkpoint, config=config)
     train_ds, _, tokenizer = load_data(config, data_ref)
     if isinstance(prev, str):
         prev = from_arrow(pq.read_table(prev), config.model.d_model)

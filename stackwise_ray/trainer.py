@@ -214,7 +214,7 @@ class ProgressiveTrainer:
             prev = (cache["ref"] if backend == "object_store" else cache["path"]) if incremental else None
             # outside any placement group: a Tune trial's group holds only its trial slot
             outside = PlacementGroupSchedulingStrategy(placement_group=None)
-            ref, info_ref = build_cache.options(scheduling_strategy=outside).remote(prev_checkpoint, stack_id, plan.position - 1 if incremental else 0,
+            ref, info_ref = build_cache.options(scheduling_strategy=outside).remote(config.to_dict(), prev_checkpoint, stack_id, plan.position - 1 if incremental else 0,
                                                plan.position, prev, backend, path, data_ref)
             cache = {"position": plan.position, "path": path, "ref": ref, "info": ray.get(info_ref)}
             info.update(cache["info"], built=True)
