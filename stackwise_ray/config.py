@@ -13,6 +13,7 @@ import importlib
 import inspect
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -409,6 +410,24 @@ def load_config(path: str | os.PathLike) -> StackWiseConfig:
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(path) else f"{path}: {msg}") from None
+
+
+def load_for_command(path: str, storage: str | None, check_data: bool = True) -> StackWiseConfig | None:
+    """What both commands do first: load and validate the YAML, apply --storage, and load
+    the data (a bad data file fails here, before Ray starts). On bad input, print one line
+    naming the file and return None (the command exits with status 2)."""
+    try:
+        config = load_config(path)
+        if storage:
+            config.ray.storage_path = storage_dir(storage)
+        if check_data:
+            from .data import build_datasets
+
+            build_datasets(config)
+        return config
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}" if str(e).startswith(path) else f"error: {path}: {e}", file=sys.stderr)
+        return None
 
 
 def load_time_mapping(spec: str, key: str = "training.progressive.custom_time_mapping"):

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, load_config, storage_dir
+from .config import load_for_command
 
 
 def stack_table(history: list[dict]) -> str:
@@ -39,15 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--name", help="run directory name (default: the YAML file's name)")
     parser.add_argument("--resume", action="store_true", help="continue the run, skipping finished phases")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        if args.storage:
-            config.ray.storage_path = storage_dir(args.storage)
-        from .data import build_datasets  # a bad data file fails here, before Ray starts
-
-        build_datasets(config)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}" if str(e).startswith(args.config) else f"error: {args.config}: {e}", file=sys.stderr)
+    config = load_for_command(args.config, args.storage)
+    if config is None:
         return 2
     from .trainer import ProgressiveTrainer, RunDirError
 

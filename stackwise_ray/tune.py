@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from .config import ConfigError, StackWiseConfig, apply_overrides, load_config, storage_dir
+from .config import ConfigError, StackWiseConfig, apply_overrides, load_for_command, storage_dir
 
 TRIAL_RESOURCE = "trial_slot"  # trials hold this instead of CPUs: a trial holding a CPU its phases need can deadlock
 
@@ -229,16 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--dry-run", action="store_true", help="print the trials without running them")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        if args.storage:
-            config.ray.storage_path = storage_dir(args.storage)
-        if not args.dry_run:
-            from .data import build_datasets
-
-            build_datasets(config)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}" if str(e).startswith(args.config) else f"error: {args.config}: {e}", file=sys.stderr)
+    config = load_for_command(args.config, args.storage, check_data=not args.dry_run)
+    if config is None:
         return 2
     if args.dry_run:
         variants = grid_variants(config)

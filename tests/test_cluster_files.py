@@ -83,7 +83,8 @@ def test_launcher_config_passes_ray_validation(name):
     pytest.importorskip("jsonschema")
     util = pytest.importorskip("ray.autoscaler._private.util")
     config = util.prepare_config(load(name))
-    util.validate_config(config)
+    assert util.validate_config(config) is None  # raises on a schema or provider error
+    assert config["cluster_name"] == load(name)["cluster_name"]
 
 
 def check_ray_cluster_spec(spec):
