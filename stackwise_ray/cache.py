@@ -31,8 +31,10 @@ class ActivationCache:
     """Rows sorted by example id: `input_ids` (N, T) as corrupted, `hidden` (N, T, C) float32."""
 
     def __init__(self, example_ids: np.ndarray, input_ids: np.ndarray, hidden: np.ndarray):
-        order = np.argsort(example_ids, kind="stable")
-        self.example_ids, self.input_ids, self.hidden = example_ids[order], input_ids[order], hidden[order]
+        if len(example_ids) > 1 and not (np.diff(example_ids) > 0).all():  # else keep the (zero-copy) arrays
+            order = np.argsort(example_ids, kind="stable")
+            example_ids, input_ids, hidden = example_ids[order], input_ids[order], hidden[order]
+        self.example_ids, self.input_ids, self.hidden = example_ids, input_ids, hidden
 
     @property
     def nbytes(self) -> int:

@@ -14,7 +14,6 @@ Layout under the store root:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -59,6 +58,23 @@ def phase_identity(config: StackWiseConfig, plan: list[dict], k: int) -> str:
     return f"s{k:02d}-{digest[:16]}"
 
 
+class Claim:
+    def __init__(self, f):
+        self._f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._f is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
 class PhaseStore:
     def __init__(self, root: str):
         self.root = root
@@ -87,16 +103,24 @@ class PhaseStore:
         record = {**record, "checkpoint": os.path.relpath(record["checkpoint"], self.root)}
         write_json(os.path.join(self.root, phase_id, "done.json"), record)
 
-    @contextlib.contextmanager
-    def claim(self, phase_id: str):
-        """Hold the phase's lock: a second run needing the same phase waits here, then finds
-        it finished. The lock dies with its process, so a crashed owner blocks no one."""
-        with open(os.path.join(self.root, f"{phase_id}.lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def claim(self, phase_id: str) -> "Claim":
+        """The phase's lock (release it when done): a second run needing the same phase
+        waits here, then finds it finished. The lock dies with its process, so a crashed
+        owner blocks no one."""
+        return self._lock(phase_id, blocking=True)
+
+    def try_claim(self, phase_id: str) -> "Claim | None":
+        """The phase's lock if no one holds it (release it when done), else None."""
+        return self._lock(phase_id, blocking=False)
+
+    def _lock(self, phase_id: str, blocking: bool) -> "Claim | None":
+        f = open(os.path.join(self.root, f"{phase_id}.lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return None
+        return Claim(f)
 
     def finished_count(self) -> int:
         return sum(1 for d in os.listdir(self.root) if os.path.exists(os.path.join(self.root, d, "done.json")))

@@ -29,9 +29,6 @@ from .flops import end_to_end_flops, forward_flops_per_token, phase_flops, trunk
 from .masking import TimeStepMasking
 from .phase import evaluate, phase_steps, train_stack
 
-CACHE_DATASET = "trunk_cache"
-
-
 def load_data(config: StackWiseConfig, data_ref):
     """(train, val, tokenizer): the user's data passed through the object store, or config.data."""
     if data_ref is not None:
@@ -60,16 +57,13 @@ def start_builder(config: StackWiseConfig, prev_checkpoint: str | None, stack_id
 
 
 def read_worker_cache(spec: dict | None, d_model: int) -> ActivationCache | None:
+    """The phase's cache: from the object store, or the Parquet file under the shared
+    storage path (memory-mapped; every worker reads the whole cache)."""
     if spec is None:
         return None
     if spec["backend"] == "object_store":
         return ActivationCache(**ray.get(spec["ref"]))
-    import pyarrow as pa
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    shard = ray.train.get_dataset_shard(CACHE_DATASET)
-    table = pa.concat_tables(list(shard.iter_batches(batch_size=None, batch_format="pyarrow")))
-    return from_arrow(table, d_model)
+    return from_arrow(pq.read_table(spec["path"], memory_map=True), d_model)
 
 
 def train_loop_per_worker(cfg: dict) -> dict:
@@ -77,11 +71,16 @@ def train_loop_per_worker(cfg: dict) -> dict:
     config = StackWiseConfig.from_dict(cfg["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cache_spec, steps_to_add = cfg["cache"], cfg["steps"]
-    builder = start_builder(config, cfg["prev_checkpoint"], cfg["stack_id"], steps_to_add)
-    stack_id = builder.num_stacks - 1  # the newest stack: the one this phase trains
     train_ds, val_ds, tokenizer = load_data(config, cfg["data_ref"])
     masking = TimeStepMasking(config, tokenizer)
+    inputs = cfg["inputs"]
+    if inputs is None:  # a prestarted phase: wait for the phase before it to finish
+        inputs = ray.get(cfg["links"].inputs.remote(cfg["name"]))
+        if inputs is None:
+            return {}  # cancelled
+    cache_spec, steps_to_add = inputs["cache"], cfg["steps"]
+    builder = start_builder(config, inputs["prev_checkpoint"], cfg["stack_id"], steps_to_add)
+    stack_id = builder.num_stacks - 1  # the newest stack: the one this phase trains
     cache = read_worker_cache(cache_spec, config.model.d_model)
     position = cache_spec["position"] if cache_spec else 0
 
@@ -106,6 +105,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
             open(cfg["fault_marker"], "w").close()
             os._exit(1)  # a worker dying mid-phase, once (testing aid)
 
+    if cfg["links"] is not None and rank == 0:
+        cfg["links"].training.remote(cfg["name"])  # time to prestart the next phase
     t_train = time.time()
     metrics = train_stack(model, train_batches, config.training, steps, start=position, device=device,
                           on_log=lambda entry: ray.train.report({"stack": stack_id, **entry}),
@@ -130,10 +131,13 @@ def train_loop_per_worker(cfg: dict) -> dict:
         "precision": builder.stack(stack_id).precision,
         "time_step": builder.stack(stack_id).time_step if p.time_interpretation == "depth" else "per example",
         "trunk_forwards": len(trunk_calls),
-        "startup_s": t_enter - cfg["fit_started"],
+        "cold_start_s": t_enter - cfg["fit_started"],  # TorchTrainer start to the loop's first line
+        "startup_s": t_train - max(cfg["fit_started"], inputs["handed_at"]),  # inputs ready to first step
         "train_s": train_s,
         "peak_memory_mb": peak_memory_mb(device),
         "num_workers": world,
+        "torch_threads": torch.get_num_threads(),
+        "node_id": ray.get_runtime_context().get_node_id(),
         "rack": builder.get_rack_info(),
     })
     if rank == 0:
@@ -185,23 +189,20 @@ def peak_memory_mb(device) -> float:
 
 # ---------------------------------------------------------------- driver side
 
-def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], prev_checkpoint: str | None,
-              cache_spec: dict | None, storage: str, name: str, data_ref=None, callbacks=None,
-              train_steps: int | None = None) -> tuple[dict, str]:
+def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs: dict | None, storage: str,
+              name: str, data_ref=None, callbacks=None, train_steps: int | None = None,
+              links=None) -> tuple[dict, str] | None:
     """Train the stacks `steps` describes (one, or all for the end-to-end baseline), first
-    id `stack_id`, as one TorchTrainer run named `name` under `storage`; `train_steps`
-    overrides the configured step count. Returns (metrics, checkpoint path)."""
+    id `stack_id`, as one TorchTrainer run named `name` under `storage`.
+
+    `inputs` is {"prev_checkpoint", "cache", "handed_at"}; None makes the workers wait for
+    `links` to hand them over (a prestarted phase). `train_steps` overrides the configured
+    step count. Returns (metrics, checkpoint path), or None for a cancelled phase."""
     r = config.ray
-    datasets, dataset_config = None, None
-    if cache_spec is not None and cache_spec["backend"] == "arrow":
-        # read_parquet's file-listing task needs a free CPU, which a phase holding every CPU of
-        # a small machine does not leave; from_arrow schedules nothing
-        datasets = {CACHE_DATASET: ray.data.from_arrow(pq.read_table(cache_spec["path"], memory_map=True))}
-        dataset_config = ray.train.DataConfig(datasets_to_split=[])  # every worker reads the whole cache
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "stack_id": stack_id, "steps": steps, "train_steps": train_steps,
-                           "prev_checkpoint": prev_checkpoint, "cache": cache_spec, "data_ref": data_ref,
+                           "inputs": inputs, "links": links, "name": name, "data_ref": data_ref,
                            "fault_marker": os.path.join(storage, f"{name}.fault"),
                            "fit_started": time.time()},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
@@ -210,12 +211,12 @@ def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], prev_ch
             name=name, storage_path=storage, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-        datasets=datasets,
-        **({"dataset_config": dataset_config} if dataset_config else {}),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if result.checkpoint is None:
+        return None
     return load_metadata(result.checkpoint.path)["metrics"], result.checkpoint.path
 
 
@@ -250,7 +251,8 @@ def build_cache(config: dict, checkpoint: str, stack_id: int, start: int, end: i
     rack, T = builder.build_rack(), config.data.seq_len
     run_flops = sum(forward_flops_per_token(s, T, rack.embed.embedding_dim) for s in rack.stacks[start:end])
     info = {"rows": len(cache), "bytes": cache.nbytes, "incremental": prev is not None,
-            "stacks_run": end - start, "build_s": 0.0, "flops": run_flops * len(cache) * T}
+            "stacks_run": end - start, "build_s": 0.0, "flops": run_flops * len(cache) * T,
+            "node_id": ray.get_runtime_context().get_node_id()}
     if backend == "arrow":
         write_parquet(cache, path)
         info["build_s"] = time.perf_counter() - t0

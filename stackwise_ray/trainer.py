@@ -27,6 +27,7 @@ from .checkpoint import load_metadata, load_rack, write_json
 from .config import StackWiseConfig, storage_dir
 from .data import dataset_from_user
 from .phase_store import PhaseStore, phase_identity
+from .prestart import Prestarter
 from .ray_phase import build_cache, finished_checkpoint, fit_phase
 
 RAY_ENV_DEFAULTS = {
@@ -62,15 +63,20 @@ class ProgressiveTrainer:
         phase_store: a directory of phases shared with other runs (a sweep's); default
             RUN_DIR/phases.
         on_phase: called with each phase's metrics as soon as the phase is done or reused.
+        prestart: start each phase's worker group while the phase before it trains
+            (prestart.py); default: where the cluster has room for two phases.
+        concurrent_runs: runs sharing the cluster (a sweep's concurrent trials), for that rule.
     """
 
     def __init__(self, config: StackWiseConfig, storage_path: str | None = None, name: str | None = None,
-                 resume: bool = False, callbacks=None, phase_store: str | None = None, on_phase=None):
+                 resume: bool = False, callbacks=None, phase_store: str | None = None, on_phase=None,
+                 prestart: bool | None = None, concurrent_runs: int = 1):
         self.config = config.validate()
         self.run_dir = os.path.join(storage_dir(storage_path or config.ray.storage_path),
                                     name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.store = PhaseStore(phase_store or os.path.join(self.run_dir, "phases"))
         self.resume, self.callbacks, self.on_phase = resume, callbacks, on_phase
+        self.prestart, self.concurrent_runs = prestart, concurrent_runs
 
     def train_progressively(self, rack_builder: ProgressiveRackBuilder | None = None, dataloader=None,
                             target_stacks: int | None = None) -> list[dict]:
@@ -89,44 +95,91 @@ class ProgressiveTrainer:
         self._check_run_dir()
         ensure_ray(config)
         data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else None
-        history, prev, cache, ids = [], None, None, []
-        for stack_id, step in enumerate(plan):
-            ids.append(phase_identity(config, plan, stack_id))
-            record, status = self.store.record(ids[-1]), "reused"
-            if record is None:
-                with self.store.claim(ids[-1]):
-                    record = self.store.record(ids[-1])  # another trial may have finished it meanwhile
-                    if record is None:
-                        record, cache, status = self._run_phase(config, stack_id, step, prev, cache, ids, data_ref)
-            history.append({**record["metrics"], "status": status, "phase_id": ids[-1],
-                            "checkpoint": record["checkpoint"]})
-            prev = record["checkpoint"]
-            if self.on_phase is not None:
-                self.on_phase(history[-1])
+        ids = [phase_identity(config, plan, k) for k in range(len(plan))]
+        prestarter = Prestarter(self._room_for_two_phases(config) if self.prestart is None else self.prestart)
+        history, prev, cache, current = [], None, None, None
+        try:
+            for stack_id in range(len(plan)):
+                pre = prestarter.take(ids[stack_id])
+                record, status = self.store.record(ids[stack_id]), "reused"
+                if record is not None and pre is not None:
+                    prestarter.cancel(pre, after=current)
+                elif record is None:
+                    claim = pre.lock if pre is not None else self.store.claim(ids[stack_id])
+                    try:
+                        record = self.store.record(ids[stack_id])  # another trial may have finished it meanwhile
+                        if record is None:
+                            record, cache, status = self._run_phase(config, plan, stack_id, prev, cache, ids, data_ref,
+                                                                    prestarter, pre)
+                        elif pre is not None:
+                            prestarter.cancel(pre, after=current)
+                    finally:
+                        claim.release()
+                current = ids[stack_id]
+                history.append({**record["metrics"], "status": status, "phase_id": ids[stack_id],
+                                "checkpoint": record["checkpoint"]})
+                prev = record["checkpoint"]
+                if self.on_phase is not None:
+                    self.on_phase(history[-1])
+        finally:
+            prestarter.close(after=current)
         final = self._publish_final(prev, history)
         if rack_builder is not None:
             rack_builder.__dict__.update(load_rack(final).__dict__)
         return history
 
-    def _run_phase(self, config, stack_id, step, prev, cache, ids, data_ref):
+    def _run_phase(self, config, plan, stack_id, prev, cache, ids, data_ref, prestarter, pre):
         t0 = time.time()
         cache_spec, cache, cache_info = self._cache_for(config, stack_id, prev, cache, ids, data_ref)
         t1 = time.time()
-        checkpoint = finished_checkpoint(self.store.root, ids[-1])
+        checkpoint = finished_checkpoint(self.store.root, ids[stack_id])
         if checkpoint is not None:  # trained before a crash that came before its record
+            if pre is not None:
+                prestarter.cancel(pre)
             metrics, status = load_metadata(checkpoint)["metrics"], "recovered"
         else:
-            shutil.rmtree(os.path.join(self.store.root, ids[-1]), ignore_errors=True)
-            metrics, checkpoint = fit_phase(config, stack_id, [step], prev, cache_spec, self.store.root, ids[-1],
-                                            data_ref, self.callbacks)
+            inputs = {"prev_checkpoint": prev, "cache": cache_spec, "handed_at": time.time()}
+            if pre is not None:
+                prestarter.hand_over(ids[stack_id], inputs)
+            self._prestart_next(config, plan, stack_id, ids, data_ref, prestarter)
+            if pre is not None:
+                metrics, checkpoint = pre.future.result()
+            else:
+                shutil.rmtree(os.path.join(self.store.root, ids[stack_id]), ignore_errors=True)
+                metrics, checkpoint = fit_phase(config, stack_id, [plan[stack_id]], inputs, self.store.root,
+                                                ids[stack_id], data_ref, self.callbacks, links=prestarter.links)
             status = "trained"
         built = cache_info.get("flops", 0.0) if cache_info.get("built") else 0.0
         metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
-                        "flops": metrics["train_flops"] + built,
+                        "flops": metrics["train_flops"] + built, "prestarted": pre is not None,
                         "orchestration_s": time.time() - t1 - metrics["train_s"]})
-        record = {"stack": stack_id, "phase_id": ids[-1], "checkpoint": checkpoint, "metrics": metrics}
-        self.store.finish(ids[-1], record)
+        record = {"stack": stack_id, "phase_id": ids[stack_id], "checkpoint": checkpoint, "metrics": metrics}
+        self.store.finish(ids[stack_id], record)
         return record, cache, status
+
+    def _prestart_next(self, config, plan, stack_id, ids, data_ref, prestarter) -> None:
+        """Start phase stack_id+1's worker group, to wait for its inputs while this one trains."""
+        k = stack_id + 1
+        if not prestarter.enabled or k >= len(plan) or self.store.record(ids[k]) is not None:
+            return
+        claim = self.store.try_claim(ids[k])
+        if claim is None:  # another run is training it
+            return
+        if finished_checkpoint(self.store.root, ids[k]) is not None:
+            claim.release()
+            return
+        shutil.rmtree(os.path.join(self.store.root, ids[k]), ignore_errors=True)
+        prestarter.start(ids[k], after=ids[stack_id], lock=claim,
+                         fit=lambda: fit_phase(config, k, [plan[k]], None, self.store.root, ids[k], data_ref,
+                                               self.callbacks, links=prestarter.links))
+
+    def _room_for_two_phases(self, config) -> bool:
+        """Prestart only where the next phase's workers fit beside the training ones (for
+        every run sharing the cluster: `concurrent_runs`)."""
+        r, total = config.ray, ray.cluster_resources()
+        cpus = 2 * r.num_workers * r.cpus_per_worker * self.concurrent_runs
+        gpus = 2 * r.num_workers * self.concurrent_runs if r.use_gpu else 0
+        return total.get("CPU", 0) >= cpus and total.get("GPU", 0) >= gpus
 
     train_rack = train_progressively  # the source document uses both names
 
@@ -144,7 +197,8 @@ class ProgressiveTrainer:
                 record = self.store.record(phase_id)
                 if record is None:
                     t0 = time.time()
-                    metrics, checkpoint = fit_phase(config, 0, plan, None, None, self.store.root, phase_id,
+                    inputs = {"prev_checkpoint": None, "cache": None, "handed_at": time.time()}
+                    metrics, checkpoint = fit_phase(config, 0, plan, inputs, self.store.root, phase_id,
                                                     None, self.callbacks, train_steps)
                     metrics.update({"cache": {"kind": "none", "reason": "end-to-end baseline"}, "cache_s": 0.0,
                                     "flops": metrics["train_flops"], "phase_wall_s": time.time() - t0,
