@@ -143,6 +143,7 @@ class TuneConfig:
     reduction_factor: float = 2
     searcher: Literal["none", "optuna"] = "none"
     baseline: Literal["none", "end_to_end"] = "none"
+    share_phases: bool = True  # trials reuse each other's finished phases (false: every trial trains its own)
 
 
 @dataclass
@@ -412,14 +413,22 @@ def load_config(path: str | os.PathLike) -> StackWiseConfig:
         raise ConfigError(msg if msg.startswith(path) else f"{path}: {msg}") from None
 
 
-def load_for_command(path: str, storage: str | None, check_data: bool = True) -> StackWiseConfig | None:
-    """What both commands do first: load and validate the YAML, apply --storage, and load
-    the data (a bad data file fails here, before Ray starts). On bad input, print one line
-    naming the file and return None (the command exits with status 2)."""
+def load_for_command(path: str, storage: str | None, check_data: bool = True,
+                     address: str | None = None) -> StackWiseConfig | None:
+    """What both commands do first: load and validate the YAML, apply --storage, check
+    that a GPU run has a GPU, and load the data (a bad data file fails here, before Ray
+    starts). On bad input, print one line naming the file and return None (the command
+    exits with status 2)."""
     try:
         config = load_config(path)
         if storage:
             config.ray.storage_path = storage_dir(storage)
+        if config.ray.use_gpu and not (address or config.ray.address or os.environ.get("RAY_ADDRESS")):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("ray.use_gpu: true, but this machine has no CUDA GPU (set it to false, or give "
+                                  "the address of a cluster with GPU workers: ray.address, RAY_ADDRESS or --address)")
         if check_data:
             from .data import build_datasets
 

@@ -73,11 +73,16 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
             "flops": total_flops[0], "phase_status": m["status"], "phase_id": m["phase_id"],
             "phases_trained": counts["trained"] + counts["recovered"], "phases_reused": counts["reused"],
             "phase_wall_s": m["phase_wall_s"] if m["status"] != "reused" else 0.0, "train_s": m["train_s"],
-            "peak_memory_mb": m["peak_memory_mb"], "wall_s": time.time() - t0})
+            "peak_memory_mb": m["peak_memory_mb"], "wall_s": time.time() - t0,
+            # where things ran: the trial, the phase's rank-0 worker, the task that built its cache
+            "trial_node": ray.get_runtime_context().get_node_id(), "phase_node": m.get("node_id", ""),
+            "cache_node": m.get("cache", {}).get("node_id", "")})
 
     trainer = ProgressiveTrainer(config, storage_path=os.path.join(experiment_dir, "trials"),
                                  name=ray.tune.get_context().get_trial_id(), resume=True,
-                                 phase_store=os.path.join(experiment_dir, "phases"), on_phase=report)
+                                 phase_store=os.path.join(experiment_dir, "phases") if config.tune.share_phases else None,
+                                 on_phase=report,
+                                 concurrent_runs=config.tune.max_concurrent_trials)
     if kind == "baseline":
         trainer.train_end_to_end(baseline_steps(config, baseline_budget))
     else:
@@ -194,7 +199,8 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
                 phases.append({"trial_id": trial_id, "kind": kind, "stack": r["stack"], "val_loss": r["val_loss"],
                                "flops": r["phase_flops"], "cum_flops": r["flops"], "wall_s": r["phase_wall_s"],
                                "train_s": r["train_s"], "peak_memory_mb": r["peak_memory_mb"],
-                               "status": r["phase_status"], "phase_id": r["phase_id"]})
+                               "status": r["phase_status"], "phase_id": r["phase_id"],
+                               **{k: r.get(k, "") for k in ("trial_node", "phase_node", "cache_node")}})
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "_config"} for r in rows])
     table.to_csv(os.path.join(experiment_dir, "results.csv"), index=False)
     table.astype({c: str for c in swept}).to_parquet(os.path.join(experiment_dir, "results.parquet"), index=False)
@@ -229,7 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--dry-run", action="store_true", help="print the trials without running them")
     args = parser.parse_args(argv)
-    config = load_for_command(args.config, args.storage, check_data=not args.dry_run)
+    config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address)
     if config is None:
         return 2
     if args.dry_run:
