@@ -73,10 +73,13 @@ def test_cached_phases_run_no_trunk_forward_and_cache_equals_a_fresh_trunk_forwa
     torch.testing.assert_close(torch.from_numpy(cache.hidden[:16]), fresh, rtol=1e-5, atol=1e-5)
 
 
-def test_object_store_and_arrow_caches_train_the_same_weights(arrow_run, tmp_path):
+def test_prestarted_and_serial_phases_with_either_cache_backend_train_the_same_weights(arrow_run, tmp_path):
     trainer, _ = arrow_run
-    other = ProgressiveTrainer(ray_config(target_stacks=2), storage_path=str(tmp_path), name="store")
+    # the arrow run prestarted each next phase (2 CPUs: room for two phases); this one does not
+    assert [m["prestarted"] for m in arrow_run[1]] == [False, True, True]
+    other = ProgressiveTrainer(ray_config(target_stacks=2), storage_path=str(tmp_path), name="store", prestart=False)
     history = other.train_progressively()
+    assert [m["prestarted"] for m in history] == [False, False]
     assert history[1]["cache"]["backend"] == "object_store" and history[1]["trunk_forwards"] == 0
     a, b = weights(arrow_run[1][1]["checkpoint"]), weights(os.path.join(other.run_dir, "final"))
     assert history[1]["phase_id"] == arrow_run[1][1]["phase_id"]  # the cache backend is not part of a phase's identity

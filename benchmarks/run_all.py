@@ -1,0 +1,14 @@
+"""Run every benchmark, one after another (about 40 minutes on 2 CPUs); each rewrites
+its own section of docs/benchmarks.md."""
+
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = ["cache_io.py", "memory.py", "ray_overhead.py", "depth_and_cache.py", "phase_reuse.py", "quality.py"]
+
+if __name__ == "__main__":
+    for script in sys.argv[1:] or SCRIPTS:
+        print(f"== {script}", flush=True)
+        subprocess.run([sys.executable, os.path.join(HERE, script)], check=True)
