@@ -67,3 +67,18 @@ def test_storage_must_be_local_or_file_uri(tmp_path):
         result = run_cli(module, str(path), "--storage", "s3://bucket/runs")
         assert result.returncode == 2 and "only local or mounted paths" in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_use_gpu_without_a_gpu_or_cluster_is_one_line_and_status_2(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path = tmp_path / "gpu.yaml"
+    path.write_text("ray: {use_gpu: true}\n")
+    for module in ("stackwise_ray.train", "stackwise_ray.tune"):
+        result = run_cli(module, str(path), "--storage", str(tmp_path / "runs"))
+        assert result.returncode == 2
+        assert "ray.use_gpu: true, but this machine has no CUDA GPU" in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
