@@ -46,6 +46,7 @@ class PhaseLinks:
 @dataclass
 class Prestart:
     phase_id: str
+    after: str  # the phase whose training start launches this one
     future: Future
     lock: object  # the phase's claim, held from the prestart until the phase is recorded
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -63,7 +64,7 @@ class Prestarter:
     def start(self, phase_id: str, after: str, lock, fit) -> None:
         """Once phase `after` trains, run `fit()` (a TorchTrainer whose workers wait for
         their inputs under `phase_id`) in the background."""
-        pre = Prestart(phase_id, None, lock)
+        pre = Prestart(phase_id, after, None, lock)
 
         def run():
             ray.get(self.links.training_started.remote(after))
@@ -78,11 +79,10 @@ class Prestarter:
     def hand_over(self, phase_id: str, inputs: dict | None) -> None:
         ray.get(self.links.hand_over.remote(phase_id, inputs))
 
-    def cancel(self, pre: Prestart, after: str | None = None) -> None:
+    def cancel(self, pre: Prestart) -> None:
         """Stop a prestarted phase: its workers get no inputs and return untrained."""
         pre.cancelled.set()
-        if after is not None:
-            self.links.training.remote(after)  # release a wait for a phase that never trained
+        self.links.training.remote(pre.after)  # release the wait, should that phase never train
         self.hand_over(pre.phase_id, None)
         try:
             pre.future.result()
@@ -90,9 +90,9 @@ class Prestarter:
             pass
         pre.lock.release()
 
-    def close(self, after: str | None = None) -> None:
+    def close(self) -> None:
         for pre in list(self._pending.values()):
-            self.cancel(pre, after)
+            self.cancel(pre)
         self._pending.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)

@@ -61,6 +61,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
     from .flops import baseline_steps
     from .trainer import ProgressiveTrainer
 
+    sweep = StackWiseConfig.from_dict(base).tune  # a trial's config has no tune section
     kind, config = trial_config(StackWiseConfig.from_dict(base), params)
     t0, counts, total_flops = time.time(), {"trained": 0, "reused": 0, "recovered": 0}, [0.0]
 
@@ -80,9 +81,8 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
 
     trainer = ProgressiveTrainer(config, storage_path=os.path.join(experiment_dir, "trials"),
                                  name=ray.tune.get_context().get_trial_id(), resume=True,
-                                 phase_store=os.path.join(experiment_dir, "phases") if config.tune.share_phases else None,
-                                 on_phase=report,
-                                 concurrent_runs=config.tune.max_concurrent_trials)
+                                 phase_store=os.path.join(experiment_dir, "phases") if sweep.share_phases else None,
+                                 on_phase=report, concurrent_runs=sweep.max_concurrent_trials)
     if kind == "baseline":
         trainer.train_end_to_end(baseline_steps(config, baseline_budget))
     else:
@@ -148,11 +148,10 @@ def start_ray(config: StackWiseConfig, address: str | None) -> str:
     """Connect or start Ray for a sweep; returns the dashboard URL (or a note)."""
     import ray
 
-    from .trainer import RAY_ENV_DEFAULTS
+    from .trainer import set_ray_env
 
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
+    set_ray_env(local=not address)
     if address:
         ctx = ray.init(address=address)
         if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < 1:

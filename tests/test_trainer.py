@@ -15,6 +15,7 @@ from stackwise_ray.cache import from_arrow
 from stackwise_ray.checkpoint import load_rack, read_json
 from stackwise_ray.data import build_datasets
 from stackwise_ray.inference import evaluate_rack
+from stackwise_ray.phase_store import phase_identity
 from stackwise_ray.trainer import ProgressiveTrainer
 
 from .conftest import ray_config
@@ -145,6 +146,23 @@ def test_worker_killed_mid_phase_resumes_in_phase_and_an_over_budget_cache_recom
     uninterrupted = weights(arrow_run[1][1]["checkpoint"])
     for name, tensor in weights(history[1]["checkpoint"]).items():
         torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_phase_cancels_the_prestarted_next_phase_and_frees_its_lock(ray_session, tmp_path):
+    config = ray_config(ray={"inject_worker_failure": "1:4", "max_failures": 0})
+    trainer = ProgressiveTrainer(config, storage_path=str(tmp_path), name="failing", prestart=True)
+    t0 = time.time()
+    with pytest.raises(Exception):
+        trainer.train_progressively()
+    assert time.time() - t0 < 240  # no wait for a phase that will never get its inputs
+    store = tmp_path / "failing" / "phases"
+    assert [p.parent.name[:3] for p in store.glob("*/done.json")] == ["s00"]  # phases 1 and 2 left no record
+    ids = [phase_identity(trainer.config, trainer._plan(trainer.config, None, None), k) for k in range(3)]
+    assert (store / f"{ids[2]}.lock").exists()  # phase 2 was prestarted (it took its lock)...
+    assert not list(store.glob(f"{ids[2]}/checkpoint_*"))  # ...and never trained
+    claim = trainer.store.try_claim(ids[2])
+    assert claim is not None  # its lock is free for a rerun
+    claim.release()
 
 
 def test_corrupt_checkpoint_and_cache_are_detected_and_rebuilt(arrow_run, tmp_path):
