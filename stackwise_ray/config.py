@@ -111,7 +111,7 @@ class TrainingConfig:
     grad_clip: float = 1.0
     eval_batches: int = 8
     log_every: int = 10
-    checkpoint_every: int = 50  # in-phase checkpoint every N steps (0: only at the end), for worker restarts
+    checkpoint_every: int = 100  # in-phase checkpoint every N steps (0: only at the end), for worker restarts
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 

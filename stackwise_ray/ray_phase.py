@@ -109,7 +109,6 @@ def train_loop_per_worker(cfg: dict) -> dict:
         cfg["links"].training.remote(cfg["name"])  # time to prestart the next phase
     t_train = time.time()
     metrics = train_stack(model, train_batches, config.training, steps, start=position, device=device,
-                          on_log=lambda entry: ray.train.report({"stack": stack_id, **entry}),
                           on_step_end=on_step_end, resume=resume)
     for h in hooks:
         h.remove()
@@ -152,13 +151,14 @@ def train_loop_per_worker(cfg: dict) -> dict:
 def report_in_phase_checkpoint(builder, stack_id: int, done: int, opt, curve: list, rank: int) -> None:
     """Every worker reports; rank 0 attaches the rack, optimizer state and loss curve so a
     restarted worker group continues at step `done`."""
+    progress = {"stack": stack_id, "step": done, **({"loss": curve[-1]["loss"]} if curve else {})}
     if rank != 0:
-        ray.train.report({"stack": stack_id, "step": done})
+        ray.train.report(progress)
         return
     with tempfile.TemporaryDirectory() as d:
         save_rack(builder, d, extra={"in_phase": {"stack": stack_id, "step": done, "loss_curve": curve}})
         torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
-        ray.train.report({"stack": stack_id, "step": done}, checkpoint=Checkpoint.from_directory(d))
+        ray.train.report(progress, checkpoint=Checkpoint.from_directory(d))
 
 
 def read_in_phase_checkpoint(rack) -> dict | None:

@@ -27,10 +27,9 @@ def ray_session():
 
     import ray
 
-    from stackwise_ray.trainer import RAY_ENV_DEFAULTS
+    from stackwise_ray.trainer import set_ray_env
 
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    set_ray_env(local=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, resources={"trial_slot": 2})
     yield ray
     ray.shutdown()
