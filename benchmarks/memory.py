@@ -34,7 +34,9 @@ def phase_rows() -> list[list]:
         cfg = config({"model": {"d_model": 256, "n_heads": 4, "blocks_per_stack": 1, "max_seq_len": 64},
                       "data": {"seq_len": 64, "max_examples": 400},
                       "training": {"steps_per_stack": 20, "eval_batches": 2, "checkpoint_every": 0,
-                                   "progressive": {"target_stacks": 2, "new_stack_precision": p}}})
+                                   "progressive": {"target_stacks": 2, "new_stack_precision": p,
+                                                   # 4-bit stacks train through their LoRA adapter
+                                                   "qlora_enabled": p in ("nvfp4", "qlora")}}})
         history = ProgressiveTrainer(cfg, storage_path=tempfile.mkdtemp(prefix="bench-mem-"),
                                      name=p).train_progressively()
         rows.append([p, *(m["peak_memory_mb"] for m in history), *(1000 * m["train_s"] / m["steps"] for m in history)])
