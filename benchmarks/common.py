@@ -20,7 +20,6 @@ from stackwise_ray.config import StackWiseConfig, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
-OUT = os.path.join(ROOT, "benchmarks", "out")
 
 
 def machine() -> str:
@@ -89,14 +88,6 @@ names the command that produced it and the machine it ran on; `python benchmarks
 runs them all. Ratios compare runs made back to back in one script, because these
 machines are noisy.
 """
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def run_sweep(cfg: StackWiseConfig, name: str) -> tuple[float, str]:

@@ -51,7 +51,7 @@ def rack_loss(rack: Rack, batch: dict, start: int = 0, device: torch.device | st
 
 def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps: int,
                 val_batches: Iterable[dict] | None = None, start: int = 0,
-                device: torch.device | str = "cpu", on_log: Callable[[dict], None] | None = None,
+                device: torch.device | str = "cpu",
                 on_step_end: Callable[[int, torch.optim.Optimizer, list], None] | None = None,
                 resume: dict | None = None) -> dict:
     """Train every parameter of `rack` with requires_grad on `steps` prepared batches.
@@ -64,7 +64,6 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         val_batches: prepared validation batches; evaluated once at the end.
         start: rack position where cached trunk activations enter (see rack_loss).
         device: where the batches go.
-        on_log: called with each loss-curve entry (Ray phases report it).
         on_step_end: called with (steps done, optimizer, loss curve) after every step
             (in-phase checkpoints).
         resume: {"step", "optimizer", "loss_curve"} of an in-phase checkpoint to continue from.
@@ -97,8 +96,6 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         opt.step()
         if it % tcfg.log_every == 0 or it == steps - 1:
             curve.append({"step": it, "loss": loss.item(), "lr": lr})
-            if on_log is not None:
-                on_log(curve[-1])
         if on_step_end is not None:
             on_step_end(it + 1, opt, curve)
     opt.zero_grad(set_to_none=True)  # frees gradient memory before the rack is evaluated or saved

@@ -74,13 +74,15 @@ class Prestarter:
         self._pending[phase_id] = pre
 
     def take(self, phase_id: str) -> Prestart | None:
-        return self._pending.pop(phase_id, None)
+        """The phase prestarted under `phase_id`, if any (it stays known to `close`)."""
+        return self._pending.get(phase_id)
 
     def hand_over(self, phase_id: str, inputs: dict | None) -> None:
         ray.get(self.links.hand_over.remote(phase_id, inputs))
 
     def cancel(self, pre: Prestart) -> None:
-        """Stop a prestarted phase: its workers get no inputs and return untrained."""
+        """Stop a prestarted phase: its workers get no inputs and return untrained (for a
+        phase that already ran, nothing happens but the wait for its end)."""
         pre.cancelled.set()
         self.links.training.remote(pre.after)  # release the wait, should that phase never train
         self.hand_over(pre.phase_id, None)
@@ -91,7 +93,8 @@ class Prestarter:
         pre.lock.release()
 
     def close(self) -> None:
-        for pre in list(self._pending.values()):
+        """Cancel every prestarted phase that has not run (e.g. after a failure), and stop."""
+        for pre in self._pending.values():
             self.cancel(pre)
         self._pending.clear()
         if self._pool is not None:

@@ -29,6 +29,7 @@ from .flops import end_to_end_flops, forward_flops_per_token, phase_flops, trunk
 from .masking import TimeStepMasking
 from .phase import evaluate, phase_steps, train_stack
 
+
 def load_data(config: StackWiseConfig, data_ref):
     """(train, val, tokenizer): the user's data passed through the object store, or config.data."""
     if data_ref is not None:

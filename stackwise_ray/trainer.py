@@ -89,6 +89,7 @@ class ProgressiveTrainer:
         self.store = PhaseStore(phase_store or os.path.join(self.run_dir, "phases"))
         self.resume, self.callbacks, self.on_phase = resume, callbacks, on_phase
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
+        self._config_rows = None  # training examples of config.data, counted on first need
 
     def train_progressively(self, rack_builder: ProgressiveRackBuilder | None = None, dataloader=None,
                             target_stacks: int | None = None) -> list[dict]:
@@ -112,21 +113,16 @@ class ProgressiveTrainer:
         history, prev, cache = [], None, None
         try:
             for stack_id in range(len(plan)):
-                pre = prestarter.take(ids[stack_id])
+                pre = prestarter.take(ids[stack_id])  # holds the phase's lock already
                 record, status = self.store.record(ids[stack_id]), "reused"
-                if record is not None and pre is not None:
-                    prestarter.cancel(pre)
-                elif record is None:
-                    claim = pre.lock if pre is not None else self.store.claim(ids[stack_id])
-                    try:
+                if record is None:
+                    with pre.lock if pre is not None else self.store.claim(ids[stack_id]):
                         record = self.store.record(ids[stack_id])  # another trial may have finished it meanwhile
                         if record is None:
                             record, cache, status = self._run_phase(config, plan, stack_id, prev, cache, ids, data_ref,
                                                                     prestarter, pre)
-                        elif pre is not None:
-                            prestarter.cancel(pre)
-                    finally:
-                        claim.release()
+                if pre is not None and status != "trained":
+                    prestarter.cancel(pre)  # reused or recovered: the prestarted workers are not needed
                 history.append({**record["metrics"], "status": status, "phase_id": ids[stack_id],
                                 "checkpoint": record["checkpoint"]})
                 prev = record["checkpoint"]
@@ -145,8 +141,6 @@ class ProgressiveTrainer:
         t1 = time.time()
         checkpoint = finished_checkpoint(self.store.root, ids[stack_id])
         if checkpoint is not None:  # trained before a crash that came before its record
-            if pre is not None:
-                prestarter.cancel(pre)
             metrics, status = load_metadata(checkpoint)["metrics"], "recovered"
         else:
             inputs = {"prev_checkpoint": prev, "cache": cache_spec, "handed_at": time.time()}
@@ -162,7 +156,7 @@ class ProgressiveTrainer:
             status = "trained"
         built = cache_info.get("flops", 0.0) if cache_info.get("built") else 0.0
         metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
-                        "flops": metrics["train_flops"] + built, "prestarted": pre is not None,
+                        "flops": metrics["train_flops"] + built, "prestarted": status == "trained" and pre is not None,
                         "orchestration_s": time.time() - t1 - metrics["train_s"]})
         record = {"stack": stack_id, "phase_id": ids[stack_id], "checkpoint": checkpoint, "metrics": metrics}
         self.store.finish(ids[stack_id], record)
@@ -288,11 +282,14 @@ class ProgressiveTrainer:
         return spec, cache, {**info, "backend": backend, "position": plan.position}
 
     def _train_rows(self, data_ref) -> int:
+        """Training examples (counted once per trainer: the config's corpus is tokenized once)."""
         if data_ref is not None:
             return len(ray.get(data_ref)[0])
-        from .data import build_datasets
+        if self._config_rows is None:
+            from .data import build_datasets
 
-        return len(build_datasets(self.config)[0])
+            self._config_rows = len(build_datasets(self.config)[0])
+        return self._config_rows
 
     def _budget(self, config) -> float:
         if config.ray.cache_max_bytes is not None:

@@ -61,8 +61,9 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
     from .flops import baseline_steps
     from .trainer import ProgressiveTrainer
 
-    sweep = StackWiseConfig.from_dict(base).tune  # a trial's config has no tune section
-    kind, config = trial_config(StackWiseConfig.from_dict(base), params)
+    base_config = StackWiseConfig.from_dict(base)
+    sweep = base_config.tune  # a trial's config has no tune section
+    kind, config = trial_config(base_config, params)
     t0, counts, total_flops = time.time(), {"trained": 0, "reused": 0, "recovered": 0}, [0.0]
 
     def report(m: dict) -> None:
