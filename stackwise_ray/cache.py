@@ -11,6 +11,7 @@ embedding output), and the adapted trunk is streamed. Corruption is keyed by exa
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from . import storage
 from .checkpoint import sha256_file
 from .config import StackWiseConfig
 from .data import ProgressiveDataLoader, TokenDataset
@@ -88,30 +90,39 @@ def in_order(ds: TokenDataset, batch_size: int):
 
 # ---------------------------------------------------------------- Arrow / Parquet backend
 
-def write_parquet(cache: ActivationCache, path: str) -> None:
-    """One Parquet file, written to a temporary name and renamed into place."""
+def write_parquet(cache: ActivationCache, location: str) -> None:
+    """One Parquet file at `location` (a path or a storage URI), written locally under a
+    temporary name, then renamed or uploaded into place; its checksum file comes last."""
     n, T, C = cache.hidden.shape
     table = pa.table({
         "example_id": pa.array(cache.example_ids.astype(np.int64)),
         "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(cache.input_ids.reshape(-1)), T),
         "hidden": pa.FixedSizeListArray.from_arrays(pa.array(cache.hidden.reshape(-1)), T * C),
     })
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    remote = storage.is_remote(location)
+    tmp = os.path.join(tempfile.gettempdir(), f"cache-{os.getpid()}.parquet") if remote else f"{location}.tmp{os.getpid()}"
+    if not remote:
+        os.makedirs(os.path.dirname(location), exist_ok=True)
     pq.write_table(table, tmp, use_dictionary=False, compression="none")  # dictionary-encoded floats read ~3x slower
     checksum = sha256_file(tmp)
-    os.replace(tmp, path)
-    with open(f"{path}.sha256.tmp{os.getpid()}", "w") as f:
-        f.write(checksum)
-    os.replace(f"{path}.sha256.tmp{os.getpid()}", f"{path}.sha256")  # written last: its presence means complete
+    if remote:
+        storage.upload(tmp, location)
+        os.remove(tmp)
+    else:
+        os.replace(tmp, location)
+    storage.write_bytes(storage.suffixed(location, ".sha256"), checksum.encode())  # written last: its presence means complete
 
 
-def parquet_intact(path: str) -> bool:
+def read_parquet(location: str, d_model: int) -> ActivationCache:
+    """A cache file, memory-mapped (from its local copy where `location` is remote)."""
+    return from_arrow(pq.read_table(storage.local_path(location), memory_map=True), d_model)
+
+
+def parquet_intact(location: str) -> bool:
     """The cache file exists, was completely written, and is unaltered."""
     try:
-        with open(f"{path}.sha256") as f:
-            return sha256_file(path) == f.read().strip()
-    except OSError:
+        return sha256_file(storage.local_path(location)) == storage.read_text(storage.suffixed(location, ".sha256")).strip()
+    except (OSError, FileNotFoundError):
         return False
 
 

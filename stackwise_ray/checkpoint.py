@@ -8,34 +8,22 @@ weights. No pickles: config objects are stored as plain JSON.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
+from . import storage
 from .adapters import is_lora_param
 from .builder import ProgressiveRackBuilder
 from .config import StackWiseConfig
+from .storage import read_json, write_json
 
 WEIGHTS = "model.safetensors"
 CHECKSUMS = "checksums.json"
 METADATA = "rack.json"
 TOKENIZER = "tokenizer.json"
-
-
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically: a reader sees the old file or the whole new one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=float)
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 class CorruptCheckpointError(ValueError):
@@ -63,7 +51,9 @@ def write_checksums(directory: str) -> None:
 
 
 def verify_checkpoint(directory: str) -> None:
-    """Raise CorruptCheckpointError naming the first missing or altered file."""
+    """Raise CorruptCheckpointError naming the first missing or altered file (a remote
+    checkpoint is checked in its local copy)."""
+    directory = storage.local_path(directory)
     path = os.path.join(directory, CHECKSUMS)
     if not os.path.isfile(path):
         raise CorruptCheckpointError(f"{directory}: no {CHECKSUMS} (incomplete checkpoint)")
@@ -100,16 +90,17 @@ def save_rack(builder: ProgressiveRackBuilder, directory: str, extra: dict | Non
 
 
 def load_metadata(directory: str) -> dict:
-    return read_json(os.path.join(directory, METADATA))
+    return read_json(storage.join(directory, METADATA))
 
 
 def load_rack(directory: str, device: str | torch.device = "cpu",
               config: StackWiseConfig | None = None) -> ProgressiveRackBuilder:
-    """Rebuild the builder (and its rack) saved in `directory`, weights loaded; a corrupt
-    checkpoint raises CorruptCheckpointError instead of loading.
+    """Rebuild the builder (and its rack) saved in `directory` (a path or a storage URI),
+    weights loaded; a corrupt checkpoint raises CorruptCheckpointError instead of loading.
 
     `config` replaces the saved config: a run reusing another run's phase (same phase
     identity, so the same stacks) continues with its own strategy settings."""
+    directory = storage.local_path(directory)  # a remote checkpoint: its local copy
     verify_checkpoint(directory)
     meta = load_metadata(directory)
     if config is None:

@@ -394,13 +394,32 @@ def apply_overrides(config: StackWiseConfig, overrides: dict) -> StackWiseConfig
 
 
 def storage_dir(path: str) -> str:
-    """An absolute local directory for a storage path: a plain or mounted path, or file://."""
+    """Where runs go: an absolute local directory (a plain or mounted path, or file://),
+    or a URI of a filesystem pyarrow knows (storage.py)."""
+    from .storage import SCHEMES
+
     if path.startswith("file://"):
         path = path[len("file://"):]
     elif "://" in path:
-        raise ConfigError(f"ray.storage_path: {path!r}: only local or mounted paths (or file://) are supported; "
-                          "mount shared storage (NFS, EFS, a ReadWriteMany volume) on every node instead")
+        scheme = path.split("://", 1)[0]
+        if scheme not in SCHEMES:
+            raise ConfigError(f"ray.storage_path: {path!r}: unknown scheme {scheme!r}; use a local or mounted path, "
+                              f"file://, or one of {', '.join(s + '://' for s in SCHEMES)}")
+        return path.rstrip("/")
     return os.path.abspath(path)
+
+
+def check_storage(path: str) -> None:
+    """Reach a remote storage path once, before anything starts (a typo in a bucket or
+    endpoint fails here, in one line)."""
+    from . import storage
+
+    location = storage_dir(path)
+    if storage.is_remote(location):
+        try:
+            storage.makedirs(location)
+        except (OSError, ValueError) as e:  # pyarrow's errors carry the service's reason
+            raise ConfigError(f"ray.storage_path: {location}: cannot be reached: {str(e).splitlines()[0]}") from None
 
 
 def load_config(path: str | os.PathLike) -> StackWiseConfig:
@@ -423,6 +442,7 @@ def load_for_command(path: str, storage: str | None, check_data: bool = True,
         config = load_config(path)
         if storage:
             config.ray.storage_path = storage_dir(storage)
+        check_storage(config.ray.storage_path)
         if config.ray.use_gpu and not (address or config.ray.address or os.environ.get("RAY_ADDRESS")):
             import torch
 

@@ -9,22 +9,24 @@ left out, so a sweep over later-stack strategies shares its common early phases.
 Layout under the store root:
     <id>/checkpoint_*/   the Ray Train run of the phase (its name is the id)
     <id>/done.json       completion record, written atomically after the phase
-    <id>.lock            held (flock) by the run training that phase
+    <id>.lock            held (flock) by the run training that phase (an object store:
+                         a lease in a Ray actor, locks.py)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import warnings
 
+from . import storage
 from .adapters import stack_lora_params
 from .builder import depth_time_step
-from .checkpoint import CorruptCheckpointError, read_json, verify_checkpoint, write_json
+from .checkpoint import CorruptCheckpointError, verify_checkpoint
 from .config import StackWiseConfig
+from .locks import FileLock, LeaseLock
 
 TRUNK_KEYS = ("trunk_strategy", "building_mode", "progressive_qlora", "progressive_qlora_rank",
               "progressive_qlora_alpha")
@@ -58,69 +60,50 @@ def phase_identity(config: StackWiseConfig, plan: list[dict], k: int) -> str:
     return f"s{k:02d}-{digest[:16]}"
 
 
-class Claim:
-    def __init__(self, f):
-        self._f = f
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if self._f is not None:
-            fcntl.flock(self._f, fcntl.LOCK_UN)
-            self._f.close()
-            self._f = None
-
-
 class PhaseStore:
+    """The phases under `root`: a local or mounted directory, or an object-store URI
+    (storage.py)."""
+
     def __init__(self, root: str):
         self.root = root
-        os.makedirs(root, exist_ok=True)
+        storage.makedirs(root)
 
     def record(self, phase_id: str) -> dict | None:
         """The completion record of a finished phase whose checkpoint is intact, or None. A
         phase whose checkpoint fails its checksums is forgotten (and so trained again)."""
-        path = os.path.join(self.root, phase_id, "done.json")
-        if not os.path.exists(path):
+        path = storage.join(self.root, phase_id, "done.json")
+        if not storage.exists(path):
             return None
-        record = read_json(path)
-        record["checkpoint"] = os.path.join(self.root, record["checkpoint"])
+        record = storage.read_json(path)
+        record["checkpoint"] = storage.join(self.root, record["checkpoint"])
         try:
             verify_checkpoint(record["checkpoint"])
         except CorruptCheckpointError as e:
             warnings.warn(f"phase {phase_id} is trained again: {e}")
-            os.remove(path)
+            storage.remove(path)
             return None
         return record
 
     def finish(self, phase_id: str, record: dict) -> None:
         """Write the completion record; checkpoint paths are stored relative to the store,
         so a store can be moved or mounted elsewhere."""
-        os.makedirs(os.path.join(self.root, phase_id), exist_ok=True)
-        record = {**record, "checkpoint": os.path.relpath(record["checkpoint"], self.root)}
-        write_json(os.path.join(self.root, phase_id, "done.json"), record)
+        record = {**record, "checkpoint": storage.relative(record["checkpoint"], self.root)}
+        storage.write_json(storage.join(self.root, phase_id, "done.json"), record)
 
-    def claim(self, phase_id: str) -> "Claim":
-        """The phase's lock (release it when done): a second run needing the same phase
-        waits here, then finds it finished. The lock dies with its process, so a crashed
-        owner blocks no one."""
+    def claim(self, phase_id: str) -> "FileLock | LeaseLock":
+        """The phase's lock (release it when done, or use it as a context manager): a
+        second run needing the same phase waits here, then finds it finished. A crashed
+        owner blocks no one (locks.py)."""
         return self._lock(phase_id, blocking=True)
 
-    def try_claim(self, phase_id: str) -> "Claim | None":
+    def try_claim(self, phase_id: str) -> "FileLock | LeaseLock | None":
         """The phase's lock if no one holds it (release it when done), else None."""
         return self._lock(phase_id, blocking=False)
 
-    def _lock(self, phase_id: str, blocking: bool) -> "Claim | None":
-        f = open(os.path.join(self.root, f"{phase_id}.lock"), "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return None
-        return Claim(f)
+    def _lock(self, phase_id: str, blocking: bool):
+        if storage.is_remote(self.root):
+            return LeaseLock.acquire(storage.join(self.root, phase_id), blocking)
+        return FileLock.acquire(os.path.join(self.root, f"{phase_id}.lock"), blocking)
 
     def finished_count(self) -> int:
-        return sum(1 for d in os.listdir(self.root) if os.path.exists(os.path.join(self.root, d, "done.json")))
+        return sum(1 for d in storage.listdir(self.root) if storage.exists(storage.join(self.root, d, "done.json")))

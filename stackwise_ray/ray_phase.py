@@ -7,21 +7,20 @@ checkpoint (rank 0 writes it). `fit_phase` is the driver side.
 
 from __future__ import annotations
 
-import glob
 import os
 import resource
 import tempfile
 import time
 
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from . import storage
 from .builder import ProgressiveRackBuilder
-from .cache import ActivationCache, compute_cache, from_arrow, write_parquet
+from .cache import ActivationCache, compute_cache, read_parquet, write_parquet
 from .checkpoint import load_metadata, load_rack, load_weights, save_rack, verify_checkpoint
 from .config import StackWiseConfig
 from .data import GlobalBatches, ProgressiveDataLoader, build_datasets, load_tokenizer
@@ -64,7 +63,7 @@ def read_worker_cache(spec: dict | None, d_model: int) -> ActivationCache | None
         return None
     if spec["backend"] == "object_store":
         return ActivationCache(**ray.get(spec["ref"]))
-    return from_arrow(pq.read_table(spec["path"], memory_map=True), d_model)
+    return read_parquet(spec["path"], d_model)
 
 
 def train_loop_per_worker(cfg: dict) -> dict:
@@ -102,8 +101,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
         every = config.training.checkpoint_every
         if every and done % every == 0 and done < steps:
             report_in_phase_checkpoint(builder, stack_id, done, opt, curve, rank)
-        if config.ray.inject_worker_failure == f"{stack_id}:{done}" and not os.path.exists(cfg["fault_marker"]):
-            open(cfg["fault_marker"], "w").close()
+        if config.ray.inject_worker_failure == f"{stack_id}:{done}" and not storage.exists(cfg["fault_marker"]):
+            storage.write_bytes(cfg["fault_marker"], b"")
             os._exit(1)  # a worker dying mid-phase, once (testing aid)
 
     if cfg["links"] is not None and rank == 0:
@@ -190,11 +189,11 @@ def peak_memory_mb(device) -> float:
 
 # ---------------------------------------------------------------- driver side
 
-def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs: dict | None, storage: str,
+def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs: dict | None, store: str,
               name: str, data_ref=None, callbacks=None, train_steps: int | None = None,
               links=None) -> tuple[dict, str] | None:
     """Train the stacks `steps` describes (one, or all for the end-to-end baseline), first
-    id `stack_id`, as one TorchTrainer run named `name` under `storage`.
+    id `stack_id`, as one TorchTrainer run named `name` under `store` (a path or URI).
 
     `inputs` is {"prev_checkpoint", "cache", "handed_at"}; None makes the workers wait for
     `links` to hand them over (a prestarted phase). `train_steps` overrides the configured
@@ -204,12 +203,12 @@ def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs:
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "stack_id": stack_id, "steps": steps, "train_steps": train_steps,
                            "inputs": inputs, "links": links, "name": name, "data_ref": data_ref,
-                           "fault_marker": os.path.join(storage, f"{name}.fault"),
+                           "fault_marker": storage.join(store, f"{name}.fault"),
                            "fit_started": time.time()},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage, callbacks=callbacks,
+            name=name, storage_path=store, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
@@ -218,12 +217,15 @@ def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs:
         raise result.error
     if result.checkpoint is None:
         return None
-    return load_metadata(result.checkpoint.path)["metrics"], result.checkpoint.path
+    # Ray's path is on its filesystem (no scheme): name the checkpoint as the store does
+    checkpoint = storage.join(store, name, os.path.basename(result.checkpoint.path))
+    return load_metadata(checkpoint)["metrics"], checkpoint
 
 
-def finished_checkpoint(storage: str, name: str) -> str | None:
+def finished_checkpoint(store: str, name: str) -> str | None:
     """A checkpoint that the phase run `name` already wrote (e.g. before a crash)."""
-    for path in sorted(glob.glob(os.path.join(storage, name, "checkpoint_*")), reverse=True):
+    run = storage.join(store, name)
+    for path in [storage.join(run, d) for d in reversed(storage.listdir(run)) if d.startswith("checkpoint_")]:
         try:
             verify_checkpoint(path)
             if "metrics" in load_metadata(path):
@@ -245,7 +247,7 @@ def build_cache(config: dict, checkpoint: str, stack_id: int, start: int, end: i
     builder = load_rack(checkpoint, config=config)
     train_ds, _, tokenizer = load_data(config, data_ref)
     if isinstance(prev, str):
-        prev = from_arrow(pq.read_table(prev), config.model.d_model)
+        prev = read_parquet(prev, config.model.d_model)
     elif prev is not None:
         prev = ActivationCache(**prev)
     cache = compute_cache(builder.build_rack(), train_ds, TimeStepMasking(config, tokenizer), stack_id, start, end, prev)

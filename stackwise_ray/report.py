@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import argparse
 import html
+import io
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 
 import matplotlib
 
 matplotlib.use("Agg")  # reports are made on headless machines; no display backend
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from . import storage  # noqa: E402
 
 # Older sweeps or partial runs may lack some columns; they are added empty so the report still renders.
 RESULT_COLUMNS = ["trial_id", "kind", "status", "val_loss", "flops", "wall_s", "phases_trained", "phases_reused",
@@ -31,7 +36,7 @@ PLOTS = {"val_loss_per_stack": "val_loss_per_stack.png", "phase_time_memory": "p
 
 def read_table(path: str, columns: list[str]) -> pd.DataFrame:
     try:
-        table = pd.read_csv(path, dtype={"trial_id": str})
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype={"trial_id": str})
     except (FileNotFoundError, pd.errors.EmptyDataError):  # a sweep with no reported phases writes an empty file
         table = pd.DataFrame()
     for c in columns:
@@ -173,16 +178,17 @@ def html_page(title, command, header, rows, lines) -> str:
 def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     command = " ".join(["python -m stackwise_ray.report", shlex.quote(experiment_dir),
                         *(["--out", shlex.quote(out_dir)] if out_dir else [])])
-    out_dir = out_dir or os.path.join(experiment_dir, "report")
+    upload_to = storage.join(experiment_dir, "report") if out_dir is None and storage.is_remote(experiment_dir) else None
+    out_dir = tempfile.mkdtemp(prefix="report-") if upload_to else out_dir or os.path.join(experiment_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
-    results = read_table(os.path.join(experiment_dir, "results.csv"), RESULT_COLUMNS)
-    phases = read_table(os.path.join(experiment_dir, "phases.csv"), PHASE_COLUMNS)
+    results = read_table(storage.join(experiment_dir, "results.csv"), RESULT_COLUMNS)
+    phases = read_table(storage.join(experiment_dir, "phases.csv"), PHASE_COLUMNS)
     labels = trial_labels(results)
     paths = {name: os.path.join(out_dir, file) for name, file in PLOTS.items()}
     plot_val_loss(results, phases, labels, paths["val_loss_per_stack"])
     plot_time_memory(phases, labels, paths["phase_time_memory"])
     plot_loss_vs_flops(results, phases, labels, paths["loss_vs_flops"])
-    title = f"Sweep report: {os.path.basename(os.path.abspath(experiment_dir))}"
+    title = f"Sweep report: {storage.resolve(experiment_dir)[1].rstrip('/').rsplit('/', 1)[-1]}"
     header, rows = table_rows(results)
     lines = comparison_lines(results, labels)
     paths["summary_md"] = os.path.join(out_dir, "summary.md")
@@ -191,6 +197,10 @@ def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
         f.write(markdown(title, command, header, rows, lines))
     with open(paths["summary_html"], "w") as f:
         f.write(html_page(title, command, header, rows, lines))
+    if upload_to:  # a sweep in object storage gets its report there too
+        storage.upload(out_dir, upload_to)
+        shutil.rmtree(out_dir)
+        paths = {k: storage.join(upload_to, os.path.basename(v)) for k, v in paths.items()}
     return paths
 
 
@@ -200,7 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("experiment_dir", help="the sweep's directory (holds results.csv and phases.csv)")
     parser.add_argument("--out", help="where to write the report (default: EXPERIMENT_DIR/report)")
     args = parser.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.experiment_dir, "results.csv")):
+    if not storage.exists(storage.join(args.experiment_dir, "results.csv")):
         print(f"error: {args.experiment_dir}: no results.csv here", file=sys.stderr)
         return 2
     paths = write_report(args.experiment_dir, args.out)

@@ -1,21 +1,22 @@
 """python -m stackwise_ray.sample RUN_DIR [--prompt TEXT] [--length N] [--evaluate]
 
-Load a trained rack (RUN_DIR/final, or any phase checkpoint directory) and print text
+Load a trained rack (RUN_DIR/final, or any phase checkpoint directory; a path or a storage
+URI) and print text
 sampled from it: left to right for clm, iterative unmasking for mlm.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from . import storage
 from .checkpoint import METADATA
 
 
 def resolve(path: str) -> str:
-    for candidate in (path, os.path.join(path, "final")):
-        if os.path.isfile(os.path.join(candidate, METADATA)):
+    for candidate in (path, storage.join(path, "final")):
+        if storage.exists(storage.join(candidate, METADATA)):
             return candidate
     raise FileNotFoundError(f"{path}: no trained rack here (expected {METADATA} in it or in its final/ folder)")
 

@@ -1,6 +1,6 @@
 """ProgressiveTrainer: one Ray Train phase per stack, caches between them, resume.
 
-Run directory (`storage_path/name/`):
+Run directory (`storage_path/name/`, a local path or a storage URI: storage.py):
     phases/<phase id>/checkpoint_*/  Ray Train's checkpoint of a phase (rack.json, model.safetensors)
     phases/<phase id>/done.json      completion record, written atomically after the phase
     phases/<phase id>/cache_*.parquet  Arrow caches built from that phase's rack
@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import time
 import warnings
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from . import storage
 from .builder import ProgressiveRackBuilder
 from .cache import cache_bytes, parquet_intact, plan_cache
-from .checkpoint import load_metadata, load_rack, write_json
+from .checkpoint import load_metadata, load_rack
 from .config import StackWiseConfig, storage_dir
 from .data import dataset_from_user
 from .phase_store import PhaseStore, phase_identity
@@ -84,9 +84,9 @@ class ProgressiveTrainer:
                  resume: bool = False, callbacks=None, phase_store: str | None = None, on_phase=None,
                  prestart: bool | None = None, concurrent_runs: int = 1):
         self.config = config.validate()
-        self.run_dir = os.path.join(storage_dir(storage_path or config.ray.storage_path),
+        self.run_dir = storage.join(storage_dir(storage_path or config.ray.storage_path),
                                     name or time.strftime("run-%Y%m%d-%H%M%S"))
-        self.store = PhaseStore(phase_store or os.path.join(self.run_dir, "phases"))
+        self.store = PhaseStore(phase_store or storage.join(self.run_dir, "phases"))
         self.resume, self.callbacks, self.on_phase = resume, callbacks, on_phase
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
         self._config_rows = None  # training examples of config.data, counted on first need
@@ -150,7 +150,7 @@ class ProgressiveTrainer:
             if pre is not None:
                 metrics, checkpoint = pre.future.result()
             else:
-                shutil.rmtree(os.path.join(self.store.root, ids[stack_id]), ignore_errors=True)
+                storage.remove(storage.join(self.store.root, ids[stack_id]))
                 metrics, checkpoint = fit_phase(config, stack_id, [plan[stack_id]], inputs, self.store.root,
                                                 ids[stack_id], data_ref, self.callbacks, links=prestarter.links)
             status = "trained"
@@ -173,7 +173,7 @@ class ProgressiveTrainer:
         if finished_checkpoint(self.store.root, ids[k]) is not None:
             claim.release()
             return
-        shutil.rmtree(os.path.join(self.store.root, ids[k]), ignore_errors=True)
+        storage.remove(storage.join(self.store.root, ids[k]))
         prestarter.start(ids[k], after=ids[stack_id], lock=claim,
                          fit=lambda: fit_phase(config, k, [plan[k]], None, self.store.root, ids[k], data_ref,
                                                self.callbacks, links=prestarter.links))
@@ -241,10 +241,10 @@ class ProgressiveTrainer:
         return steps
 
     def _check_run_dir(self) -> None:
-        own_store = self.store.root == os.path.join(self.run_dir, "phases")
+        own_store = self.store.root == storage.join(self.run_dir, "phases")
         if not self.resume and own_store and self.store.finished_count():
             raise RunDirError(f"{self.run_dir}: a run with finished phases is already there; resume it or choose another name")
-        os.makedirs(self.run_dir, exist_ok=True)
+        storage.makedirs(self.run_dir)
 
     def _cache_for(self, config, stack_id, prev_checkpoint, cache, ids, data_ref):
         """(spec for the phase's workers, the cache kept for later phases, info for metrics)."""
@@ -261,12 +261,12 @@ class ProgressiveTrainer:
             return None, None, {"kind": "none", "reason": reason, "over_budget": True}
         # the cache is determined by the phases before the position it feeds
         source = ids[plan.position - 1] if plan.position > 0 else ids[0]
-        path = os.path.join(self.store.root, source, f"cache_position_{plan.position:03d}.parquet")
+        path = storage.join(self.store.root, source, f"cache_position_{plan.position:03d}.parquet")
         if cache is not None and cache["position"] == plan.position:
             info.update(cache["info"], built=False)
         elif backend == "arrow" and cache is None and parquet_intact(path):  # written before a restart
             cache = {"position": plan.position, "path": path, "ref": None,
-                     "info": {"rows": None, "bytes": os.path.getsize(path), "build_s": 0.0, "incremental": False}}
+                     "info": {"rows": None, "bytes": storage.size(path), "build_s": 0.0, "incremental": False}}
             info.update(cache["info"], built=False)
         else:
             incremental = cache is not None and cache["position"] == plan.position - 1
@@ -295,15 +295,11 @@ class ProgressiveTrainer:
         if config.ray.cache_max_bytes is not None:
             return config.ray.cache_max_bytes
         if config.ray.cache_backend == "arrow":
-            return shutil.disk_usage(self.store.root).free / 2
+            return storage.free_bytes(self.store.root) / 2
         return ray.available_resources().get("object_store_memory", 0) / 2
 
     def _publish_final(self, checkpoint: str, history: list[dict]) -> str:
-        final = os.path.join(self.run_dir, "final")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_json(os.path.join(self.run_dir, "summary.json"), {"run_dir": self.run_dir, "history": history})
+        final = storage.join(self.run_dir, "final")
+        storage.copy_tree(checkpoint, final)
+        storage.write_json(storage.join(self.run_dir, "summary.json"), {"run_dir": self.run_dir, "history": history})
         return final

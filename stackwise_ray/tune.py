@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from . import storage
 from .config import ConfigError, StackWiseConfig, apply_overrides, load_for_command, storage_dir
 
 TRIAL_RESOURCE = "trial_slot"  # trials hold this instead of CPUs: a trial holding a CPU its phases need can deadlock
@@ -80,9 +81,9 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
             "trial_node": ray.get_runtime_context().get_node_id(), "phase_node": m.get("node_id", ""),
             "cache_node": m.get("cache", {}).get("node_id", "")})
 
-    trainer = ProgressiveTrainer(config, storage_path=os.path.join(experiment_dir, "trials"),
+    trainer = ProgressiveTrainer(config, storage_path=storage.join(experiment_dir, "trials"),
                                  name=ray.tune.get_context().get_trial_id(), resume=True,
-                                 phase_store=os.path.join(experiment_dir, "phases") if sweep.share_phases else None,
+                                 phase_store=storage.join(experiment_dir, "phases") if sweep.share_phases else None,
                                  on_phase=report, concurrent_runs=sweep.max_concurrent_trials)
     if kind == "baseline":
         trainer.train_end_to_end(baseline_steps(config, baseline_budget))
@@ -111,9 +112,9 @@ def build_tuner(config: StackWiseConfig, storage_path: str | None = None, name: 
     ray.tune.TuneConfig fields (e.g. search_alg=..., scheduler=...)."""
     from ray import tune
 
-    storage = storage_dir(storage_path or config.ray.storage_path)
+    root = storage_dir(storage_path or config.ray.storage_path)
     name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    experiment_dir = os.path.join(storage, name)
+    experiment_dir = storage.join(root, name)
     t = config.tune
     tune_config = dict(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
                        max_concurrent_trials=t.max_concurrent_trials, scheduler=scheduler(config),
@@ -121,7 +122,7 @@ def build_tuner(config: StackWiseConfig, storage_path: str | None = None, name: 
     tune_config.update(tune_config_overrides)
     return tune.Tuner(trainable(config, experiment_dir), param_space=param_space(config),
                       tune_config=tune.TuneConfig(**tune_config),
-                      run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                      run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks,
                                                 failure_config=tune.FailureConfig(max_failures=0)))
 
 
@@ -184,7 +185,7 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
         values = {k: (variant.get(k, params.get(k)) if kind == "progressive" else None) for k in swept}
         m = result.metrics or {}
         frame = result.metrics_dataframe
-        trial_id = m.get("trial_id") or os.path.basename(result.path)
+        trial_id = m.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]
         done = m.get("stacks_done", 0)
         status = "ERROR" if result.error else ("TERMINATED" if done >= config.target_stacks or kind == "baseline"
                                                  else "STOPPED")
@@ -202,14 +203,14 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
                                "status": r["phase_status"], "phase_id": r["phase_id"],
                                **{k: r.get(k, "") for k in ("trial_node", "phase_node", "cache_node")}})
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "_config"} for r in rows])
-    table.to_csv(os.path.join(experiment_dir, "results.csv"), index=False)
-    table.astype({c: str for c in swept}).to_parquet(os.path.join(experiment_dir, "results.parquet"), index=False)
-    pd.DataFrame(phases).to_csv(os.path.join(experiment_dir, "phases.csv"), index=False)
+    storage.write_frame_csv(storage.join(experiment_dir, "results.csv"), table)
+    storage.write_frame_parquet(storage.join(experiment_dir, "results.parquet"), table.astype({c: str for c in swept}))
+    storage.write_frame_csv(storage.join(experiment_dir, "phases.csv"), pd.DataFrame(phases))
     scored = [r for r in rows if r["val_loss"] is not None and r["status"] != "ERROR"]
     if scored:
         best = (min if config.tune.mode == "min" else max)(scored, key=lambda r: r[config.tune.metric])
-        with open(os.path.join(experiment_dir, "best_config.yaml"), "w") as f:
-            yaml.safe_dump(best["_config"].to_dict(), f, sort_keys=False)
+        storage.write_bytes(storage.join(experiment_dir, "best_config.yaml"),
+                            yaml.safe_dump(best["_config"].to_dict(), sort_keys=False).encode())
     return rows
 
 
@@ -247,11 +248,11 @@ def main(argv=None) -> int:
             print(f"  {i}: {v or '(the base config)'}")
         return 0
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
-    storage = storage_dir(args.storage or config.ray.storage_path)
-    experiment_dir = os.path.join(storage, name)
+    root = storage_dir(args.storage or config.ray.storage_path)
+    experiment_dir = storage.join(root, name)
     from ray import tune
 
-    if os.path.isdir(experiment_dir) and not args.resume and tune.Tuner.can_restore(experiment_dir):
+    if storage.exists(experiment_dir) and not args.resume and tune.Tuner.can_restore(experiment_dir):
         print(f"error: {experiment_dir}: a sweep is already there; pass --resume or another --name", file=sys.stderr)
         return 2
     try:
@@ -262,11 +263,12 @@ def main(argv=None) -> int:
     if args.resume and tune.Tuner.can_restore(experiment_dir):
         tuner = tune.Tuner.restore(experiment_dir, trainable=trainable(config, experiment_dir), resume_errored=True)
     else:
-        tuner = build_tuner(config, storage, name)
+        tuner = build_tuner(config, root, name)
     grid = tuner.fit()
     rows = write_results(grid, config, experiment_dir)
     print(results_table(rows, list(config.tune.search_space)))
-    print(f"\nresults: {experiment_dir}/results.csv  best config: {experiment_dir}/best_config.yaml")
+    print(f"\nresults: {storage.join(experiment_dir, 'results.csv')}  "
+          f"best config: {storage.join(experiment_dir, 'best_config.yaml')}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Command lines: bad input is one line and exit status 2; sampling works on any rack."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,8 +13,15 @@ from stackwise_ray.inference import generate
 from .conftest import tiny_config
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -57,16 +65,24 @@ def test_generate_fills_every_position(objective):
     assert builder.build_rack().pad_id not in ids and 257 not in ids  # no pad, no mask token left
 
 
-def test_storage_must_be_local_or_file_uri(tmp_path):
+def test_storage_scheme_and_reachability_are_checked_in_one_line(tmp_path):
     from stackwise_ray.config import storage_dir
 
     assert storage_dir(f"file://{tmp_path}") == str(tmp_path)
+    assert storage_dir("s3://bucket/runs/?endpoint_override=h:1") == "s3://bucket/runs/?endpoint_override=h:1"
     path = tmp_path / "x.yaml"
     path.write_text("model: {d_model: 32, n_heads: 2}\n")
     for module in ("stackwise_ray.train", "stackwise_ray.tune"):
-        result = run_cli(module, str(path), "--storage", "s3://bucket/runs")
-        assert result.returncode == 2 and "only local or mounted paths" in result.stderr
+        result = run_cli(module, str(path), "--storage", "ftp://bucket/runs")
+        assert result.returncode == 2 and "unknown scheme 'ftp'" in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # a bucket behind an endpoint nothing listens on: refused before Ray starts
+    port = free_port()
+    result = run_cli("stackwise_ray.train", str(path), "--storage",
+                     f"s3://bucket/runs?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1",
+                     env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"})
+    assert result.returncode == 2 and "ray.storage_path: s3://bucket/runs" in result.stderr
+    assert "cannot be reached" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_use_gpu_without_a_gpu_or_cluster_is_one_line_and_status_2(tmp_path):

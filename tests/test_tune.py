@@ -27,7 +27,6 @@ training:
 GRID = TINY + """\
 tune:
   search_space:
-    training.progressive.trunk_strategy: {grid: [frozen, qlora]}
     training.progressive.building_mode: {grid: [append, prepend]}
   max_concurrent_trials: 2
   baseline: end_to_end
@@ -51,7 +50,8 @@ def test_search_space_is_validated_key_by_key():
 
 def test_dry_run_lists_the_trials(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text(GRID)
+    path.write_text(GRID.replace("  search_space:\n", "  search_space:\n"
+                                 "    training.progressive.trunk_strategy: {grid: [frozen, qlora]}\n"))
     out = subprocess.run([sys.executable, "-m", "stackwise_ray.tune", str(path), "--dry-run"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("5 trials")
@@ -84,16 +84,15 @@ def test_grid_sweep_shares_stack_zero_and_resumes_after_a_kill(ray_session, tmp_
     for marker, mtime in finished.items():  # nothing finished before the kill was trained again
         assert marker.stat().st_mtime_ns == mtime
     results = pd.read_csv(tmp_path / "grid" / "results.csv")
-    assert len(results) == 5 and set(results["status"]) == {"TERMINATED"}
+    assert len(results) == 3 and set(results["status"]) == {"TERMINATED"}
     progressive = results[results["kind"] == "progressive"]
-    assert {(r["training.progressive.trunk_strategy"], r["training.progressive.building_mode"])
-            for _, r in progressive.iterrows()} == {("frozen", "append"), ("frozen", "prepend"),
-                                                   ("qlora", "append"), ("qlora", "prepend")}
+    assert set(progressive["training.progressive.building_mode"]) == {"append", "prepend"}
     phases = pd.read_csv(tmp_path / "grid" / "phases.csv")
     stack0 = phases[(phases["kind"] == "progressive") & (phases["stack"] == 0)]
-    assert stack0["phase_id"].nunique() == 1 and (stack0["status"] == "reused").sum() >= 3
-    # one finished phase per unique identity: 1 shared stack 0, 4 distinct stack 1, 1 baseline
-    assert len(list(store.glob("*/done.json"))) == phases["phase_id"].nunique() == 6
+    # stack 0 is the same phase whatever the building mode: trained once, reused by the other trial
+    assert stack0["phase_id"].nunique() == 1 and (stack0["status"] == "reused").sum() >= 1
+    # one finished phase per unique identity: 1 shared stack 0, 2 distinct stack 1, 1 baseline
+    assert len(list(store.glob("*/done.json"))) == phases["phase_id"].nunique() == 4
     baseline = results[results["kind"] == "baseline"].iloc[0]
     assert abs(baseline["flops"] / progressive["flops"].max() - 1) < 0.5  # the same budget, in whole steps
     assert (tmp_path / "grid" / "best_config.yaml").exists() and (tmp_path / "grid" / "results.parquet").exists()

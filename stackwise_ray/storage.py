@@ -1,0 +1,214 @@
+"""Where runs live: a local or mounted directory, or a URI that pyarrow's filesystem layer
+understands (`s3://bucket/prefix`, `gs://bucket/prefix`, `hdfs://...`, with pyarrow's query
+options such as `?endpoint_override=host:9000&scheme=http`). Completion records, phase
+checkpoints, Arrow caches and sweep results all go through these functions, and Ray Train
+writes its checkpoints to the same location through the same layer.
+
+A location is a string: a local path, or a URI. Readers that need a real file (safetensors,
+a memory-mapped Parquet cache) call `local_path`, which downloads a remote file or
+directory once per node into a local cache keyed by what was listed there.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+# the schemes pyarrow.fs.FileSystem.from_uri resolves (file:// is made a local path)
+SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def is_remote(location: str) -> bool:
+    return "://" in location
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(base: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(base)[0] if base else pafs.LocalFileSystem()
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it). A filesystem is made once per process and bucket (making
+    an S3 one may ask the bucket's region)."""
+    if not is_remote(location):
+        return _filesystem(""), os.path.abspath(location)
+    parts = urlsplit(location)
+    fs = _filesystem(urlunsplit((parts.scheme, parts.netloc, "", parts.query, "")))
+    if parts.scheme in ("s3", "gs", "gcs"):  # the bucket is part of the path
+        return fs, (parts.netloc + parts.path).rstrip("/")
+    return fs, pafs.FileSystem.from_uri(location)[1]
+
+
+def join(location: str, *names: str) -> str:
+    """`location/names...`, keeping a URI's query options at its end."""
+    if not is_remote(location):
+        return os.path.join(location, *names)
+    parts = urlsplit(location)
+    return urlunsplit(parts._replace(path=posixpath.join(parts.path or "/", *names)))
+
+
+def suffixed(location: str, suffix: str) -> str:
+    """`location` with `suffix` added to its last name (`x.parquet` -> `x.parquet.sha256`)."""
+    if not is_remote(location):
+        return location + suffix
+    parts = urlsplit(location)
+    return urlunsplit(parts._replace(path=parts.path + suffix))
+
+
+def relative(location: str, root: str) -> str:
+    """`location` relative to `root` (one of its parents)."""
+    a, b = resolve(location)[1], resolve(root)[1]
+    return posixpath.relpath(a, b) if is_remote(root) else os.path.relpath(a, b)
+
+
+def exists(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def size(location: str) -> int:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).size
+
+
+def listdir(location: str) -> list[str]:
+    """Names directly under `location` (empty if it does not exist)."""
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in infos)
+
+
+def makedirs(location: str) -> None:
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+
+
+def remove(location: str) -> None:
+    """Delete a file or a directory tree; nothing if it is not there."""
+    fs, path = resolve(location)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file atomically: a reader sees the old file or the whole new one (an
+    object store's single upload is atomic; locally a temporary file is renamed)."""
+    fs, path = resolve(location)
+    if is_remote(location):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_json(location: str):
+    return json.loads(read_bytes(location))
+
+
+def write_json(location: str, obj) -> None:
+    write_bytes(location, json.dumps(obj, indent=1, sort_keys=True, default=float).encode())
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def write_frame_csv(location: str, frame) -> None:
+    """A pandas DataFrame as CSV."""
+    write_bytes(location, frame.to_csv(index=False).encode())
+
+
+def write_frame_parquet(location: str, frame) -> None:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    write_bytes(location, buf.getvalue())
+
+
+def upload(local: str, location: str) -> None:
+    """Copy a local file or directory to `location` (replacing a file there)."""
+    if not is_remote(location):
+        if os.path.isdir(local):
+            shutil.copytree(local, location, dirs_exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(location), exist_ok=True)
+            shutil.copyfile(local, location)
+        return
+    fs, path = resolve(location)
+    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def copy_tree(source: str, destination: str) -> None:
+    """Copy a directory to a new place, replacing what was there. Locally the copy is
+    made beside it and renamed into place."""
+    if not is_remote(destination):
+        tmp = destination + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(local_path(source), tmp)
+        shutil.rmtree(destination, ignore_errors=True)
+        os.replace(tmp, destination)
+        return
+    remove(destination)
+    (src_fs, src), (dst_fs, dst) = resolve(source), resolve(destination)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def free_bytes(location: str) -> float:
+    """Free space where `location` lives; an object store has no such limit (inf)."""
+    if is_remote(location):
+        return float("inf")
+    path = os.path.abspath(location)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def local_path(location: str) -> str:
+    """A local path holding the file or directory at `location`: the path itself when it
+    is local; otherwise a copy downloaded once per node (into the system temp directory)
+    and kept while what is listed there (names, sizes, times) does not change."""
+    if not is_remote(location):
+        return location
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(location)
+    listing = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    key = hashlib.sha256(json.dumps([location] + sorted(
+        (i.path, i.size, str(i.mtime)) for i in listing)).encode()).hexdigest()[:24]
+    root = os.path.join(tempfile.gettempdir(), f"stackwise_ray-{os.getuid()}", "downloads")
+    target = os.path.join(root, key, posixpath.basename(path))
+    if os.path.exists(target):
+        return target
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=".part-")
+    if info.type == pafs.FileType.Directory:
+        os.makedirs(os.path.join(tmp, posixpath.basename(path)))
+    pafs.copy_files(path, os.path.join(tmp, posixpath.basename(path)), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    try:
+        os.rename(tmp, os.path.join(root, key))  # atomic; another process may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
