@@ -91,10 +91,13 @@ class LeaseLock:
         self._renewer.start()
 
     def _renew(self) -> None:
-        table = leases()
-        while not self._stop.wait(self.lease_s / 3):
-            if not ray.get(table.renew.remote(self.key, self.token, self.lease_s)):
-                return  # lapsed (this process stalled past its lease): nothing left to renew
+        try:
+            table = leases()
+            while not self._stop.wait(self.lease_s / 3):
+                if not ray.get(table.renew.remote(self.key, self.token, self.lease_s)):
+                    return  # lapsed (this process stalled past its lease): nothing left to renew
+        except ray.exceptions.RayError:
+            return  # Ray is shutting down; the lease goes with its actor
 
     def __enter__(self):
         return self

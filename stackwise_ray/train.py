@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     config = load_for_command(args.config, args.storage)
     if config is None:
         return 2
+    from . import storage
     from .trainer import ProgressiveTrainer, RunDirError
 
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(stack_table(history))
-    print(f"\ntrained rack: {os.path.join(trainer.run_dir, 'final')}")
+    print(f"\ntrained rack: {storage.join(trainer.run_dir, 'final')}")
     return 0
 
 
