@@ -53,7 +53,10 @@ def write_checksums(directory: str) -> None:
 def verify_checkpoint(directory: str) -> None:
     """Raise CorruptCheckpointError naming the first missing or altered file (a remote
     checkpoint is checked in its local copy)."""
-    directory = storage.local_path(directory)
+    try:
+        directory = storage.local_path(directory)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{directory}: missing") from None
     path = os.path.join(directory, CHECKSUMS)
     if not os.path.isfile(path):
         raise CorruptCheckpointError(f"{directory}: no {CHECKSUMS} (incomplete checkpoint)")
