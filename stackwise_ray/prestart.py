@@ -58,7 +58,8 @@ class Prestarter:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.links = PhaseLinks.remote() if enabled else None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prestart") if enabled else None
+        # two threads: a prestarted phase trains in one while the next waits in the other
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prestart") if enabled else None
         self._pending: dict[str, Prestart] = {}
 
     def start(self, phase_id: str, after: str, lock, fit) -> None:
