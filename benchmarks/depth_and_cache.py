@@ -3,7 +3,9 @@ without the activation cache, back to back.
 
 P1: the time of a training step in phase 7 / phase 1 (flat with the cache, growing
     with depth without it).
-P2: the whole run's wall time with the cache / without, at 3 epochs per stack.
+P2: the whole run's wall time with the cache / without, at 3 epochs per stack, with
+    phases run one after another and with each phase prestarted while the one before
+    it trains.
 P4: peak worker memory (RSS) of phase 7 / phase 1 in append + cached mode.
 """
 
@@ -24,7 +26,7 @@ SIZES = {"model": {"d_model": 128, "n_heads": 4, "blocks_per_stack": 1, "max_seq
                                       "trunk_strategy": "frozen"}}}
 
 
-def run(cache: bool) -> tuple[float, list[dict]]:
+def run(cache: bool, prestart: bool = False) -> tuple[float, list[dict]]:
     from stackwise_ray.trainer import ProgressiveTrainer
 
     sizes = {**SIZES, "training": {**SIZES["training"],
@@ -32,13 +34,14 @@ def run(cache: bool) -> tuple[float, list[dict]]:
     t0 = time.perf_counter()
     history = ProgressiveTrainer(config(sizes), storage_path=tempfile.mkdtemp(prefix="bench-depth-"),
                                  name="cache" if cache else "no-cache",
-                                 # no phase overlaps another: step times measure the phase alone
-                                 prestart=False).train_progressively()
+                                 # False: no phase overlaps another, so step times measure the phase alone
+                                 prestart=prestart).train_progressively()
     return time.perf_counter() - t0, history
 
 
 def main() -> None:
     runs = {cache: run(cache) for cache in (True, False)}
+    prestarted = {cache: run(cache, prestart=True)[0] for cache in (True, False)}
     rows = []
     for k in range(8):
         c, n = runs[True][1][k], runs[False][1][k]
@@ -58,13 +61,15 @@ def main() -> None:
         ["P1 uncached: step time phase 7 / phase 1", step(False, 7) / step(False, 1), "(grows)"],
         ["P2 wall time, cache / no cache", wall_c / wall_n, "≤ 0.50"],
         ["P2 training + cache building only, cache / no cache", compute[True] / compute[False], ""],
+        ["P2 wall time, cache / no cache, phases prestarted", prestarted[True] / prestarted[False], "≤ 0.50"],
         ["P4 peak worker RSS phase 7 / phase 1 (cached)", c7["peak_memory_mb"] / c1["peak_memory_mb"], "≤ 1.10"],
     ]
     body = (f"8 stacks of 1 block, d_model 128, seq_len 64, batch 16, {steps} steps per stack "
             f"(3 epochs of {runs[True][1][0]['steps'] // 3} batches: `data.max_examples: 1200`), append, frozen "
             f"trunk, object-store cache, 1 worker, phases not prestarted (so no phase's steps share the CPUs with "
             f"the next phase's start-up). Wall time: {wall_c:.0f} s with the cache, {wall_n:.0f} s "
-            "without.\n\n"
+            f"without; then the same two runs with phases prestarted: {prestarted[True]:.0f} s and "
+            f"{prestarted[False]:.0f} s.\n\n"
             + table(["measure", "value", "target"], summary) + "\n\nPer phase:\n\n"
             + table(["stack", "step ms (cache)", "step ms (no cache)", "trunk forwards (cache)",
                      "trunk forwards (no cache)", "cache build s", "peak RSS MB (cache)", "peak RSS MB (no cache)"],
