@@ -122,7 +122,7 @@ def parquet_intact(location: str) -> bool:
     """The cache file exists, was completely written, and is unaltered."""
     try:
         return sha256_file(storage.local_path(location)) == storage.read_text(storage.suffixed(location, ".sha256")).strip()
-    except (OSError, FileNotFoundError):
+    except OSError:  # FileNotFoundError included
         return False
 
 

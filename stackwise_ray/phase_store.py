@@ -105,5 +105,9 @@ class PhaseStore:
             return LeaseLock.acquire(storage.join(self.root, phase_id), blocking)
         return FileLock.acquire(os.path.join(self.root, f"{phase_id}.lock"), blocking)
 
+    def has_record(self, phase_id: str) -> bool:
+        """A completion record is there (cheap: its checkpoint is not verified; `record` does)."""
+        return storage.exists(storage.join(self.root, phase_id, "done.json"))
+
     def finished_count(self) -> int:
-        return sum(1 for d in storage.listdir(self.root) if storage.exists(storage.join(self.root, d, "done.json")))
+        return sum(1 for d in storage.listdir(self.root) if self.has_record(d))

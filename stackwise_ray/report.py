@@ -188,7 +188,7 @@ def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     plot_val_loss(results, phases, labels, paths["val_loss_per_stack"])
     plot_time_memory(phases, labels, paths["phase_time_memory"])
     plot_loss_vs_flops(results, phases, labels, paths["loss_vs_flops"])
-    title = f"Sweep report: {storage.resolve(experiment_dir)[1].rstrip('/').rsplit('/', 1)[-1]}"
+    title = f"Sweep report: {os.path.basename(storage.resolve(experiment_dir)[1])}"
     header, rows = table_rows(results)
     lines = comparison_lines(results, labels)
     paths["summary_md"] = os.path.join(out_dir, "summary.md")

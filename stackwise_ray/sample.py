@@ -1,8 +1,7 @@
 """python -m stackwise_ray.sample RUN_DIR [--prompt TEXT] [--length N] [--evaluate]
 
 Load a trained rack (RUN_DIR/final, or any phase checkpoint directory; a path or a storage
-URI) and print text
-sampled from it: left to right for clm, iterative unmasking for mlm.
+URI) and print text sampled from it: left to right for clm, iterative unmasking for mlm.
 """
 
 from __future__ import annotations

@@ -165,7 +165,8 @@ class ProgressiveTrainer:
     def _prestart_next(self, config, plan, stack_id, ids, data_ref, prestarter) -> None:
         """Start phase stack_id+1's worker group, to wait for its inputs while this one trains."""
         k = stack_id + 1
-        if not prestarter.enabled or k >= len(plan) or self.store.record(ids[k]) is not None:
+        # a record is verified when the loop reaches it; here its presence is enough to skip
+        if not prestarter.enabled or k >= len(plan) or self.store.has_record(ids[k]):
             return
         claim = self.store.try_claim(ids[k])
         if claim is None:  # another run is training it

@@ -185,7 +185,7 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
         values = {k: (variant.get(k, params.get(k)) if kind == "progressive" else None) for k in swept}
         m = result.metrics or {}
         frame = result.metrics_dataframe
-        trial_id = m.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]
+        trial_id = m.get("trial_id") or os.path.basename(result.path)  # a path on the storage filesystem
         done = m.get("stacks_done", 0)
         status = "ERROR" if result.error else ("TERMINATED" if done >= config.target_stacks or kind == "baseline"
                                                  else "STOPPED")
