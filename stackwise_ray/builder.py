@@ -20,7 +20,7 @@ from .config import QUANTIZED_PRECISIONS, ConfigError, StackWiseConfig, load_tim
 from .data import load_tokenizer
 from .masking import time_step_for_stack
 from .model import Rack, Stack
-from .precision import apply_precision, compute_dtype, precision_support, weight_bytes
+from .precision import apply_precision, compute_dtype, precision_support, unquantized_layers, weight_bytes
 
 
 def default_d_ff(d_model: int) -> int:
@@ -185,6 +185,7 @@ class ProgressiveRackBuilder:
                 "n_blocks": len(stack.blocks),
                 "precision": stack.precision,
                 "precision_note": precision_support(stack.precision, device),
+                "unquantized_layers": unquantized_layers(stack),  # {name: why}, in a 4-bit stack
                 "weight_bytes": weight_bytes(stack) - lora_bytes,  # base weights as stored
                 "adapter_bytes": lora_bytes,
                 "params": sum(p.numel() for p in params),

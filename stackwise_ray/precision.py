@@ -2,10 +2,14 @@
 
 full/half/bfloat16 cast the stack. qlora and nvfp4 replace every nn.Linear by a
 frozen 4-bit layer (bitsandbytes NF4, or emulated NVFP4) that trains only through
-a LoRA adapter added afterwards; norms and embeddings stay float32.
+a LoRA adapter added afterwards; norms and embeddings stay float32. A linear layer
+whose input width does not fit the format's blocks stays float32 and frozen as well
+(FrozenLinear), so the stack's base still trains only through LoRA.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -21,7 +25,22 @@ _COMPUTE_DTYPE = {
     "qlora": torch.float32,
 }
 
+NF4_BLOCK = 64  # values per absmax scale in bitsandbytes' 4-bit formats (its default blocksize)
 NVFP4_NOTE = "nvfp4 emulated: weights stored as packed E2M1 + FP8 scales, dequantized to float32 per matmul"
+
+
+class _DropKernelsCommunityNotice(logging.Filter):
+    """bitsandbytes logs at import, on CPUs with AVX512-BF16, that the optional
+    kernels-community gemm_4bit_forward kernel is missing. That kernel serves only the
+    packed CPU path, which this package keeps bitsandbytes off (see _to_qlora), so the
+    notice would be noise in every Ray worker's output; bitsandbytes' other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# installed before anything imports bitsandbytes (peft imports it too): the notice is logged at import
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsCommunityNotice())
 
 
 def _check(precision: str) -> None:
@@ -124,27 +143,62 @@ class NVFP4Linear(nn.Linear):
 # -----------------------------------------------------------------------------
 
 
+class FrozenLinear(nn.Linear):
+    """A float Linear left unquantized in a 4-bit stack because its input width does not
+    fit the format's blocks (`reason` says how). Frozen like the 4-bit layers around it:
+    weight and bias are buffers, so they are saved, loaded and moved with the module and
+    never trained; nn.Linear.forward computes with them unchanged."""
+
+    def __init__(self, linear: nn.Linear, reason: str):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate weight Parameters
+        self.in_features, self.out_features, self.reason = linear.in_features, linear.out_features, reason
+        self.register_buffer("weight", linear.weight.detach().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+
+def _misfit(linear: nn.Linear, precision: str) -> str | None:
+    """Why `linear` cannot be stored in `precision`'s 4-bit format, or None if it can."""
+    n = linear.in_features
+    if precision == "qlora" and n < NF4_BLOCK:
+        # one NF4 absmax scale would span several rows, for a few bytes saved
+        return f"in_features {n} < {NF4_BLOCK}, the NF4 block size: kept float32, frozen"
+    if precision == "nvfp4" and n % NVFP4_BLOCK:
+        return f"in_features {n} is not a multiple of {NVFP4_BLOCK}, the NVFP4 block size: kept float32, frozen"
+    return None
+
+
 def _to_qlora(linear: nn.Linear) -> nn.Module:
     import bitsandbytes as bnb
 
     device = linear.weight.device
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                           compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(linear.weight.detach().float().cpu(), requires_grad=False,
+    # Keep bitsandbytes off its packed CPU path. On a CPU with AVX512-BF16 it would, at
+    # the first forward in eval mode without grad, rewrite the weight in place into a
+    # layout whose matmul runs in bfloat16 with bfloat16 scales, and keep it: evaluation,
+    # sampling and cache builds would differ from the training forward and between CPUs,
+    # a checkpoint saved after an evaluation would hold the rounded scales, later
+    # train-mode forwards would pass no gradient to their input (or fail, with a bias),
+    # and the rewrite crashes for a layer whose input width is not a multiple of the
+    # block size (the default d_ff, 352 at d_model 128, is one).
+    q.support_avx512bf16_for_cpu = False
+    q.weight = bnb.nn.Params4bit(linear.weight.detach().float().cpu(), requires_grad=False, blocksize=NF4_BLOCK,
                                  compress_statistics=True, quant_type="nf4")
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().float().cpu(), requires_grad=False)
     return q.to(device)  # Params4bit quantizes on this move
 
 
-def _replace_linears(module: nn.Module, make) -> None:
+def _replace_linears(module: nn.Module, precision: str) -> None:
     for m in module.modules():
         if hasattr(m, "base_layer") or (isinstance(m, nn.Linear) and type(m) is not nn.Linear):
             raise ValueError(f"apply_precision needs plain nn.Linear layers (call it before adding LoRA), found {type(m).__name__}")
+    quantize = _to_qlora if precision == "qlora" else NVFP4Linear.from_linear
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, make(child))
+                reason = _misfit(child, precision)
+                setattr(parent, name, FrozenLinear(child, reason) if reason else quantize(child))
 
 
 def apply_precision(module: nn.Module, precision: str) -> nn.Module:
@@ -155,12 +209,16 @@ def apply_precision(module: nn.Module, precision: str) -> nn.Module:
     if type(module) is nn.Linear:
         raise ValueError("apply_precision cannot replace a bare nn.Linear in place; wrap it in a container module")
     module.to(torch.float32)
+    _replace_linears(module, precision)
     if precision == "qlora":
-        _replace_linears(module, _to_qlora)
         module.is_loaded_in_4bit = True  # makes peft pick its bitsandbytes-aware LoRA layer
-    else:
-        _replace_linears(module, NVFP4Linear.from_linear)
     return module
+
+
+def unquantized_layers(module: nn.Module) -> dict[str, str]:
+    """{layer name: reason} for the layers of a 4-bit stack left in float32."""
+    return {name.removesuffix(".base_layer"): m.reason for name, m in module.named_modules()
+            if isinstance(m, FrozenLinear)}
 
 
 def _quant_state_tensors(qs):

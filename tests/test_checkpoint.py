@@ -26,14 +26,23 @@ def test_reload_is_bit_identical_for_every_precision_and_both_adapters(tmp_path)
     config = tiny_config(qlora_enabled=True, progressive_qlora=True, qlora_rank=4, building_mode="prepend",
                          stack_precisions={1: "qlora", 2: "nvfp4", 3: "half"}, model={"d_model": 64, "n_heads": 4})
     builder = grown(config, 4)
-    save_rack(builder, str(tmp_path))
-    again = load_rack(str(tmp_path))
+    rack = builder.build_rack()
     ids = torch.randint(0, 256, (2, 16))
+    trained = rack.train()(ids)[0]  # what a training step computes
+    with torch.no_grad():  # evaluation, sampling and cache builds run like this, whatever the CPU
+        assert torch.equal(rack.eval()(ids)[0], trained)
+    save_rack(builder, str(tmp_path))  # after an evaluation
+    again = load_rack(str(tmp_path))
     assert again.stack_ids == builder.stack_ids == [3, 2, 1, 0]
-    assert torch.equal(builder.build_rack().eval()(ids)[0], again.build_rack().eval()(ids)[0])
+    assert torch.equal(again.build_rack().eval()(ids)[0], trained)
+    with torch.no_grad():
+        assert torch.equal(again.build_rack()(ids)[0], trained)
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["stack.safetensors", "trunk.safetensors"]
     meta = json.loads((tmp_path / "rack.json").read_text())
     assert meta["config"]["training"]["progressive"]["building_mode"] == "prepend"  # plain JSON, no pickles
+    # time_embedding_dim 16 is narrower than an NF4 block (64) but a whole NVFP4 block (16)
+    unquantized = {s["stack_id"]: set(s["unquantized_layers"]) for s in again.get_rack_info()["stacks"]}
+    assert unquantized == {0: set(), 1: {"time.proj"}, 2: set(), 3: set()}
 
 
 def test_altered_file_is_refused(tmp_path):

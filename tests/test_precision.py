@@ -1,10 +1,12 @@
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
 
 from stackwise_ray.precision import (
-    E2M1, NVFP4Linear, apply_precision, compute_dtype, dequantize_nvfp4, precision_support,
-    quantize_nvfp4, weight_bytes,
+    E2M1, FrozenLinear, NVFP4Linear, apply_precision, compute_dtype, dequantize_nvfp4, precision_support,
+    quantize_nvfp4, unquantized_layers, weight_bytes,
 )
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -83,6 +85,72 @@ def test_qlora_replaces_linears():
     assert rel_err(y, ref(x)) < 0.2
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def forward_train_and_eval(m, x):
+    """(train-mode output with grad, the input's gradient, eval-mode output without grad)."""
+    x = x.clone().requires_grad_(True)
+    y_train = m.train()(x)
+    y_train.sum().backward()
+    with torch.no_grad():
+        y_eval = m.eval()(x.detach())
+    return y_train.detach(), x.grad, y_eval
+
+
+def test_qlora_evaluation_computes_what_training_computes():
+    # on a CPU with AVX512-BF16, bitsandbytes' default would take its packed bfloat16 path here
+    _, m = pair(128, 256)
+    apply_precision(m, "qlora")
+    x = torch.randn(8, 128)
+    saved = {k: v.clone() for k, v in m.state_dict().items()}
+    y_train, grad, y_eval = forward_train_and_eval(m, x)
+    assert torch.equal(y_eval, y_train)
+    after = m.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in saved.items())  # the evaluation rewrote nothing
+    y_again, grad_again, _ = forward_train_and_eval(m, x)  # training after an evaluation
+    assert torch.equal(y_again, y_train) and torch.equal(grad_again, grad)
+
+
+def test_bitsandbytes_packed_cpu_path_is_the_one_kept_off():
+    if not getattr(bnb.functional, "has_avx512bf16", lambda: False)():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes has no packed CPU path to take here")
+    _, m = pair(128, 256)
+    apply_precision(m, "qlora")
+    x = torch.randn(8, 128)
+    forward_train_and_eval(m, x)
+    assert not getattr(m.fc1.weight.quant_state, "packing_format_for_cpu", False)
+    m.fc1.support_avx512bf16_for_cpu = m.fc2.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on this CPU
+    y_train, _, y_eval = forward_train_and_eval(m, x)
+    assert m.fc1.weight.quant_state.packing_format_for_cpu  # the packed path was taken...
+    assert not torch.equal(y_eval, y_train)  # ...and computes other numbers (in bfloat16)
+
+
+@pytest.mark.parametrize("precision,width,kept,quantized", [
+    ("qlora", 16, 128, bnb.nn.Linear4bit),  # NF4 blocks are 64 values wide
+    ("nvfp4", 24, 64, NVFP4Linear),  # NVFP4 needs in_features divisible by 16
+])
+def test_layers_that_do_not_fit_the_blocks_stay_float32_and_frozen(precision, width, kept, quantized):
+    ref, m = pair(width, kept)
+    apply_precision(m, precision)
+    assert isinstance(m.fc1, FrozenLinear) and isinstance(m.fc2, quantized)
+    assert list(m.fc1.parameters()) == [] and m.fc1.weight.dtype == torch.float32
+    assert set(unquantized_layers(m)) == {"fc1"} and "block size" in unquantized_layers(m)["fc1"]
+    x = torch.randn(8, width)
+    assert torch.equal(m.fc1(x), ref.fc1(x))  # unchanged numbers
+    _, grad, _ = forward_train_and_eval(m, x)
+    assert grad.abs().sum() > 0  # the gradient still reaches the input
+    _lora_step(m, x)  # LoRA attaches and is all that trains
+    assert isinstance(m.fc1.base_layer, FrozenLinear) and set(unquantized_layers(m)) == {"fc1"}
+
+
+def test_only_the_kernels_community_notice_of_bitsandbytes_is_dropped(caplog):
+    from bitsandbytes.backends.cpu import ops  # the module that logs the notice at import
+
+    with caplog.at_level(logging.WARNING):
+        ops.logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+                           "you already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        ops.logger.warning("Input type into Linear4bit is torch.float16")
+    assert [r.getMessage() for r in caplog.records] == ["Input type into Linear4bit is torch.float16"]
 
 
 def test_nvfp4_layer():
