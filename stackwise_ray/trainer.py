@@ -28,6 +28,7 @@ from .config import StackWiseConfig, storage_dir
 from .data import dataset_from_user
 from .phase_store import PhaseStore, phase_identity
 from .prestart import Prestarter
+from .tracking import Tracker, flat
 from .ray_phase import build_cache, finished_checkpoint, fit_phase
 
 RAY_ENV_DEFAULTS = {
@@ -75,6 +76,8 @@ class ProgressiveTrainer:
         phase_store: a directory of phases shared with other runs (a sweep's); default
             RUN_DIR/phases.
         on_phase: called with each phase's metrics as soon as the phase is done or reused.
+        tracker: where phase metrics are tracked (tracking.py); default: the config's
+            tracking section, one tracked run named after this run.
         prestart: start each phase's worker group while the phase before it trains
             (prestart.py); default: where the cluster has room for two phases.
         concurrent_runs: runs sharing the cluster (a sweep's concurrent trials), for that rule.
@@ -82,12 +85,14 @@ class ProgressiveTrainer:
 
     def __init__(self, config: StackWiseConfig, storage_path: str | None = None, name: str | None = None,
                  resume: bool = False, callbacks=None, phase_store: str | None = None, on_phase=None,
-                 prestart: bool | None = None, concurrent_runs: int = 1):
+                 prestart: bool | None = None, concurrent_runs: int = 1, tracker=None):
         self.config = config.validate()
         self.run_dir = storage.join(storage_dir(storage_path or config.ray.storage_path),
                                     name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.store = PhaseStore(phase_store or storage.join(self.run_dir, "phases"))
         self.resume, self.callbacks, self.on_phase = resume, callbacks, on_phase
+        self.tracker = tracker or Tracker(self.config.tracking, self.run_dir, storage.basename(self.run_dir),
+                                          storage.basename(self.run_dir), flat(self.config.to_dict()))
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
         self._config_rows = None  # training examples of config.data, counted on first need
 
@@ -126,10 +131,13 @@ class ProgressiveTrainer:
                 history.append({**record["metrics"], "status": status, "phase_id": ids[stack_id],
                                 "checkpoint": record["checkpoint"]})
                 prev = record["checkpoint"]
-                if self.on_phase is not None:
-                    self.on_phase(history[-1])
+                self._notify(history[-1])
+        except BaseException:
+            self.tracker.close(failed=True)
+            raise
         finally:
             prestarter.close()
+        self.tracker.close()
         final = self._publish_final(prev, history)
         if rack_builder is not None:
             rack_builder.__dict__.update(load_rack(final).__dict__)
@@ -214,11 +222,16 @@ class ProgressiveTrainer:
                     self.store.finish(phase_id, record)
         history = [{**record["metrics"], "status": status, "phase_id": phase_id, "checkpoint": record["checkpoint"]}]
         self._publish_final(record["checkpoint"], history)
-        if self.on_phase is not None:
-            self.on_phase(history[0])
+        self._notify(history[0])
+        self.tracker.close()
         return history[0]
 
     # ------------------------------------------------------------------ pieces
+    def _notify(self, metrics: dict) -> None:
+        if self.on_phase is not None:
+            self.on_phase(metrics)
+        self.tracker.log_phase(metrics)
+
     def _config_for(self, builder) -> StackWiseConfig:
         if builder is None or builder.building_mode == self.config.training.progressive.building_mode:
             return self.config

@@ -60,6 +60,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
     import ray.tune
 
     from .flops import baseline_steps
+    from .tracking import Tracker, flat
     from .trainer import ProgressiveTrainer
 
     base_config = StackWiseConfig.from_dict(base)
@@ -81,10 +82,14 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
             "trial_node": ray.get_runtime_context().get_node_id(), "phase_node": m.get("node_id", ""),
             "cache_node": m.get("cache", {}).get("node_id", "")})
 
-    trainer = ProgressiveTrainer(config, storage_path=storage.join(experiment_dir, "trials"),
-                                 name=ray.tune.get_context().get_trial_id(), resume=True,
+    trial_id = ray.tune.get_context().get_trial_id()
+    # one tracked run per trial, in one experiment (and one local store) for the sweep
+    tracker = Tracker(config.tracking, experiment_dir, storage.basename(experiment_dir), trial_id,
+                      {**flat(config.to_dict()), "kind": kind})
+    trainer = ProgressiveTrainer(config, storage_path=storage.join(experiment_dir, "trials"), name=trial_id,
+                                 resume=True,
                                  phase_store=storage.join(experiment_dir, "phases") if sweep.share_phases else None,
-                                 on_phase=report, concurrent_runs=sweep.max_concurrent_trials)
+                                 on_phase=report, concurrent_runs=sweep.max_concurrent_trials, tracker=tracker)
     if kind == "baseline":
         trainer.train_end_to_end(baseline_steps(config, baseline_budget))
     else:
