@@ -98,6 +98,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
     resume = read_in_phase_checkpoint(rack)
 
     def on_step_end(done: int, opt, curve: list) -> None:
+        if cfg["board"] is not None and rank == 0 and curve and (done % config.training.log_every == 0 or done == steps):
+            cfg["board"].post.remote(cfg["name"], {"stack": stack_id, "step": done, "steps": steps,
+                                                   "loss": curve[-1]["loss"], "tokens": done * B * config.data.seq_len})
         every = config.training.checkpoint_every
         if every and done % every == 0 and done < steps:
             report_in_phase_checkpoint(builder, stack_id, done, opt, curve, rank)
@@ -191,18 +194,19 @@ def peak_memory_mb(device) -> float:
 
 def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs: dict | None, store: str,
               name: str, data_ref=None, callbacks=None, train_steps: int | None = None,
-              links=None) -> tuple[dict, str] | None:
+              links=None, board=None) -> tuple[dict, str] | None:
     """Train the stacks `steps` describes (one, or all for the end-to-end baseline), first
     id `stack_id`, as one TorchTrainer run named `name` under `store` (a path or URI).
 
     `inputs` is {"prev_checkpoint", "cache", "handed_at"}; None makes the workers wait for
     `links` to hand them over (a prestarted phase). `train_steps` overrides the configured
-    step count. Returns (metrics, checkpoint path), or None for a cancelled phase."""
+    step count; `board` (console.ProgressBoard) receives rank 0's progress. Returns
+    (metrics, checkpoint path), or None for a cancelled phase."""
     r = config.ray
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "stack_id": stack_id, "steps": steps, "train_steps": train_steps,
-                           "inputs": inputs, "links": links, "name": name, "data_ref": data_ref,
+                           "inputs": inputs, "links": links, "name": name, "data_ref": data_ref, "board": board,
                            "fault_marker": storage.join(store, f"{name}.fault"),
                            "fit_started": time.time()},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,

@@ -78,6 +78,7 @@ class ProgressiveTrainer:
         on_phase: called with each phase's metrics as soon as the phase is done or reused.
         tracker: where phase metrics are tracked (tracking.py); default: the config's
             tracking section, one tracked run named after this run.
+        console: a console.Console that shows the phases' live progress (the train command).
         prestart: start each phase's worker group while the phase before it trains
             (prestart.py); default: where the cluster has room for two phases.
         concurrent_runs: runs sharing the cluster (a sweep's concurrent trials), for that rule.
@@ -85,12 +86,13 @@ class ProgressiveTrainer:
 
     def __init__(self, config: StackWiseConfig, storage_path: str | None = None, name: str | None = None,
                  resume: bool = False, callbacks=None, phase_store: str | None = None, on_phase=None,
-                 prestart: bool | None = None, concurrent_runs: int = 1, tracker=None):
+                 prestart: bool | None = None, concurrent_runs: int = 1, tracker=None, console=None):
         self.config = config.validate()
         self.run_dir = storage.join(storage_dir(storage_path or config.ray.storage_path),
                                     name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.store = PhaseStore(phase_store or storage.join(self.run_dir, "phases"))
         self.resume, self.callbacks, self.on_phase = resume, callbacks, on_phase
+        self.console, self._board = console, None
         self.tracker = tracker or Tracker(self.config.tracking, self.run_dir, storage.basename(self.run_dir),
                                           storage.basename(self.run_dir), flat(self.config.to_dict()))
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
@@ -112,6 +114,7 @@ class ProgressiveTrainer:
         plan = self._plan(config, rack_builder, target_stacks)
         self._check_run_dir()
         ensure_ray(config)
+        self._watch()
         data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else None
         ids = [phase_identity(config, plan, k) for k in range(len(plan))]
         prestarter = Prestarter(self._room_for_two_phases(config) if self.prestart is None else self.prestart)
@@ -137,6 +140,8 @@ class ProgressiveTrainer:
             raise
         finally:
             prestarter.close()
+            if self.console is not None:
+                self.console.stop_watching()
         self.tracker.close()
         final = self._publish_final(prev, history)
         if rack_builder is not None:
@@ -160,7 +165,8 @@ class ProgressiveTrainer:
             else:
                 storage.remove(storage.join(self.store.root, ids[stack_id]))
                 metrics, checkpoint = fit_phase(config, stack_id, [plan[stack_id]], inputs, self.store.root,
-                                                ids[stack_id], data_ref, self.callbacks, links=prestarter.links)
+                                                ids[stack_id], data_ref, self.callbacks, links=prestarter.links,
+                                                board=self._board)
             status = "trained"
         built = cache_info.get("flops", 0.0) if cache_info.get("built") else 0.0
         metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
@@ -185,7 +191,7 @@ class ProgressiveTrainer:
         storage.remove(storage.join(self.store.root, ids[k]))
         prestarter.start(ids[k], after=ids[stack_id], lock=claim,
                          fit=lambda: fit_phase(config, k, [plan[k]], None, self.store.root, ids[k], data_ref,
-                                               self.callbacks, links=prestarter.links))
+                                               self.callbacks, links=prestarter.links, board=self._board))
 
     def _room_for_two_phases(self, config) -> bool:
         """Prestart only where the next phase's workers fit beside the training ones (for
@@ -227,6 +233,16 @@ class ProgressiveTrainer:
         return history[0]
 
     # ------------------------------------------------------------------ pieces
+    def _watch(self) -> None:
+        """Once Ray is up: a progress board the phases post to, shown by the console."""
+        if self.console is None or self._board is not None:
+            return
+        from .console import ProgressBoard
+
+        self.console.capture_ray_worker_logs()
+        self._board = ProgressBoard.remote()
+        self.console.watch(self._board)
+
     def _notify(self, metrics: dict) -> None:
         if self.on_phase is not None:
             self.on_phase(metrics)
