@@ -123,7 +123,8 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
     trainer = ProgressiveTrainer(config, storage_path=storage.join(experiment_dir, "trials"), name=trial_id,
                                  resume=True,
                                  phase_store=storage.join(experiment_dir, "phases") if sweep.share_phases else None,
-                                 on_phase=report, concurrent_runs=sweep.max_concurrent_trials, tracker=tracker)
+                                 on_phase=report, concurrent_runs=sweep.max_concurrent_trials, tracker=tracker,
+                                 experiment=storage.basename(experiment_dir))
     if kind == "baseline":
         trainer.train_end_to_end(baseline_steps(config, baseline_budget))
     else:
