@@ -91,3 +91,18 @@ def test_unknown_mlflow_store_is_a_config_error():
 
     with pytest.raises(ConfigError, match="tracking.mlflow: must be local or a tracking URI"):
         StackWiseConfig.from_dict({"tracking": {"mlflow": "somewhere"}}).validate(check_files=False)
+
+
+def test_grafana_dashboard_is_valid_json_over_metrics_that_exist():
+    import pathlib
+    import re
+
+    from stackwise_ray.ray_metrics import NAMES
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "cluster" / "grafana" / "stackwise_ray_dashboard.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"ray_(stackwise_\w+)", e)}
+    assert used and used <= set(NAMES), used - set(NAMES)
+    assert {"train_loss", "tokens_per_s", "cache_bytes", "val_loss"} <= {n[len("stackwise_"):] for n in used}
+    assert any("phases_reused_total" in e for e in exprs) and any("phases_trained_total" in e for e in exprs)
