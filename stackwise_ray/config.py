@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
 import math
 import os
@@ -147,12 +148,21 @@ class TuneConfig:
 
 
 @dataclass
+class TrackingConfig:
+    mlflow: Optional[str] = None  # "local": a file store in the run (or sweep) directory; or a tracking URI
+    tensorboard: bool = False  # event files in RUN_DIR/tensorboard (a sweep: EXPERIMENT_DIR/tensorboard/<trial>)
+    wandb: Literal["off", "offline", "online"] = "off"  # offline: written locally, `wandb sync` later
+    experiment: Optional[str] = None  # MLflow experiment / W&B project; default: the run's or sweep's name
+
+
+@dataclass
 class StackWiseConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "StackWiseConfig":
@@ -268,6 +278,7 @@ class StackWiseConfig:
         self._validate_lora()
         self._validate_time()
         self._validate_tune(check_files)
+        self._validate_tracking()
         if check_files:
             _validate_data_source(d)
         return self
@@ -328,6 +339,15 @@ class StackWiseConfig:
                 if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < p.num_time_steps:
                     _fail("training.progressive.custom_time_mapping", f"{p.custom_time_mapping} returned {step!r} for stack {k}; expected an int in [0, {p.num_time_steps})")
 
+
+    def _validate_tracking(self) -> None:
+        t = self.tracking
+        for key, on, package in (("mlflow", t.mlflow is not None, "mlflow"), ("tensorboard", t.tensorboard, "tensorboard"),
+                                 ("wandb", t.wandb != "off", "wandb")):
+            if on and importlib.util.find_spec(package) is None:
+                _fail(f"tracking.{key}", f"needs the {package} package: pip install 'stackwise-ray[tracking]'")
+        if t.mlflow is not None and t.mlflow != "local" and "://" not in t.mlflow and t.mlflow != "databricks":
+            _fail("tracking.mlflow", f"must be local or a tracking URI (http://..., sqlite:///..., databricks), got {t.mlflow!r}")
 
     def _validate_tune(self, check_files: bool) -> None:
         t = self.tune

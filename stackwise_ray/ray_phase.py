@@ -18,7 +18,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import storage
+from . import ray_metrics, storage
 from .builder import ProgressiveRackBuilder
 from .cache import ActivationCache, compute_cache, read_parquet, write_parquet
 from .checkpoint import load_metadata, load_rack, load_weights, save_rack, verify_checkpoint
@@ -97,7 +97,18 @@ def train_loop_per_worker(cfg: dict) -> dict:
     steps = cfg["train_steps"] or phase_steps(config.training, len(train_batches.base_dataloader))
     resume = read_in_phase_checkpoint(rack)
 
+    first_step = []  # (time, steps done) at the first step end: the speed is measured from there
+    metric_tags = ray_metrics.tags(cfg["labels"], cfg["name"], stack_id)
+
     def on_step_end(done: int, opt, curve: list) -> None:
+        if rank == 0 and curve and (done % config.training.log_every == 0 or done == steps or not first_step):
+            first_step[:] = first_step or [(time.time(), done)]
+            tokens = done * B * config.data.seq_len
+            rate = (done - first_step[0][1]) * B * config.data.seq_len / max(time.time() - first_step[0][0], 1e-9)
+            ray_metrics.phase_progress(metric_tags, done, steps, curve[-1]["loss"], rate)
+            if cfg["board"] is not None:
+                cfg["board"].post.remote(cfg["name"], {"stack": stack_id, "step": done, "steps": steps,
+                                                       "loss": curve[-1]["loss"], "tokens": tokens})
         every = config.training.checkpoint_every
         if every and done % every == 0 and done < steps:
             report_in_phase_checkpoint(builder, stack_id, done, opt, curve, rank)
@@ -191,18 +202,21 @@ def peak_memory_mb(device) -> float:
 
 def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs: dict | None, store: str,
               name: str, data_ref=None, callbacks=None, train_steps: int | None = None,
-              links=None) -> tuple[dict, str] | None:
+              links=None, board=None, labels=None) -> tuple[dict, str] | None:
     """Train the stacks `steps` describes (one, or all for the end-to-end baseline), first
     id `stack_id`, as one TorchTrainer run named `name` under `store` (a path or URI).
 
     `inputs` is {"prev_checkpoint", "cache", "handed_at"}; None makes the workers wait for
     `links` to hand them over (a prestarted phase). `train_steps` overrides the configured
-    step count. Returns (metrics, checkpoint path), or None for a cancelled phase."""
+    step count; `board` (console.ProgressBoard) receives rank 0's progress; `labels`
+    ({"experiment", "trial"}) tag its Ray metrics. Returns
+    (metrics, checkpoint path), or None for a cancelled phase."""
     r = config.ray
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "stack_id": stack_id, "steps": steps, "train_steps": train_steps,
-                           "inputs": inputs, "links": links, "name": name, "data_ref": data_ref,
+                           "inputs": inputs, "links": links, "name": name, "data_ref": data_ref, "board": board,
+                           "labels": labels or {"experiment": name, "trial": name},
                            "fault_marker": storage.join(store, f"{name}.fault"),
                            "fit_started": time.time()},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,

@@ -56,6 +56,12 @@ def join(location: str, *names: str) -> str:
     return urlunsplit(parts._replace(path=posixpath.join(parts.path or "/", *names)))
 
 
+def basename(location: str) -> str:
+    """The last name of a path or URI (`s3://b/runs/x?opt=1` -> `x`)."""
+    path = urlsplit(location).path if is_remote(location) else location
+    return posixpath.basename(path.rstrip("/"))
+
+
 def suffixed(location: str, suffix: str) -> str:
     """`location` with `suffix` added to its last name (`x.parquet` -> `x.parquet.sha256`)."""
     if not is_remote(location):

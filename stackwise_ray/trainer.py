@@ -20,7 +20,7 @@ import warnings
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from . import storage
+from . import ray_metrics, storage
 from .builder import ProgressiveRackBuilder
 from .cache import cache_bytes, parquet_intact, plan_cache
 from .checkpoint import load_metadata, load_rack
@@ -29,6 +29,7 @@ from .data import dataset_from_user
 from .phase_store import PhaseStore, phase_identity
 from .prestart import Prestarter
 from .ray_phase import build_cache, finished_checkpoint, fit_phase
+from .tracking import Tracker, flat
 
 RAY_ENV_DEFAULTS = {
     # Train V2 polls workers every 2 s by default; a phase's teardown waits for one poll
@@ -75,6 +76,11 @@ class ProgressiveTrainer:
         phase_store: a directory of phases shared with other runs (a sweep's); default
             RUN_DIR/phases.
         on_phase: called with each phase's metrics as soon as the phase is done or reused.
+        tracker: where phase metrics are tracked (tracking.py); default: the config's
+            tracking section, one tracked run named after this run.
+        console: a console.Console that shows the phases' live progress (the train command).
+        experiment: the experiment this run belongs to (a sweep's name), for its Ray
+            metrics' tags (ray_metrics.py); default: the run's name.
         prestart: start each phase's worker group while the phase before it trains
             (prestart.py); default: where the cluster has room for two phases.
         concurrent_runs: runs sharing the cluster (a sweep's concurrent trials), for that rule.
@@ -82,12 +88,18 @@ class ProgressiveTrainer:
 
     def __init__(self, config: StackWiseConfig, storage_path: str | None = None, name: str | None = None,
                  resume: bool = False, callbacks=None, phase_store: str | None = None, on_phase=None,
-                 prestart: bool | None = None, concurrent_runs: int = 1):
+                 prestart: bool | None = None, concurrent_runs: int = 1, tracker=None, console=None,
+                 experiment: str | None = None):
         self.config = config.validate()
         self.run_dir = storage.join(storage_dir(storage_path or config.ray.storage_path),
                                     name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.store = PhaseStore(phase_store or storage.join(self.run_dir, "phases"))
         self.resume, self.callbacks, self.on_phase = resume, callbacks, on_phase
+        self.console, self._board = console, None
+        run_name = storage.basename(self.run_dir)
+        self.labels = {"experiment": experiment or run_name, "trial": run_name}
+        self.tracker = tracker or Tracker(self.config.tracking, self.run_dir, storage.basename(self.run_dir),
+                                          storage.basename(self.run_dir), flat(self.config.to_dict()))
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
         self._config_rows = None  # training examples of config.data, counted on first need
 
@@ -107,6 +119,7 @@ class ProgressiveTrainer:
         plan = self._plan(config, rack_builder, target_stacks)
         self._check_run_dir()
         ensure_ray(config)
+        self._watch()
         data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else None
         ids = [phase_identity(config, plan, k) for k in range(len(plan))]
         prestarter = Prestarter(self._room_for_two_phases(config) if self.prestart is None else self.prestart)
@@ -126,10 +139,15 @@ class ProgressiveTrainer:
                 history.append({**record["metrics"], "status": status, "phase_id": ids[stack_id],
                                 "checkpoint": record["checkpoint"]})
                 prev = record["checkpoint"]
-                if self.on_phase is not None:
-                    self.on_phase(history[-1])
+                self._notify(history[-1])
+        except BaseException:
+            self.tracker.close(failed=True)
+            raise
         finally:
             prestarter.close()
+            if self.console is not None:
+                self.console.stop_watching()
+        self.tracker.close()
         final = self._publish_final(prev, history)
         if rack_builder is not None:
             rack_builder.__dict__.update(load_rack(final).__dict__)
@@ -152,7 +170,8 @@ class ProgressiveTrainer:
             else:
                 storage.remove(storage.join(self.store.root, ids[stack_id]))
                 metrics, checkpoint = fit_phase(config, stack_id, [plan[stack_id]], inputs, self.store.root,
-                                                ids[stack_id], data_ref, self.callbacks, links=prestarter.links)
+                                                ids[stack_id], data_ref, self.callbacks, links=prestarter.links,
+                                                board=self._board, labels=self.labels)
             status = "trained"
         built = cache_info.get("flops", 0.0) if cache_info.get("built") else 0.0
         metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
@@ -177,7 +196,8 @@ class ProgressiveTrainer:
         storage.remove(storage.join(self.store.root, ids[k]))
         prestarter.start(ids[k], after=ids[stack_id], lock=claim,
                          fit=lambda: fit_phase(config, k, [plan[k]], None, self.store.root, ids[k], data_ref,
-                                               self.callbacks, links=prestarter.links))
+                                               self.callbacks, links=prestarter.links, board=self._board,
+                                               labels=self.labels))
 
     def _room_for_two_phases(self, config) -> bool:
         """Prestart only where the next phase's workers fit beside the training ones (for
@@ -205,7 +225,7 @@ class ProgressiveTrainer:
                     t0 = time.time()
                     inputs = {"prev_checkpoint": None, "cache": None, "handed_at": time.time()}
                     metrics, checkpoint = fit_phase(config, 0, plan, inputs, self.store.root, phase_id,
-                                                    None, self.callbacks, train_steps)
+                                                    None, self.callbacks, train_steps, labels=self.labels)
                     metrics.update({"cache": {"kind": "none", "reason": "end-to-end baseline"}, "cache_s": 0.0,
                                     "flops": metrics["train_flops"], "phase_wall_s": time.time() - t0,
                                     "orchestration_s": time.time() - t0 - metrics["train_s"]})
@@ -214,11 +234,27 @@ class ProgressiveTrainer:
                     self.store.finish(phase_id, record)
         history = [{**record["metrics"], "status": status, "phase_id": phase_id, "checkpoint": record["checkpoint"]}]
         self._publish_final(record["checkpoint"], history)
-        if self.on_phase is not None:
-            self.on_phase(history[0])
+        self._notify(history[0])
+        self.tracker.close()
         return history[0]
 
     # ------------------------------------------------------------------ pieces
+    def _watch(self) -> None:
+        """Once Ray is up: a progress board the phases post to, shown by the console."""
+        if self.console is None or self._board is not None:
+            return
+        from .console import ProgressBoard
+
+        self.console.capture_ray_worker_logs()
+        self._board = ProgressBoard.remote()
+        self.console.watch(self._board)
+
+    def _notify(self, metrics: dict) -> None:
+        ray_metrics.phase_finished(ray_metrics.tags(self.labels, metrics["phase_id"], metrics["stack"]), metrics)
+        if self.on_phase is not None:
+            self.on_phase(metrics)
+        self.tracker.log_phase(metrics)
+
     def _config_for(self, builder) -> StackWiseConfig:
         if builder is None or builder.building_mode == self.config.training.progressive.building_mode:
             return self.config

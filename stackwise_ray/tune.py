@@ -33,26 +33,59 @@ def grid_variants(config: StackWiseConfig) -> list[dict]:
     return variants
 
 
+def column_names(config: StackWiseConfig) -> dict[str, str]:
+    """{swept key path: its short name}: the path's last part, or as many trailing parts as
+    make it unique. Trials carry their values under these names, so Tune's trial table
+    shows one short column per swept key."""
+    paths = [str(p) for p in config.tune.search_space]
+    names = {}
+    for path in paths:
+        parts, n = path.split("."), 1
+        while n < len(parts) and sum(q.split(".")[-n:] == parts[-n:] for q in paths) > 1:
+            n += 1
+        names[path] = ".".join(parts[-n:]) if ".".join(parts[-n:]) not in ("variant", "kind") else path
+    return names
+
+
 def param_space(config: StackWiseConfig) -> dict:
+    """Sampled keys under their short names; grid points as an index into grid_variants,
+    whose values Tune resolves into one short column per grid key (and `kind`)."""
     from ray import tune
 
     sampled = {"choice": lambda v: tune.choice(v), "uniform": lambda v: tune.uniform(*v),
                "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
-    space = {path: sampled[kind](values) for path, spec in config.tune.search_space.items()
+    names = column_names(config)
+    space = {names[str(path)]: sampled[kind](values) for path, spec in config.tune.search_space.items()
              for kind, values in spec.items() if kind != "grid"}
     variants = grid_variants(config)
     if variants != [{}]:
-        space["variant"] = tune.grid_search(variants)
+        space["variant"] = tune.grid_search(list(range(len(variants))))
+        for path, spec in config.tune.search_space.items():
+            if "grid" in spec:
+                space[names[str(path)]] = tune.sample_from(_grid_value(variants, str(path), "-"))
+        if config.tune.baseline == "end_to_end":
+            space["kind"] = tune.sample_from(_grid_value(variants, "kind", "progressive"))
     return space
+
+
+def _grid_value(variants: list[dict], key: str, default):
+    return lambda spec: variants[spec.config["variant"]].get(key, default)
+
+
+def trial_values(base: StackWiseConfig, params: dict) -> tuple[str, dict]:
+    """(kind, {key path: value}) of one trial from its Tune config."""
+    variant = dict(grid_variants(base)[params["variant"]]) if "variant" in params else {}
+    if variant.pop("kind", "progressive") == "baseline":
+        return "baseline", {}
+    names = column_names(base)
+    sampled = {path: params[name] for path, name in names.items() if path not in variant and name in params}
+    return "progressive", {**variant, **sampled}
 
 
 def trial_config(base: StackWiseConfig, params: dict) -> tuple[str, StackWiseConfig]:
     """(kind, config) of one trial: the base with the trial's values applied."""
-    variant = dict(params.get("variant", {}))
-    if variant.pop("kind", "progressive") == "baseline":
-        return "baseline", apply_overrides(base, {}).validate()
-    overrides = {**variant, **{k: v for k, v in params.items() if k != "variant"}}
-    return "progressive", apply_overrides(base, overrides).validate()
+    kind, values = trial_values(base, params)
+    return kind, apply_overrides(base, values).validate()
 
 
 def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: float | None = None) -> None:
@@ -60,6 +93,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
     import ray.tune
 
     from .flops import baseline_steps
+    from .tracking import Tracker, flat
     from .trainer import ProgressiveTrainer
 
     base_config = StackWiseConfig.from_dict(base)
@@ -71,20 +105,26 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
         counts[m["status"]] += 1
         total_flops[0] += m["flops"]
         ray.tune.report({
-            "kind": kind, "stack": m["stack"], "stacks_done": m["stack"] + 1, "val_loss": m["val_loss"],
-            "val_ppl": m["val_ppl"], "val_accuracy": m["val_accuracy"], "phase_flops": m["flops"],
-            "flops": total_flops[0], "phase_status": m["status"], "phase_id": m["phase_id"],
+            # Tune's trial table shows the first four numbers: what a user watches
+            "stacks_done": m["stack"] + 1, "val_loss": m["val_loss"],
             "phases_trained": counts["trained"] + counts["recovered"], "phases_reused": counts["reused"],
+            "kind": kind, "stack": m["stack"], "val_ppl": m["val_ppl"], "val_accuracy": m["val_accuracy"],
+            "phase_flops": m["flops"], "flops": total_flops[0], "phase_status": m["status"], "phase_id": m["phase_id"],
             "phase_wall_s": m["phase_wall_s"] if m["status"] != "reused" else 0.0, "train_s": m["train_s"],
             "peak_memory_mb": m["peak_memory_mb"], "wall_s": time.time() - t0,
             # where things ran: the trial, the phase's rank-0 worker, the task that built its cache
             "trial_node": ray.get_runtime_context().get_node_id(), "phase_node": m.get("node_id", ""),
             "cache_node": m.get("cache", {}).get("node_id", "")})
 
-    trainer = ProgressiveTrainer(config, storage_path=storage.join(experiment_dir, "trials"),
-                                 name=ray.tune.get_context().get_trial_id(), resume=True,
+    trial_id = ray.tune.get_context().get_trial_id()
+    # one tracked run per trial, in one experiment (and one local store) for the sweep
+    tracker = Tracker(config.tracking, experiment_dir, storage.basename(experiment_dir), trial_id,
+                      {**flat(config.to_dict()), "kind": kind})
+    trainer = ProgressiveTrainer(config, storage_path=storage.join(experiment_dir, "trials"), name=trial_id,
+                                 resume=True,
                                  phase_store=storage.join(experiment_dir, "phases") if sweep.share_phases else None,
-                                 on_phase=report, concurrent_runs=sweep.max_concurrent_trials)
+                                 on_phase=report, concurrent_runs=sweep.max_concurrent_trials, tracker=tracker,
+                                 experiment=storage.basename(experiment_dir))
     if kind == "baseline":
         trainer.train_end_to_end(baseline_steps(config, baseline_budget))
     else:
@@ -93,7 +133,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
 
 def trainable(config: StackWiseConfig, experiment_dir: str):
     """The Tune trainable for sweeps of `config` (resources included): trials get their
-    values as {key path: value} and a `variant` dict for grid keys."""
+    values under short names (column_names) and a grid point index `variant`."""
     from ray import tune
 
     budget = None
@@ -181,8 +221,8 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
     for result in grid:
         params = result.config or {}
         kind, trial_cfg = trial_config(config, params)
-        variant = {k: v for k, v in params.get("variant", {}).items() if k != "kind"}
-        values = {k: (variant.get(k, params.get(k)) if kind == "progressive" else None) for k in swept}
+        given = trial_values(config, params)[1]
+        values = {k: given.get(k) for k in swept}
         m = result.metrics or {}
         frame = result.metrics_dataframe
         trial_id = m.get("trial_id") or os.path.basename(result.path)  # a path on the storage filesystem

@@ -31,8 +31,10 @@ def weights(path):
 def arrow_run(tmp_path_factory, ray_session):
     """3 stacks, append, frozen trunk, Arrow cache, 1 worker."""
     storage = tmp_path_factory.mktemp("runs")
+    config = ray_config(ray={"cache_backend": "arrow"})
+    config.tracking.mlflow, config.tracking.tensorboard = "local", True
     # a file:// URI is the local directory it names
-    trainer = ProgressiveTrainer(ray_config(ray={"cache_backend": "arrow"}), storage_path=f"file://{storage}", name="arrow")
+    trainer = ProgressiveTrainer(config, storage_path=f"file://{storage}", name="arrow")
     history = trainer.train_progressively()
     assert trainer.run_dir == str(storage / "arrow") and (storage / "arrow" / "final" / "rack.json").is_file()
     return trainer, history
@@ -189,3 +191,40 @@ def test_corrupt_checkpoint_and_cache_are_detected_and_rebuilt(arrow_run, tmp_pa
     assert rerun[2]["cache"]["built"] is True
     numbers = evaluate_rack(load_rack(os.path.join(again.run_dir, "final")))
     assert numbers["val_loss"] == rerun[2]["val_loss"]
+
+
+def test_the_run_is_tracked_in_mlflow_and_tensorboard(arrow_run):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, history = arrow_run
+    client = MlflowClient(tracking_uri=f"file://{trainer.run_dir}/mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("arrow").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["ray.cache_backend"] == "arrow"
+    val = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert val == [(8, history[0]["val_loss"]), (16, history[1]["val_loss"]), (24, history[2]["val_loss"])]
+    loss = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in loss] == [0, 4, 7, 8, 12, 15, 16, 20, 23]  # log_every 4, 8 steps per stack
+    events = EventAccumulator(os.path.join(trainer.run_dir, "tensorboard", "arrow")).Reload()
+    assert [e.value for e in events.Scalars("phase/stack")] == [0.0, 1.0, 2.0]
+
+
+def test_phases_show_as_ray_metrics_on_the_nodes_endpoint(arrow_run, ray_session):
+    import urllib.request
+
+    trainer, history = arrow_run
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+    deadline, samples = time.time() + 30, {}
+    while time.time() < deadline and len(samples) < 3:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        samples = {}
+        for line in body.splitlines():
+            if line.startswith("ray_stackwise_") and 'trial="arrow"' in line:
+                name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+                phase = line.split('phase="')[1].split('"')[0]
+                samples.setdefault(name, {})[phase] = value
+        time.sleep(0.5)
+    assert sum(samples["ray_stackwise_phases_trained_total"].values()) == 3
+    for m in history:
+        assert samples["ray_stackwise_val_loss"][m["phase_id"]] == pytest.approx(m["val_loss"])
+    assert samples["ray_stackwise_cache_bytes"][history[1]["phase_id"]] > 0  # phase 1 read a cache

@@ -115,7 +115,7 @@ def test_asha_stops_a_clearly_worse_trial_after_its_first_stack(ray_session, tmp
                  "grace_period": 1, "max_concurrent_trials": 1}}).validate()
     recorder = Recorder()
     grid = build_tuner(config, storage_path=str(tmp_path), name="asha", callbacks=[recorder]).fit()
-    done = {r.config["variant"]["training.lr"]: r.metrics["stacks_done"] for r in grid}
+    done = {r.config["lr"]: r.metrics["stacks_done"] for r in grid}
     assert done == {3e-3: 2, 1e-7: 1}
     assert len(recorder.results) == 3 and {s for _, s, _ in recorder.results} == {1, 2}
 
@@ -129,7 +129,7 @@ def test_optuna_searcher_is_wired_through_ray_tune(tmp_path):
         "training.lr": {"loguniform": [1e-4, 1e-2]}, "training.progressive.building_mode": {"choice": ["append", "prepend"]}}}}).validate()
     assert isinstance(searcher(config), OptunaSearch)
     space = param_space(config)
-    assert set(space) == {"training.lr", "training.progressive.building_mode"}  # no grid variant with a searcher
+    assert set(space) == {"lr", "building_mode"}  # short names; no grid variant with a searcher
 
 
 def test_a_failing_trial_is_an_error_row_and_the_sweep_goes_on(ray_session, tmp_path):
@@ -145,3 +145,29 @@ def test_a_failing_trial_is_an_error_row_and_the_sweep_goes_on(ray_session, tmp_
     assert rows[120]["status"] == "TERMINATED" and rows[120]["val_loss"] is not None
     assert rows[1]["status"] == "ERROR" and "too small" in rows[1]["error"]
     assert len(pd.read_csv(tmp_path / "faulty" / "results.csv")) == 2
+
+
+def test_trials_carry_one_short_column_per_swept_key():
+    from ray.tune.search.variant_generator import generate_variants
+
+    from stackwise_ray.tune import param_space, trial_values
+
+    config = StackWiseConfig.from_dict({"training": {"progressive": {"qlora_enabled": True}}, "tune": {
+        "baseline": "end_to_end", "search_space": {
+            "training.progressive.trunk_strategy": {"grid": ["frozen", "qlora"]},
+            "training.progressive.building_mode": {"grid": ["append", "prepend"]},
+            "training.lr": {"loguniform": [1e-4, 1e-2]}}}}).validate(check_files=False)
+    trials = [spec["config"] for _, spec in generate_variants({"config": param_space(config)})]
+    # Tune's table shows the parameters by these names: short, one column each
+    assert all(set(t) == {"variant", "trunk_strategy", "building_mode", "lr", "kind"} for t in trials)
+    assert sorted((t["trunk_strategy"], t["building_mode"], t["kind"]) for t in trials) == [
+        ("-", "-", "baseline"), ("frozen", "append", "progressive"), ("frozen", "prepend", "progressive"),
+        ("qlora", "append", "progressive"), ("qlora", "prepend", "progressive")]
+    for t in trials:
+        kind, values = trial_values(config, t)
+        if kind == "baseline":
+            assert values == {}
+        else:
+            assert values == {"training.progressive.trunk_strategy": t["trunk_strategy"],
+                              "training.progressive.building_mode": t["building_mode"], "training.lr": t["lr"]}
+            assert 1e-4 <= t["lr"] <= 1e-2

@@ -1,0 +1,66 @@
+"""Phases' progress as Ray metrics, so it shows wherever Ray's metrics go: each node's
+Prometheus endpoint, the dashboard's Metrics view (with Prometheus and Grafana:
+cluster/README.md), any scraper. Prometheus sees each name with Ray's `ray_` prefix.
+
+Tags say whose numbers they are: the experiment (a sweep's or run's name), the trial (its
+id, or the run's name), the phase id and the stack. The rank-0 worker of a training phase
+sets the step, loss and speed gauges while it trains; the driver of the run (the trial)
+sets the phase-end numbers and counts phases trained and reused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+TAGS = ("experiment", "trial", "phase", "stack")
+PREFIX = "stackwise_"
+
+GAUGES = {
+    "step": "optimizer steps done in the phase now training",
+    "steps": "optimizer steps the phase trains in all",
+    "train_loss": "training loss at the last logged step",
+    "tokens_per_s": "training tokens per second of the phase (global batch)",
+    "val_loss": "validation loss of the full rack at the end of the phase",
+    "cache_bytes": "bytes of the activation cache the phase read (0: none)",
+    "cache_build_s": "seconds spent building the phase's cache",
+    "phase_wall_s": "wall time of the phase (0 for a reused phase)",
+}
+COUNTERS = {
+    "phases_trained": "phases trained (or recovered from a checkpoint)",
+    "phases_reused": "finished phases reused instead of trained",
+}
+NAMES = [PREFIX + n for n in GAUGES] + [PREFIX + n + "_total" for n in COUNTERS]  # as Prometheus shows them, without ray_
+
+
+@functools.lru_cache(maxsize=1)
+def _instruments() -> dict:
+    from ray.util.metrics import Counter, Gauge
+
+    out = {n: Gauge(PREFIX + n, description=d, tag_keys=TAGS) for n, d in GAUGES.items()}
+    out.update({n: Counter(PREFIX + n, description=d, tag_keys=TAGS) for n, d in COUNTERS.items()})
+    return out
+
+
+def tags(labels: dict, phase: str, stack: int) -> dict:
+    return {"experiment": labels["experiment"], "trial": labels["trial"], "phase": phase, "stack": str(stack)}
+
+
+def phase_progress(t: dict, step: int, steps: int, loss: float, tokens_per_s: float) -> None:
+    """From the rank-0 worker while it trains."""
+    m = _instruments()
+    m["step"].set(step, tags=t)
+    m["steps"].set(steps, tags=t)
+    m["train_loss"].set(loss, tags=t)
+    m["tokens_per_s"].set(tokens_per_s, tags=t)
+
+
+def phase_finished(t: dict, metrics: dict) -> None:
+    """From the run's driver when a phase is trained or reused."""
+    m = _instruments()
+    reused = metrics.get("status") == "reused"
+    m["phases_reused" if reused else "phases_trained"].inc(1, tags=t)
+    m["val_loss"].set(metrics["val_loss"], tags=t)
+    cache = metrics.get("cache", {})
+    m["cache_bytes"].set(float(cache.get("bytes") or 0), tags=t)
+    m["cache_build_s"].set(float(cache.get("build_s") or 0.0) if cache.get("built") else 0.0, tags=t)
+    m["phase_wall_s"].set(0.0 if reused else float(metrics.get("phase_wall_s", 0.0)), tags=t)
