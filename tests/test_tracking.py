@@ -2,6 +2,7 @@
 
 import json
 import struct
+import time
 
 import pytest
 
@@ -54,13 +55,14 @@ def test_tensorboard_events_read_back(tmp_path):
     assert [e.value for e in events.Scalars("phase/stack")] == [0.0, 1.0]
 
 
-def wandb_history(path) -> list[dict]:
-    """The history rows of an offline W&B run file. wandb >= 0.19 reads these only in its Go
-    core, so this follows the file format: a 7-byte header, then LevelDB-log records (7-byte
-    record headers, 32 KiB blocks) each holding a protobuf Record."""
+def wandb_history(path) -> tuple[list[dict], bool]:
+    """(history rows, whether the run's exit record is there) of an offline W&B run file.
+    wandb >= 0.19 reads these only in its Go core, so this follows the file format: a 7-byte
+    header, then LevelDB-log records (7-byte record headers, 32 KiB blocks) each holding a
+    protobuf Record."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data, pos, buf, rows = path.read_bytes(), 7, b"", []
+    data, pos, buf, rows, finished = path.read_bytes(), 7, b"", [], False
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
         if left < 7:  # a block's tail too short for a record header is padding
@@ -74,13 +76,18 @@ def wandb_history(path) -> list[dict]:
             buf = b""
             if record.WhichOneof("record_type") == "history":
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return rows
+            finished |= record.WhichOneof("record_type") == "exit"
+    return rows, finished
 
 
 def test_wandb_offline_run_holds_the_same_points(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     tracked(tmp_path, wandb="offline")
-    rows = wandb_history(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    path, deadline = next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")), time.time() + 30
+    rows, finished = wandb_history(path)
+    while not finished and time.time() < deadline:  # finish() can return before W&B's core has written it all
+        time.sleep(0.2)
+        rows, finished = wandb_history(path)
     assert [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r] == [
         (0, 5.0), (10, 4.0), (19, 3.5), (20, 3.3), (30, 3.0), (39, 2.9)]
     assert [(r["_step"], r["val/loss"]) for r in rows if "val/loss" in r] == [(20, 3.4), (40, 2.8)]
