@@ -4,6 +4,7 @@ shared storage path read across nodes."""
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -88,7 +89,9 @@ def test_sweep_on_two_nodes_uses_both_and_reads_shared_storage_across_nodes(tmp_
     head_port, *ports = free_ports(15)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    env["RAY_AUTH_MODE"] = "token"  # `ray start --head` turns token auth on; the joining node and drivers must send it
+    # token auth as the README sets up a head: `ray start --head` needs a token with RAY_AUTH_MODE=token (it
+    # creates none), and the joining node and drivers send the same one
+    env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"] = "token", secrets.token_hex(32)
     address = f"127.0.0.1:{head_port}"
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     try:
