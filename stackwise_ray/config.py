@@ -445,32 +445,40 @@ def apply_overrides(config: StackWiseConfig, overrides: dict) -> StackWiseConfig
 
 def check_fits(config: StackWiseConfig, vocab_size: int) -> None:
     """Refuse a run whose rack and one batch cannot fit in this machine's memory, before
-    anything allocates them. Every term is a lower bound (no optimizer state, one hidden
-    state per block); the message names the key of the largest one."""
+    anything allocates them, naming the key of the largest term of the estimate."""
     memory = _machine_memory()
+    weights, activations = footprint(config, vocab_size)
+    need = sum(weights.values()) + sum(activations.values())
+    if memory is not None and need > memory:
+        key = max({**weights, **activations}.items(), key=lambda kv: kv[1])[0].strip()
+        _fail(key, f"a rack of {config.target_stacks} stacks needs at least {_bytes(need)} (weights and buffers "
+                   f"{_bytes(sum(weights.values()))}, one batch's activations {_bytes(sum(activations.values()))}), "
+                   f"more than this machine's {_bytes(memory)}")
+
+
+def footprint(config: StackWiseConfig, vocab_size: int) -> tuple[dict, dict]:
+    """Lower bounds, in bytes, of the rack's weights and buffers and of one training batch's
+    activations (no optimizer state, one hidden state per block), each as {key that
+    drives a term: bytes}. Keys with a trailing space are a second term of the same key."""
     m, d, p = config.model, config.data, config.training.progressive
     head_dim, blocks, n = m.d_model // m.n_heads, config.blocks_per_stack, config.target_stacks
     kv_dim = (m.n_kv_heads or m.n_heads) * head_dim
     d_ff = m.d_ff or 8 * m.d_model // 3
-    weight_bytes = sum(BYTES_PER_WEIGHT[config.stack_precision(k)] for k in range(n))  # summed over stacks
+    per_weight = sum(BYTES_PER_WEIGHT[config.stack_precision(k)] for k in range(n))  # over all stacks
     table = p.num_time_steps * p.time_embedding_dim if p.time_encoding_type == "learned" else 0
-    terms = {
+    weights = {
         "model.vocab_size": 4 * vocab_size * m.d_model * (1 if m.tie_embeddings else 2),
-        "model.d_model": weight_bytes * blocks * (2 * m.d_model * (m.d_model + kv_dim) + 2 * m.d_model),
-        "model.d_ff" if m.d_ff else "model.d_model ": weight_bytes * blocks * 3 * m.d_model * d_ff,
-        "training.progressive.time_embedding_dim": weight_bytes * (p.time_embedding_dim + 1) * m.d_model,
-        "training.progressive.num_time_steps": weight_bytes * table,
+        "model.d_model": per_weight * blocks * (2 * m.d_model * (m.d_model + kv_dim) + 2 * m.d_model),
+        "model.d_ff" if m.d_ff else "model.d_model ": per_weight * blocks * 3 * m.d_model * d_ff,
+        "training.progressive.time_embedding_dim": per_weight * (p.time_embedding_dim + 1) * m.d_model,
+        "training.progressive.num_time_steps": per_weight * table,
         "model.max_seq_len": 4 * m.max_seq_len * head_dim,  # rotary cos and sin tables
     }
-    hidden = 4 * d.batch_size * d.seq_len * m.d_model * blocks
-    logits = 4 * d.batch_size * d.seq_len * vocab_size
-    weights, activations = sum(terms.values()), hidden + logits
-    if memory is not None and weights + activations > memory:
-        terms["data.batch_size"] = hidden
-        terms["model.vocab_size " if m.vocab_size else "data.batch_size "] = logits
-        key = max(terms, key=terms.get).strip()
-        _fail(key, f"a rack of {n} stacks needs at least {_bytes(weights + activations)} (weights and buffers "
-                   f"{_bytes(weights)}, one batch's activations {_bytes(activations)}), more than this machine's {_bytes(memory)}")
+    activations = {
+        "data.batch_size": 4 * d.batch_size * d.seq_len * m.d_model * blocks,
+        "model.vocab_size " if m.vocab_size else "data.batch_size ": 4 * d.batch_size * d.seq_len * vocab_size,  # logits
+    }
+    return weights, activations
 
 
 def _machine_memory() -> int | None:
