@@ -763,7 +763,8 @@ def _check_value(tp, value, path):
         dict: lambda v: isinstance(v, dict),
     }[tp](value)
     if not ok:
-        name = "a finite number" if tp is float and isinstance(value, (int, float)) else _type_name(tp)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        name = "a finite number" if tp is float and number else _type_name(tp)
         _fail(path, f"must be {name}, got {type(value).__name__} {_show(value)}")
 
 
