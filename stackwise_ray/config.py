@@ -395,7 +395,7 @@ class StackWiseConfig:
                         _fail(f"{key}.{kind}", f"value {_show(value)}: {e}")
             else:
                 if (not isinstance(values, list) or len(values) != 2
-                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in values)
                         or values[0] >= values[1]):
                     _fail(f"{key}.{kind}", f"must be [low, high] with low < high, got {_show(values)}")
                 if kind == "loguniform" and values[0] <= 0:
@@ -448,36 +448,36 @@ def check_fits(config: StackWiseConfig, vocab_size: int) -> None:
     anything allocates them, naming the key of the largest term of the estimate."""
     memory = _machine_memory()
     weights, activations = footprint(config, vocab_size)
-    need = sum(weights.values()) + sum(activations.values())
-    if memory is not None and need > memory:
-        key = max({**weights, **activations}.items(), key=lambda kv: kv[1])[0].strip()
-        _fail(key, f"a rack of {config.target_stacks} stacks needs at least {_bytes(need)} (weights and buffers "
-                   f"{_bytes(sum(weights.values()))}, one batch's activations {_bytes(sum(activations.values()))}), "
+    total = {name: sum(n for _, n in terms) for name, terms in (("weights", weights), ("activations", activations))}
+    if memory is not None and sum(total.values()) > memory:
+        key = max(weights + activations, key=lambda term: term[1])[0]
+        _fail(key, f"a rack of {config.target_stacks} stacks needs at least {_bytes(sum(total.values()))} (weights and "
+                   f"buffers {_bytes(total['weights'])}, one batch's activations {_bytes(total['activations'])}), "
                    f"more than this machine's {_bytes(memory)}")
 
 
-def footprint(config: StackWiseConfig, vocab_size: int) -> tuple[dict, dict]:
+def footprint(config: StackWiseConfig, vocab_size: int) -> tuple[list, list]:
     """Lower bounds, in bytes, of the rack's weights and buffers and of one training batch's
-    activations (no optimizer state, one hidden state per block), each as {key that
-    drives a term: bytes}. Keys with a trailing space are a second term of the same key."""
+    activations (no optimizer state, one hidden state per block), each as a list of
+    (the key that drives a term, its bytes)."""
     m, d, p = config.model, config.data, config.training.progressive
     head_dim, blocks, n = m.d_model // m.n_heads, config.blocks_per_stack, config.target_stacks
     kv_dim = (m.n_kv_heads or m.n_heads) * head_dim
     d_ff = m.d_ff or 8 * m.d_model // 3
     per_weight = sum(BYTES_PER_WEIGHT[config.stack_precision(k)] for k in range(n))  # over all stacks
     table = p.num_time_steps * p.time_embedding_dim if p.time_encoding_type == "learned" else 0
-    weights = {
-        "model.vocab_size": 4 * vocab_size * m.d_model * (1 if m.tie_embeddings else 2),
-        "model.d_model": per_weight * blocks * (2 * m.d_model * (m.d_model + kv_dim) + 2 * m.d_model),
-        "model.d_ff" if m.d_ff else "model.d_model ": per_weight * blocks * 3 * m.d_model * d_ff,
-        "training.progressive.time_embedding_dim": per_weight * (p.time_embedding_dim + 1) * m.d_model,
-        "training.progressive.num_time_steps": per_weight * table,
-        "model.max_seq_len": 4 * m.max_seq_len * head_dim,  # rotary cos and sin tables
-    }
-    activations = {
-        "data.batch_size": 4 * d.batch_size * d.seq_len * m.d_model * blocks,
-        "model.vocab_size " if m.vocab_size else "data.batch_size ": 4 * d.batch_size * d.seq_len * vocab_size,  # logits
-    }
+    weights = [
+        ("model.vocab_size", 4 * vocab_size * m.d_model * (1 if m.tie_embeddings else 2)),
+        ("model.d_model", per_weight * blocks * (2 * m.d_model * (m.d_model + kv_dim) + 2 * m.d_model)),
+        ("model.d_ff" if m.d_ff else "model.d_model", per_weight * blocks * 3 * m.d_model * d_ff),
+        ("training.progressive.time_embedding_dim", per_weight * (p.time_embedding_dim + 1) * m.d_model),
+        ("training.progressive.num_time_steps", per_weight * table),
+        ("model.max_seq_len", 4 * m.max_seq_len * head_dim),  # rotary cos and sin tables
+    ]
+    activations = [
+        ("data.batch_size", 4 * d.batch_size * d.seq_len * m.d_model * blocks),
+        ("model.vocab_size" if m.vocab_size else "data.batch_size", 4 * d.batch_size * d.seq_len * vocab_size),  # logits
+    ]
     return weights, activations
 
 

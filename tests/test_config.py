@@ -265,7 +265,7 @@ def test_the_memory_estimate_is_a_lower_bound_of_a_built_rack():
             builder.add_stack()
         rack = builder.build_rack()
         actual = sum(t.numel() * t.element_size() for t in [*rack.parameters(), *rack.buffers()])
-        estimate = sum(footprint(config, 260)[0].values())
+        estimate = sum(n for _, n in footprint(config, 260)[0])
         assert 0.9 * actual <= estimate <= actual  # a lower bound, and not a loose one
 
 
@@ -333,3 +333,19 @@ def test_the_storage_probe_leaves_nothing_behind(tmp_path):
         assert msg == f"ray.storage_path: {tmp_path / bad}: cannot write there: Not a directory"
     assert error_of(lambda: check_storage(str(tmp_path / "a\0b"))).startswith("ray.storage_path: ")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_vocab_size_below_a_tokenizer_files_is_refused_once_it_is_loaded(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from stackwise_ray.config import load_for_command
+
+    tokens = ["[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]", "hello", "world"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    path = tmp_path / "x.yaml"
+    path.write_text(f"model: {{vocab_size: 6}}\ndata: {{tokenizer: {tmp_path / 'tok.json'}}}\n")
+    assert load_for_command(str(path), str(tmp_path / "runs"), check_data=False) is None
+    assert capsys.readouterr().err == f"error: {path}: model.vocab_size: must be >= the tokenizer's 7 ids, got 6\n"
+    assert not (tmp_path / "runs").exists()
