@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import importlib.util
 import inspect
 import math
 import os
+import reprlib
 import sys
 import types
 import typing
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -24,6 +27,12 @@ import yaml
 
 PRECISIONS = ("full", "half", "bfloat16", "nvfp4", "qlora")
 QUANTIZED_PRECISIONS = ("nvfp4", "qlora")
+BYTES_PER_WEIGHT = {"full": 4, "half": 2, "bfloat16": 2, "nvfp4": 0.5, "qlora": 0.5}
+BYTE_VOCAB_SIZE = 260  # data.ByteTokenizer: 256 bytes and 4 special ids
+# seeds reach torch.manual_seed as seed * 100_003 + epoch, which must stay below 2**63
+MAX_SEED = 2**31 - 1
+MAX_STACKS = 1024  # validation loops over the stacks (precisions, time steps)
+MAX_GRID_POINTS = 1000  # trials in a grid; each grid or choice value is validated as a whole config
 
 
 class ConfigError(ValueError):
@@ -168,15 +177,28 @@ class StackWiseConfig:
     def from_yaml(cls, path: str | os.PathLike) -> "StackWiseConfig":
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f)
+            with open(path, "rb") as f:
+                text = f.read(MAX_YAML_BYTES + 1)
+            if len(text) > MAX_YAML_BYTES:
+                raise ConfigError(f"larger than {MAX_YAML_BYTES // 2**20} MiB; a config is a few KB")
+            raw = _Loader(text).get_single_data()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except yaml.reader.ReaderError as e:  # a NUL byte, bytes that are not UTF-8
+            before = text.decode("utf-8", "replace")[:e.position].encode() if e.encoding == "unicode" else text[:e.position]
+            line = before.count(b"\n") + 1
+            raise ConfigError(f"{path}: line {line}: {_first_line(e)}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} YAML syntax error: {getattr(e, 'problem', e)}") from None
-        return cls.from_dict(raw or {})
+            what = "; ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or _first_line(e)
+            raise ConfigError(f"{path}:{where} YAML syntax error: {_clip(what, 200)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: <top level>: must be a mapping of sections, got {_kind(raw)} "
+                              "(a run with every default is written {})")
+        return cls.from_dict(raw)
 
     @classmethod
     def from_dict(cls, raw: Any) -> "StackWiseConfig":
@@ -206,9 +228,11 @@ class StackWiseConfig:
             return self.training.progressive.training_objective == "clm"
         return self.model.attention == "causal"
 
-    def validate(self, check_files: bool = True) -> "StackWiseConfig":
+    def validate(self, check_files: bool = True, import_code: bool = True) -> "StackWiseConfig":
         """Raise ConfigError naming the first bad key. check_files=False skips the data and
-        tokenizer file checks (loading a trained rack elsewhere needs neither)."""
+        tokenizer file checks (loading a trained rack elsewhere needs neither);
+        import_code=False checks only the shape of a custom time mapping's name, without
+        importing or calling it (a rack from elsewhere must not run code it names)."""
         # attribute assignment bypasses from_dict, so types are checked again here
         _check_types(self, "")
         m, d, t, p = self.model, self.data, self.training, self.training.progressive
@@ -225,47 +249,56 @@ class StackWiseConfig:
                 if getattr(obj, k) is not None:
                     _positive(obj, sec, k)
         _positive(self.ray, "ray", "num_workers", "cpus_per_worker")
+        _positive(m, "model", "rope_theta", "norm_eps", "init_std")
+        for sec, obj, key in (("training", t, "weight_decay"), ("training", t, "grad_clip")):
+            if getattr(obj, key) < 0:
+                _fail(f"{sec}.{key}", f"must be >= 0, got {_show(getattr(obj, key))}")
+        _within(t, "training", "seed", 0, MAX_SEED)
+        _within(d, "data", "split_seed", 0, MAX_SEED)
+        _within(p, "training.progressive", "max_stacks", 1, MAX_STACKS)
+        if m.vocab_size is not None and d.tokenizer == "byte" and m.vocab_size < BYTE_VOCAB_SIZE:
+            _fail("model.vocab_size", f"must be >= the byte tokenizer's {BYTE_VOCAB_SIZE} ids, got {_show(m.vocab_size)}")
         storage_dir(self.ray.storage_path)
         if self.ray.max_failures < 0:
-            _fail("ray.max_failures", f"must be >= 0, got {self.ray.max_failures}")
+            _fail("ray.max_failures", f"must be >= 0, got {_show(self.ray.max_failures)}")
         if t.checkpoint_every < 0:
-            _fail("training.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
+            _fail("training.checkpoint_every", f"must be >= 0, got {_show(t.checkpoint_every)}")
         if self.ray.cache_max_bytes is not None and self.ray.cache_max_bytes < 0:
-            _fail("ray.cache_max_bytes", f"must be >= 0, got {self.ray.cache_max_bytes}")
+            _fail("ray.cache_max_bytes", f"must be >= 0, got {_show(self.ray.cache_max_bytes)}")
         fault = self.ray.inject_worker_failure
         if fault is not None and not (fault.count(":") == 1 and all(x.isdigit() for x in fault.split(":"))):
-            _fail("ray.inject_worker_failure", f"must look like 'stack:step', got {fault!r}")
+            _fail("ray.inject_worker_failure", f"must look like 'stack:step', got {_show(fault)}")
         if d.batch_size % self.ray.num_workers:
-            _fail("data.batch_size", f"the global batch must split evenly over ray.num_workers={self.ray.num_workers}, got {d.batch_size}")
+            _fail("data.batch_size", f"the global batch must split evenly over ray.num_workers={self.ray.num_workers}, got {_show(d.batch_size)}")
         if p.time_per_stack < 0:
-            _fail("training.progressive.time_per_stack", f"must be >= 0, got {p.time_per_stack}")
+            _fail("training.progressive.time_per_stack", f"must be >= 0, got {_show(p.time_per_stack)}")
         if t.lr <= 0:
-            _fail("training.lr", f"must be > 0, got {t.lr}")
+            _fail("training.lr", f"must be > 0, got {_show(t.lr)}")
         if t.min_lr < 0 or t.min_lr > t.lr:
-            _fail("training.min_lr", f"must be in [0, training.lr={t.lr}], got {t.min_lr}")
+            _fail("training.min_lr", f"must be in [0, training.lr={t.lr}], got {_show(t.min_lr)}")
         if t.warmup_steps < 0:
-            _fail("training.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+            _fail("training.warmup_steps", f"must be >= 0, got {_show(t.warmup_steps)}")
         if m.d_model % m.n_heads:
-            _fail("model.d_model", f"must be divisible by model.n_heads={m.n_heads}, got {m.d_model}")
+            _fail("model.d_model", f"must be divisible by model.n_heads={m.n_heads}, got {_show(m.d_model)}")
         if (m.d_model // m.n_heads) % 2:
             _fail("model.d_model", f"head size d_model/n_heads must be even for rotary embeddings, got {m.d_model // m.n_heads}")
         if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
-            _fail("model.n_kv_heads", f"must divide model.n_heads={m.n_heads}, got {m.n_kv_heads}")
+            _fail("model.n_kv_heads", f"must divide model.n_heads={m.n_heads}, got {_show(m.n_kv_heads)}")
         if d.seq_len > m.max_seq_len:
-            _fail("data.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {d.seq_len}")
+            _fail("data.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {_show(d.seq_len)}")
         if not 0 < d.val_fraction < 1:
-            _fail("data.val_fraction", f"must be between 0 and 1, got {d.val_fraction}")
+            _fail("data.val_fraction", f"must be between 0 and 1, got {_show(d.val_fraction)}")
         for k in ("min_mask_rate", "max_mask_rate", "mask_token_fraction", "random_token_fraction"):
             if not 0 <= getattr(p, k) <= 1:
                 _fail(f"training.progressive.{k}", f"must be in [0, 1], got {getattr(p, k)}")
         if p.min_mask_rate > p.max_mask_rate:
-            _fail("training.progressive.min_mask_rate", f"must be <= max_mask_rate={p.max_mask_rate}, got {p.min_mask_rate}")
+            _fail("training.progressive.min_mask_rate", f"must be <= max_mask_rate={p.max_mask_rate}, got {_show(p.min_mask_rate)}")
         if p.mask_token_fraction + p.random_token_fraction > 1:
             _fail("training.progressive.random_token_fraction", "mask_token_fraction + random_token_fraction must be <= 1")
         if not 0 <= p.qlora_dropout < 1:
-            _fail("training.progressive.qlora_dropout", f"must be in [0, 1), got {p.qlora_dropout}")
+            _fail("training.progressive.qlora_dropout", f"must be in [0, 1), got {_show(p.qlora_dropout)}")
         if self.target_stacks > p.max_stacks:
-            _fail("training.progressive.target_stacks", f"must be <= max_stacks={p.max_stacks}, got {p.target_stacks}")
+            _fail("training.progressive.target_stacks", f"must be <= max_stacks={p.max_stacks}, got {_show(p.target_stacks)}")
         if self.causal and p.training_objective == "mlm":
             _fail("model.attention", "causal attention cannot see the masked tokens' right context; use bidirectional or auto for mlm")
         if not self.causal and p.training_objective == "clm":
@@ -275,9 +308,10 @@ class StackWiseConfig:
         if p.training_objective == "custom" and d.target_field is None:
             _fail("data.target_field", "training_objective custom needs targets from the data: name their field here")
         self._validate_precisions()
+        check_fits(self, m.vocab_size or BYTE_VOCAB_SIZE)
         self._validate_lora()
-        self._validate_time()
-        self._validate_tune(check_files)
+        self._validate_time(import_code)
+        self._validate_tune(check_files, import_code)
         self._validate_tracking()
         if check_files:
             _validate_data_source(d)
@@ -289,7 +323,7 @@ class StackWiseConfig:
 
     def _validate_precisions(self) -> None:
         p = self.training.progressive
-        p.stack_precisions = _int_keys(p.stack_precisions, "training.progressive.stack_precisions")
+        p.stack_precisions = _int_keys(p.stack_precisions, "training.progressive.stack_precisions", p.max_stacks)
         for k, v in p.stack_precisions.items():
             if v not in PRECISIONS:
                 _fail(f"training.progressive.stack_precisions.{k}", _choice_msg(v, PRECISIONS))
@@ -302,11 +336,11 @@ class StackWiseConfig:
         p = self.training.progressive
         if p.trunk_strategy == "qlora" and not (p.qlora_enabled or p.progressive_qlora):
             _fail("training.progressive.trunk_strategy", "qlora trains only the trunk's LoRA adapters: set qlora_enabled or progressive_qlora to true")
-        p.qlora_configs = _int_keys(p.qlora_configs, "training.progressive.qlora_configs")
+        p.qlora_configs = _int_keys(p.qlora_configs, "training.progressive.qlora_configs", p.max_stacks)
         for k, v in p.qlora_configs.items():
             key = f"training.progressive.qlora_configs.{k}"
             if not isinstance(v, dict):
-                _fail(key, f"must be a mapping with rank and alpha, got {v!r}")
+                _fail(key, f"must be a mapping with rank and alpha, got {_show(v)}")
             unknown = set(v) - {"rank", "alpha"}
             if unknown:
                 _fail(f"{key}.{sorted(unknown)[0]}", "unknown key (expected rank, alpha)")
@@ -314,13 +348,13 @@ class StackWiseConfig:
                 if sub not in v:
                     _fail(f"{key}.{sub}", "missing")
                 if isinstance(v[sub], bool) or not isinstance(v[sub], (int, float)) or v[sub] <= 0 or (sub == "rank" and not isinstance(v[sub], int)):
-                    _fail(f"{key}.{sub}", f"must be a positive {'integer' if sub == 'rank' else 'number'}, got {v[sub]!r}")
+                    _fail(f"{key}.{sub}", f"must be a positive {'integer' if sub == 'rank' else 'number'}, got {_show(v[sub])}")
         if p.qlora_enabled and p.qlora_strategy == "variable":
             missing = [k for k in range(self.target_stacks) if k not in p.qlora_configs]
             if missing:
                 _fail("training.progressive.qlora_configs", f"qlora_strategy variable needs an entry for every stack that will be built (0..{self.target_stacks - 1}); missing {missing}")
 
-    def _validate_time(self) -> None:
+    def _validate_time(self, import_code: bool) -> None:
         p = self.training.progressive
         mapping = p.stack_time_mapping
         if ":" in mapping:  # stack_time_mapping: "module:function" is shorthand for custom
@@ -330,14 +364,17 @@ class StackWiseConfig:
         if p.stack_time_mapping == "custom":
             if p.custom_time_mapping is None:
                 _fail("training.progressive.custom_time_mapping", "stack_time_mapping custom needs 'module:function' here")
+            if not import_code:
+                _check_mapping_name(p.custom_time_mapping, "training.progressive.custom_time_mapping")
+                return
             fn = load_time_mapping(p.custom_time_mapping, "training.progressive.custom_time_mapping")
             for k in range(self.target_stacks):
                 try:
                     step = fn(k, p.max_stacks, p.num_time_steps)
-                except Exception as e:
-                    _fail("training.progressive.custom_time_mapping", f"{p.custom_time_mapping} raised {type(e).__name__} for stack {k}: {_first_line(e)}")
+                except BaseException as e:  # SystemExit too: a mapping must not end the command
+                    _fail("training.progressive.custom_time_mapping", f"{_clip(p.custom_time_mapping)} raised {type(e).__name__} for stack {k}: {_first_line(e)}")
                 if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < p.num_time_steps:
-                    _fail("training.progressive.custom_time_mapping", f"{p.custom_time_mapping} returned {step!r} for stack {k}; expected an int in [0, {p.num_time_steps})")
+                    _fail("training.progressive.custom_time_mapping", f"{_clip(p.custom_time_mapping)} returned {_show(step)} for stack {k}; expected an int in [0, {p.num_time_steps})")
 
 
     def _validate_tracking(self) -> None:
@@ -347,38 +384,51 @@ class StackWiseConfig:
             if on and importlib.util.find_spec(package) is None:
                 _fail(f"tracking.{key}", f"needs the {package} package: pip install 'stackwise-ray[tracking]'")
         if t.mlflow is not None and t.mlflow != "local" and "://" not in t.mlflow and t.mlflow != "databricks":
-            _fail("tracking.mlflow", f"must be local or a tracking URI (http://..., sqlite:///..., databricks), got {t.mlflow!r}")
+            _fail("tracking.mlflow", f"must be local or a tracking URI (http://..., sqlite:///..., databricks), got {_show(t.mlflow)}")
 
-    def _validate_tune(self, check_files: bool) -> None:
+    def _validate_tune(self, check_files: bool, import_code: bool) -> None:
         t = self.tune
         _positive(t, "tune", "num_samples", "max_concurrent_trials", "grace_period")
         if t.reduction_factor <= 1:
-            _fail("tune.reduction_factor", f"must be > 1, got {t.reduction_factor}")
+            _fail("tune.reduction_factor", f"must be > 1, got {_show(t.reduction_factor)}")
         if t.searcher != "none" and (t.baseline != "none" or any("grid" in s for s in t.search_space.values() if isinstance(s, dict))):
             _fail("tune.searcher", "a searcher picks its own points: use choice instead of grid, and baseline: none")
+        lists = [v for s in t.search_space.values() if isinstance(s, dict) for v in s.values() if isinstance(v, list)]
+        if sum(map(len, lists)) > MAX_GRID_POINTS:
+            _fail("tune.search_space", f"lists {sum(map(len, lists)):,} grid and choice values; at most {MAX_GRID_POINTS:,}")
+        points = math.prod(len(s["grid"]) for s in t.search_space.values() if isinstance(s, dict) and isinstance(s.get("grid"), list))
+        if points > MAX_GRID_POINTS:
+            _fail("tune.search_space", f"the grid has {points:,} points; at most {MAX_GRID_POINTS:,} trials")
         for path, spec in t.search_space.items():
             key = f"tune.search_space.{path}"
             field_type = _field_type(self, str(path), key)
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
-                _fail(key, f"must be a mapping with one of {', '.join(SEARCH_KINDS)}, got {spec!r}")
+                _fail(key, f"must be a mapping with one of {', '.join(SEARCH_KINDS)}, got {_show(spec)}")
             kind, values = next(iter(spec.items()))
             if kind in ("grid", "choice"):
                 if not isinstance(values, list) or not values:
-                    _fail(f"{key}.{kind}", f"must be a non-empty list, got {values!r}")
+                    _fail(f"{key}.{kind}", f"must be a non-empty list, got {_show(values)}")
                 for value in values:  # every value must make a valid config
                     try:
-                        apply_overrides(self, {path: value}).validate(check_files)
+                        apply_overrides(self, {path: value}).validate(check_files, import_code)
                     except ConfigError as e:
-                        _fail(f"{key}.{kind}", f"value {value!r}: {e}")
+                        _fail(f"{key}.{kind}", f"value {_show(value)}: {e}")
             else:
                 if (not isinstance(values, list) or len(values) != 2
-                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in values)
                         or values[0] >= values[1]):
-                    _fail(f"{key}.{kind}", f"must be [low, high] with low < high, got {values!r}")
+                    _fail(f"{key}.{kind}", f"must be [low, high] with low < high, got {_show(values)}")
                 if kind == "loguniform" and values[0] <= 0:
                     _fail(f"{key}.{kind}", "bounds must be > 0")
                 if field_type not in (int, float) or (kind == "randint" and field_type is not int):
                     _fail(key, f"{kind} needs a numeric key, {path} is not")
+                if field_type is int and kind != "randint":
+                    _fail(key, f"{kind} draws fractions; {path} is an integer: use randint")
+                for bound in values:  # the key's rules are ranges, so both bounds decide
+                    try:
+                        apply_overrides(self, {path: bound}).validate(check_files, import_code)
+                    except ConfigError as e:
+                        _fail(f"{key}.{kind}", f"bound {_show(bound)}: {e}")
 
 
 def _field_type(config, path: str, key: str):
@@ -388,8 +438,8 @@ def _field_type(config, path: str, key: str):
         names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
         if part not in names or (i == 0 and part == "tune"):
             near = difflib.get_close_matches(part, names, n=1)
-            _fail(key, f"no such config key{f' (did you mean {near[0]!r}?)' if near else ''}")
-        tp = typing.get_type_hints(type(obj))[part]
+            _fail(key, f"no such config key{f' (did you mean {_show(near[0])}?)' if near else ''}")
+        tp = _hints(type(obj))[part]
         obj = getattr(obj, part)
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
@@ -413,6 +463,62 @@ def apply_overrides(config: StackWiseConfig, overrides: dict) -> StackWiseConfig
     return out
 
 
+def check_fits(config: StackWiseConfig, vocab_size: int) -> None:
+    """Refuse a run whose rack and one batch cannot fit in this machine's memory, before
+    anything allocates them, naming the key of the largest term of the estimate."""
+    if config.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster's nodes are not this machine: there Ray's own memory monitor speaks
+    memory = _machine_memory()
+    weights, activations = footprint(config, vocab_size)
+    total = {name: sum(n for _, n in terms) for name, terms in (("weights", weights), ("activations", activations))}
+    if memory is not None and sum(total.values()) > memory:
+        key = max(weights + activations, key=lambda term: term[1])[0]
+        _fail(key, f"a rack of {config.target_stacks} stacks needs at least {_bytes(sum(total.values()))} (weights and "
+                   f"buffers {_bytes(total['weights'])}, one batch's activations {_bytes(total['activations'])}), "
+                   f"more than this machine's {_bytes(memory)}")
+
+
+def footprint(config: StackWiseConfig, vocab_size: int) -> tuple[list, list]:
+    """Lower bounds, in bytes, of the rack's weights and buffers and of one training batch's
+    activations (no optimizer state, one hidden state per block), each as a list of
+    (the key that drives a term, its bytes)."""
+    m, d, p = config.model, config.data, config.training.progressive
+    head_dim, blocks, n = m.d_model // m.n_heads, config.blocks_per_stack, config.target_stacks
+    kv_dim = (m.n_kv_heads or m.n_heads) * head_dim
+    d_ff = m.d_ff or 8 * m.d_model // 3
+    per_weight = sum(BYTES_PER_WEIGHT[config.stack_precision(k)] for k in range(n))  # over all stacks
+    table = p.num_time_steps * p.time_embedding_dim if p.time_encoding_type == "learned" else 0
+    weights = [
+        ("model.vocab_size", 4 * vocab_size * m.d_model * (1 if m.tie_embeddings else 2)),
+        ("model.d_model", per_weight * blocks * (2 * m.d_model * (m.d_model + kv_dim) + 2 * m.d_model)),
+        ("model.d_ff" if m.d_ff else "model.d_model", per_weight * blocks * 3 * m.d_model * d_ff),
+        ("training.progressive.time_embedding_dim", per_weight * (p.time_embedding_dim + 1) * m.d_model),
+        ("training.progressive.num_time_steps", per_weight * table),
+        ("model.max_seq_len", 4 * m.max_seq_len * head_dim),  # rotary cos and sin tables
+    ]
+    activations = [
+        ("data.batch_size", 4 * d.batch_size * d.seq_len * m.d_model * blocks),
+        ("model.vocab_size" if m.vocab_size else "data.batch_size", 4 * d.batch_size * d.seq_len * vocab_size),  # logits
+    ]
+    return weights, activations
+
+
+def _machine_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not on this platform
+        return None
+
+
+def _bytes(n: float) -> str:
+    if n >= 2**60:
+        return f"{n:.1e} bytes"
+    for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
 def storage_dir(path: str) -> str:
     """Where runs go: an absolute local directory (a plain or mounted path, or file://),
     or a URI of a filesystem pyarrow knows (storage.py)."""
@@ -423,23 +529,64 @@ def storage_dir(path: str) -> str:
     elif "://" in path:
         scheme = path.split("://", 1)[0]
         if scheme not in SCHEMES:
-            raise ConfigError(f"ray.storage_path: {path!r}: unknown scheme {scheme!r}; use a local or mounted path, "
+            raise ConfigError(f"ray.storage_path: {_show(path)}: unknown scheme {_show(scheme)}; use a local or mounted path, "
                               f"file://, or one of {', '.join(s + '://' for s in SCHEMES)}")
         return path.rstrip("/")
     return os.path.abspath(path)
 
 
 def check_storage(path: str) -> None:
-    """Reach a remote storage path once, before anything starts (a typo in a bucket or
-    endpoint fails here, in one line)."""
+    """Check, before anything starts, that runs can be written under the storage path, by
+    writing a probe file there and removing it. A local directory the probe needs is
+    made for it and removed again: nothing is left behind either way."""
     from . import storage
 
     location = storage_dir(path)
+    probe = f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if storage.is_remote(location):
         try:
             storage.makedirs(location)
+            storage.write_bytes(storage.join(location, probe), b"")
+            storage.remove(storage.join(location, probe))
         except (OSError, ValueError) as e:  # pyarrow's errors carry the service's reason
-            raise ConfigError(f"ray.storage_path: {location}: cannot be reached: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"ray.storage_path: {location}: cannot be reached: {_first_line(e)}") from None
+        return
+    made = []
+    try:
+        for directory in reversed(_missing_dirs(location)):
+            os.mkdir(directory)
+            made.append(directory)
+        with open(os.path.join(location, probe), "xb"):
+            pass
+        os.remove(os.path.join(location, probe))
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        reason = getattr(e, "strerror", None) or _first_line(e)
+        raise ConfigError(f"ray.storage_path: {_clip(location, 200)}: cannot write there: {reason}") from None
+    finally:
+        for directory in reversed(made):
+            try:
+                os.rmdir(directory)
+            except OSError:  # another process put something there meanwhile: it stays
+                break
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def check_name(name: str) -> None:
+    """A run or experiment name is one directory right under the storage path."""
+    bad = next((c for c in ("/", "\\", "\0", "?", "#") if c in name), None)
+    if name in ("", ".", "..") or bad:
+        why = f"contains {bad!r}" if bad else "is not a directory name"
+        raise ConfigError(f"--name: must be one directory name under the storage path; {_show(name)} {why}")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise ConfigError("--name: longer than 255 bytes, the most a directory name can be")
 
 
 def load_config(path: str | os.PathLike) -> StackWiseConfig:
@@ -453,30 +600,45 @@ def load_config(path: str | os.PathLike) -> StackWiseConfig:
 
 
 def load_for_command(path: str, storage: str | None, check_data: bool = True,
-                     address: str | None = None) -> StackWiseConfig | None:
-    """What both commands do first: load and validate the YAML, apply --storage, check
-    that a GPU run has a GPU, and load the data (a bad data file fails here, before Ray
-    starts). On bad input, print one line naming the file and return None (the command
-    exits with status 2)."""
+                     address: str | None = None, name: str | None = None) -> StackWiseConfig | None:
+    """What both commands do first: check --name, load and validate the YAML, apply
+    --storage, check that a GPU run has a GPU, that the storage path is writable, and the
+    config against its tokenizer and data (a bad data file fails here, before Ray starts).
+    On bad input, print one line naming the file and return None (the command exits with
+    status 2)."""
     try:
+        if name is not None:
+            check_name(name)
         config = load_config(path)
         if storage:
             config.ray.storage_path = storage_dir(storage)
-        check_storage(config.ray.storage_path)
         if config.ray.use_gpu and not (address or config.ray.address or os.environ.get("RAY_ADDRESS")):
             import torch
 
             if not torch.cuda.is_available():
                 raise ConfigError("ray.use_gpu: true, but this machine has no CUDA GPU (set it to false, or give "
                                   "the address of a cluster with GPU workers: ray.address, RAY_ADDRESS or --address)")
-        if check_data:
-            from .data import build_datasets
-
-            build_datasets(config)
+        check_storage(config.ray.storage_path)
+        if check_data or config.data.tokenizer != "byte":
+            _check_against_data(config, check_data)
         return config
     except (ConfigError, ValueError) as e:
         print(f"error: {e}" if str(e).startswith(path) else f"error: {path}: {e}", file=sys.stderr)
         return None
+
+
+def _check_against_data(config: StackWiseConfig, load_data: bool) -> None:
+    """What validate cannot know: the tokenizer's vocabulary and the number of examples."""
+    from .data import build_datasets, load_tokenizer
+
+    tokenizer, m = load_tokenizer(config.data.tokenizer), config.model
+    if m.vocab_size is not None and m.vocab_size < tokenizer.vocab_size:
+        _fail("model.vocab_size", f"must be >= the tokenizer's {tokenizer.vocab_size:,} ids, got {m.vocab_size:,}")
+    check_fits(config, m.vocab_size or tokenizer.vocab_size)
+    if load_data:
+        train_ds, _, _ = build_datasets(config, tokenizer)
+        if config.data.batch_size > len(train_ds):
+            _fail("data.batch_size", f"must be <= the {len(train_ds):,} training examples, got {config.data.batch_size:,}")
 
 
 def load_time_mapping(spec: str, key: str = "training.progressive.custom_time_mapping"):
@@ -484,33 +646,107 @@ def load_time_mapping(spec: str, key: str = "training.progressive.custom_time_ma
 
     This import is the only code a configuration can name.
     """
-    module_name, _, fn_name = spec.partition(":")
-    if not module_name or not fn_name:
-        _fail(key, f"must look like 'module:function', got {spec!r}")
+    module_name, fn_name = _check_mapping_name(spec, key)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        _fail(key, f"cannot import module {module_name!r}: {e}")
-    except Exception as e:  # the module itself is broken (SyntaxError, an error at import time)
-        _fail(key, f"cannot import module {module_name!r}: {type(e).__name__}: {_first_line(e)}")
+        _fail(key, f"cannot import module {_show(module_name)}: {_first_line(e)}")
+    except BaseException as e:  # the module itself is broken (SyntaxError, an error or sys.exit at import time)
+        _fail(key, f"cannot import module {_show(module_name)}: {type(e).__name__}: {_first_line(e)}")
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        _fail(key, f"module {module_name!r} has no function {fn_name!r}")
+        _fail(key, f"module {_show(module_name)} has no function {_show(fn_name)}")
     try:
         inspect.signature(fn).bind(0, 1, 1)
     except TypeError:
-        _fail(key, f"{spec} must accept (stack_idx, max_stacks, num_time_steps)")
+        _fail(key, f"{_clip(spec)} must accept (stack_idx, max_stacks, num_time_steps)")
     except ValueError:
         pass  # builtins without a signature: try them as they are
     return fn
 
 
+def _check_mapping_name(spec: str, key: str) -> tuple[str, str]:
+    module_name, _, fn_name = spec.partition(":")
+    if not module_name or not fn_name:
+        _fail(key, f"must look like 'module:function', got {_show(spec)}")
+    return module_name, fn_name
+
+
+# ---------------------------------------------------------------- reading YAML
+
+MAX_YAML_BYTES = 16 * 2**20
+MAX_YAML_NODES = 100_000  # values a document expands to, aliases counted in full (a real config has hundreds)
+MAX_YAML_DEPTH = 64  # a config nests 6 levels deep
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses, before building anything, what no config needs and a
+    hostile file can use: aliases that expand past MAX_YAML_NODES values (nested aliases
+    grow exponentially, and error messages, deep copies and grid checks expand them),
+    nesting past MAX_YAML_DEPTH (the composer recurses), and duplicate keys (the last
+    would win silently)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._expanded = 0
+        self._sizes = {}  # node -> values it expands to; absent while it is being composed
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        line = self.peek_event().start_mark.line + 1
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if node not in self._sizes:
+                raise ConfigError(f"line {line}: alias refers to a value that contains it")
+            self._count(self._sizes[node], line)
+            return node
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"line {line}: nested deeper than {MAX_YAML_DEPTH} levels")
+        before = self._expanded
+        self._count(1, line)
+        node = super().compose_node(parent, index)
+        self._sizes[node] = self._expanded - before
+        self._depth -= 1
+        return node
+
+    def _count(self, n: int, line: int) -> None:
+        self._expanded += n
+        if self._expanded > MAX_YAML_NODES:
+            raise ConfigError(f"line {line}: aliases expand the document past {MAX_YAML_NODES:,} values")
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        first = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = first.setdefault((key.tag, key.value), key.start_mark.line + 1)
+                if line != key.start_mark.line + 1:
+                    raise ConfigError(f"line {key.start_mark.line + 1}: duplicate key {_clip(key.value)!r} "
+                                      f"(first on line {line})")
+        return node
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # past Python's 4300-digit limit
+            raise ConfigError(f"line {node.start_mark.line + 1}: an integer of {len(node.value):,} digits") from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
 # ---------------------------------------------------------------- building from dicts
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # evaluates every annotation's string: slow, and grid checks validate often
+
 
 def _build(cls, raw: Any, path: str):
     if not isinstance(raw, dict):
         _fail(path or "<top level>", f"must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
@@ -544,16 +780,18 @@ def _check_value(tp, value, path):
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v),
         str: lambda v: isinstance(v, str),
         dict: lambda v: isinstance(v, dict),
     }[tp](value)
     if not ok:
-        _fail(path, f"must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        name = "a finite number" if tp is float and number else _type_name(tp)
+        _fail(path, f"must be {name}, got {type(value).__name__} {_show(value)}")
 
 
 def _check_types(obj, path):
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         full = f"{path}.{f.name}" if path else f.name
         value = getattr(obj, f.name)
@@ -568,38 +806,75 @@ def _type_name(tp):
 
 
 def _choice_msg(value, choices):
-    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    near = difflib.get_close_matches(_clip(value, 200) if isinstance(value, str) else _show(value), [str(c) for c in choices], n=1)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
-    return f"must be one of {', '.join(map(str, choices))}; got {value!r}{hint}"
+    return f"must be one of {', '.join(map(str, choices))}; got {_show(value)}{hint}"
 
 
 def _positive(obj, section, *keys):
     for k in keys:
         v = getattr(obj, k)
         if v <= 0:
-            _fail(f"{section}.{k}", f"must be > 0, got {v}")
+            _fail(f"{section}.{k}", f"must be > 0, got {_show(v)}")
 
 
-def _int_keys(d: dict, path: str) -> dict:
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int past float's range
+        return False
+
+
+def _within(obj, section, key, low, high):
+    v = getattr(obj, key)
+    if not low <= v <= high:
+        _fail(f"{section}.{key}", f"must be in [{low}, {high:,}], got {_show(v)}")
+
+
+def _int_keys(d: dict, path: str, max_stacks: int) -> dict:
     out = {}
     for k, v in d.items():
         try:
             out[int(k)] = v
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             _fail(f"{path}.{k}", "keys must be stack indices (integers)")
+        if not 0 <= int(k) < max_stacks:
+            _fail(f"{path}.{k}", f"no such stack: indices run from 0 to max_stacks-1={max_stacks - 1}")
     return out
 
 
 def _validate_data_source(d: DataConfig) -> None:
     if d.source != "pydoc" and not os.path.isfile(d.source):
-        _fail("data.source", f"no such file: {d.source} (use 'pydoc' for the bundled corpus)")
+        _fail("data.source", f"no such file: {_clip(d.source)} (use 'pydoc' for the bundled corpus)")
     if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
-        _fail("data.tokenizer", f"no such file: {d.tokenizer} (use 'byte' for the built-in byte tokenizer)")
+        _fail("data.tokenizer", f"no such file: {_clip(d.tokenizer)} (use 'byte' for the built-in byte tokenizer)")
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
+    return _clip((str(e).strip().splitlines() or [""])[0], 200)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 6, 6, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def _show(value) -> str:
+    """repr(value), bounded: a value may be an alias bomb or a 10 MB string, and an error
+    message prints it."""
+    try:
+        return _clip(_REPR.repr(value))
+    except ValueError:  # an int past Python's 4300-digit limit
+        return f"an integer of {value.bit_length():,} bits"
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _kind(value) -> str:
+    return "an empty document" if value is None else f"{type(value).__name__} {_show(value)}"
 
 
 def _fail(path: str, msg: str):
-    raise ConfigError(f"{path}: {msg}")
+    raise ConfigError(f"{_clip(path, 200)}: {msg}")  # a key path holds the file's keys

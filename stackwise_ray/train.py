@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--name", help="run directory name (default: the YAML file's name)")
     parser.add_argument("--resume", action="store_true", help="continue the run, skipping finished phases")
     args = parser.parse_args(argv)
-    config = load_for_command(args.config, args.storage)
+    config = load_for_command(args.config, args.storage, name=args.name)
     if config is None:
         return 2
     from . import storage

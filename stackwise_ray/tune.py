@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--dry-run", action="store_true", help="print the trials without running them")
     args = parser.parse_args(argv)
-    config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address)
+    config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address, name=args.name)
     if config is None:
         return 2
     if args.dry_run:

@@ -98,3 +98,19 @@ def test_use_gpu_without_a_gpu_or_cluster_is_one_line_and_status_2(tmp_path):
         assert "ray.use_gpu: true, but this machine has no CUDA GPU" in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("module", ["stackwise_ray.train", "stackwise_ray.tune"])
+def test_a_name_outside_storage_or_an_unwritable_storage_is_one_line_and_status_2(tmp_path, module):
+    path = tmp_path / "x.yaml"
+    path.write_text("model: {d_model: 32, n_heads: 2}\n")
+    (tmp_path / "afile").write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    for args, expected in ((["--storage", str(tmp_path / "S"), "--name", "../escaped_run"],
+                            "--name: must be one directory name under the storage path; '../escaped_run' contains '/'"),
+                           (["--storage", str(tmp_path / "afile")],
+                            f"ray.storage_path: {tmp_path / 'afile'}: cannot write there: Not a directory")):
+        result = run_cli(module, str(path), *args)
+        assert result.returncode == 2 and result.stderr == f"error: {path}: {expected}\n", result.stderr
+        assert result.stdout == ""  # tune prints the dashboard's address once Ray has started
+    assert sorted(tmp_path.rglob("*")) == before

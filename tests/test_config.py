@@ -118,3 +118,234 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_missing_data_file_is_named():
     msg = error_of(lambda: StackWiseConfig.from_dict({"data": {"source": "/nonexistent/corpus.txt"}}).validate())
     assert msg == "data.source: no such file: /nonexistent/corpus.txt (use 'pydoc' for the bundled corpus)"
+
+
+# ---------------------------------------------------------------- hostile and careless input
+
+def nested_aliases(levels: int, leaf: str = "lol") -> str:
+    """A flow list whose anchors nest `levels` deep, each repeating the last nine times:
+    9**levels values once expanded."""
+    names = [f"l{i}" for i in range(levels)]
+    items = [f"&{names[0]} [{', '.join([leaf] * 9)}]"]
+    items += [f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip(names, names[1:])]
+    return f"[{', '.join(items)}]"
+
+
+def load_error(tmp_path, text) -> str:
+    path = tmp_path / "x.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    msg = error_of(lambda: StackWiseConfig.from_yaml(path))
+    assert msg.startswith(f"{path}: ") and "\n" not in msg
+    return msg[len(f"{path}: "):]
+
+
+def test_alias_bomb_is_refused_while_loading(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    # the second key of the search space: validating it used to deep-copy the expansion
+    msg = load_error(tmp_path, "tune:\n  search_space:\n    training.lr: {grid: [0.001]}\n"
+                               f"    training.seed: {{grid: {nested_aliases(9, '0')}}}\n")
+    assert msg == "line 4: aliases expand the document past 100,000 values"
+    assert load_error(tmp_path, "model: &m {d_model: [*m]}\n") == "line 1: alias refers to a value that contains it"
+    assert time.perf_counter() - start < 5
+
+
+def test_an_error_message_shows_a_bounded_value(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(f"model:\n  d_model: {nested_aliases(5)}\n")  # 59,049 values: under the limit
+    msg = error_of(lambda: StackWiseConfig.from_yaml(path))
+    assert msg.startswith("model.d_model: must be an integer, got list [[") and len(msg) < 200
+    msg = error_of(lambda: StackWiseConfig.from_dict({"model": {"attention": "x" * 10**6}}))
+    assert msg.startswith("model.attention: must be one of auto, bidirectional, causal") and len(msg) < 300
+    msg = error_of(lambda: StackWiseConfig.from_dict({"model": {"x" * 10**6: 1}}))
+    assert msg.startswith("model.xxx") and "unknown key" in msg and len(msg) < 400
+
+
+def test_nesting_deeper_than_a_config_is_refused_without_recursion(tmp_path):
+    assert load_error(tmp_path, "model: " + "[" * 20_000 + "]" * 20_000 + "\n") == "line 1: nested deeper than 64 levels"
+    block = "".join("  " * i + "a:\n" for i in range(500))
+    assert load_error(tmp_path, block) == "line 64: nested deeper than 64 levels"
+
+
+def test_duplicate_keys_are_named_with_their_lines(tmp_path):
+    msg = load_error(tmp_path, "model:\n  d_model: 64\ntraining:\n  lr: 0.1\n  seed: 1\n  lr: 0.2\n")
+    assert msg == "line 6: duplicate key 'lr' (first on line 4)"
+    assert load_error(tmp_path, "model: {}\nmodel: {}\n") == "line 2: duplicate key 'model' (first on line 1)"
+
+
+def test_merge_keys_still_work(tmp_path):
+    from stackwise_ray.config import _Loader
+
+    raw = _Loader("base: &b {d_model: 64, n_heads: 4}\nmodel: {<<: *b, d_model: 32}\n").get_single_data()
+    assert raw["model"] == {"d_model": 32, "n_heads": 4}
+
+
+@pytest.mark.parametrize("text, shown", [("false\n", "bool False"), ("0\n", "int 0"), ("[]\n", "list []"),
+                                         ("''\n", "str ''"), ("", "an empty document"), ("# only a comment\n", "an empty document")])
+def test_a_document_that_is_not_a_mapping_is_refused(tmp_path, text, shown):
+    assert load_error(tmp_path, text) == (f"<top level>: must be a mapping of sections, got {shown} "
+                                          "(a run with every default is written {})")
+
+
+def test_an_all_defaults_run_is_written_as_an_empty_mapping(tmp_path):
+    path = tmp_path / "defaults.yaml"
+    path.write_text("{}\n")
+    assert StackWiseConfig.from_yaml(path).validate() == StackWiseConfig().validate()
+
+
+def test_a_nul_byte_or_bytes_that_are_not_utf8_name_their_line(tmp_path):
+    assert load_error(tmp_path, b"model:\n  d_model: 6\x004\n").startswith("line 2: unacceptable character #x0000")
+    assert load_error(tmp_path, b"model:\n  x: 1\n  d_model: \xff\n").startswith("line 3: unacceptable character #x00ff")
+
+
+def test_every_float_key_refuses_nan_and_infinities():
+    import dataclasses
+
+    def float_keys(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = cls.__dataclass_fields__[f.name].type
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                yield from float_keys(f.default_factory, f"{prefix}{f.name}.")
+            elif tp in ("float", float):
+                yield f"{prefix}{f.name}"
+
+    keys = list(float_keys(StackWiseConfig, ""))
+    assert {"training.lr", "training.min_lr", "training.progressive.qlora_alpha", "ray.cpus_per_worker",
+            "tune.reduction_factor", "model.rope_theta", "data.val_fraction"} <= set(keys)
+    for key in keys:
+        for bad in (float("nan"), float("inf"), -float("inf"), 10**400):
+            raw: dict = {}
+            *parents, last = key.split(".")
+            node = raw
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = bad
+            assert error_of(lambda: StackWiseConfig.from_dict(raw)).startswith(f"{key}: must be a finite number, got ")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"training": {"grad_clip": -1}}, "training.grad_clip: must be >= 0, got -1.0"),
+    ({"training": {"weight_decay": -0.5}}, "training.weight_decay: must be >= 0, got -0.5"),
+    ({"model": {"norm_eps": 0}}, "model.norm_eps: must be > 0, got 0.0"),
+    ({"model": {"init_std": -1}}, "model.init_std: must be > 0, got -1.0"),
+    ({"model": {"rope_theta": 0}}, "model.rope_theta: must be > 0, got 0.0"),
+    ({"model": {"vocab_size": 259}}, "model.vocab_size: must be >= the byte tokenizer's 260 ids, got 259"),
+    ({"training": {"seed": 2**31}}, "training.seed: must be in [0, 2,147,483,647], got 2147483648"),
+    ({"data": {"split_seed": -1}}, "data.split_seed: must be in [0, 2,147,483,647], got -1"),
+    ({"training": {"progressive": {"max_stacks": 10**9, "target_stacks": 10**9}}}, "training.progressive.max_stacks: must be in [1, 1,024]"),
+    ({"training": {"progressive": {"qlora_configs": {12: {"rank": 4, "alpha": 8}}}}}, "training.progressive.qlora_configs.12: no such stack"),
+])
+def test_every_number_has_a_range(raw, expected):
+    assert error_of(lambda: StackWiseConfig.from_dict(raw).validate()).startswith(expected)
+
+
+def test_largest_seeds_stay_inside_what_torch_accepts():
+    import torch
+
+    from stackwise_ray.config import MAX_SEED
+
+    torch.manual_seed(MAX_SEED * 100_003 + 10**6)  # data.py's per-epoch seed after a million epochs
+    torch.manual_seed(MAX_SEED * 1009 + 1023)  # ray_phase.py's per-stack seed
+    StackWiseConfig.from_dict({"training": {"seed": MAX_SEED}, "data": {"split_seed": MAX_SEED}}).validate()
+
+
+def test_the_memory_estimate_is_a_lower_bound_of_a_built_rack():
+    from stackwise_ray.builder import ProgressiveRackBuilder
+    from stackwise_ray.config import footprint
+
+    for model in ({}, {"d_ff": 96, "n_kv_heads": 1, "tie_embeddings": False}):
+        config = StackWiseConfig.from_dict({
+            "model": {"d_model": 32, "n_heads": 2, "blocks_per_stack": 2, "max_seq_len": 64, **model},
+            "data": {"seq_len": 32, "batch_size": 4},
+            "training": {"progressive": {"max_stacks": 3, "time_embedding_dim": 16, "time_encoding_type": "learned",
+                                         "num_time_steps": 50}}}).validate()
+        builder = ProgressiveRackBuilder(config)
+        for _ in range(3):
+            builder.add_stack()
+        rack = builder.build_rack()
+        actual = sum(t.numel() * t.element_size() for t in [*rack.parameters(), *rack.buffers()])
+        estimate = sum(n for _, n in footprint(config, 260)[0])
+        assert 0.9 * actual <= estimate <= actual  # a lower bound, and not a loose one
+
+
+def test_a_rack_that_cannot_fit_is_refused_with_its_estimate(monkeypatch):
+    from stackwise_ray import config as config_module
+
+    msg = error_of(lambda: StackWiseConfig.from_dict({"model": {"d_model": 10**12},
+                                                      "training": {"progressive": {"max_stacks": 3}}}).validate())
+    assert msg.startswith("model.d_model: a rack of 3 stacks needs at least ") and "more than this machine's" in msg
+    msg = error_of(lambda: StackWiseConfig.from_dict({"model": {"max_seq_len": 10**12}}).validate())
+    assert msg.startswith("model.max_seq_len: a rack of 12 stacks needs at least 116.4 TiB (weights and buffers 116.4 TiB")  # 4 bytes x 10**12 x head size 32
+    monkeypatch.setattr(config_module, "_machine_memory", lambda: 2**20)
+    msg = error_of(lambda: StackWiseConfig.from_dict({}).validate())
+    assert msg.endswith("more than this machine's 1.0 MiB")
+
+
+def test_sampled_ranges_follow_the_rules_of_their_key():
+    def space(spec):
+        return StackWiseConfig.from_dict({"tune": {"search_space": spec}})
+
+    assert error_of(lambda: space({"training.lr": {"uniform": [-1, -0.5]}}).validate()).startswith(
+        "tune.search_space.training.lr.uniform: bound -1: training.lr: must be > 0")
+    assert error_of(lambda: space({"data.val_fraction": {"uniform": [0.5, 2]}}).validate()).startswith(
+        "tune.search_space.data.val_fraction.uniform: bound 2: data.val_fraction: must be between 0 and 1")
+    assert error_of(lambda: space({"training.seed": {"randint": [0, 2**40]}}).validate()).startswith(
+        "tune.search_space.training.seed.randint: bound 1099511627776: training.seed: must be in")
+    assert error_of(lambda: space({"model.d_model": {"uniform": [32, 64]}}).validate()).endswith("use randint")
+    space({"training.lr": {"loguniform": [1e-3, 1e-2]}, "training.seed": {"randint": [0, 9]}}).validate()
+
+
+def test_a_grid_too_large_to_run_is_refused_before_its_values_are_checked():
+    spec = {"training.seed": {"grid": list(range(40))}, "data.split_seed": {"grid": list(range(40))}}
+    assert error_of(lambda: StackWiseConfig.from_dict({"tune": {"search_space": spec}}).validate()) == (
+        "tune.search_space: the grid has 1,600 points; at most 1,000 trials")
+
+
+def test_a_mapping_that_exits_is_a_config_error_and_import_code_false_imports_nothing():
+    import sys
+
+    spec = "tests.bad_configs.mapping_exits_at_import:schedule"
+    assert error_of(lambda: progressive(stack_time_mapping=spec).validate()) == (
+        f"training.progressive.custom_time_mapping: cannot import module 'tests.bad_configs.mapping_exits_at_import': SystemExit: 0")
+    progressive(stack_time_mapping=spec).validate(import_code=False)
+    progressive(stack_time_mapping="os:chown").validate(import_code=False)
+    assert "tests.bad_configs.mapping_exits_at_import" not in sys.modules
+    assert error_of(lambda: progressive(stack_time_mapping="custom", custom_time_mapping="nocolon").validate(
+        import_code=False)).startswith("training.progressive.custom_time_mapping: must look like 'module:function'")
+
+
+@pytest.mark.parametrize("name", ["../escaped_run", "/abs/path", "a/b", ".", "..", "", "a\0b", "x" * 256])
+def test_a_run_name_is_one_directory_name(name):
+    from stackwise_ray.config import check_name
+
+    assert error_of(lambda: check_name(name)).startswith("--name: ")
+
+
+def test_the_storage_probe_leaves_nothing_behind(tmp_path):
+    from stackwise_ray.config import check_storage
+
+    check_storage(str(tmp_path / "new" / "runs"))
+    assert list(tmp_path.iterdir()) == []  # made for the probe, removed again
+    (tmp_path / "afile").write_text("")
+    for bad in ("afile", "afile/runs"):
+        msg = error_of(lambda: check_storage(str(tmp_path / bad)))
+        assert msg == f"ray.storage_path: {tmp_path / bad}: cannot write there: Not a directory"
+    assert error_of(lambda: check_storage(str(tmp_path / "a\0b"))).startswith("ray.storage_path: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_vocab_size_below_a_tokenizer_files_is_refused_once_it_is_loaded(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from stackwise_ray.config import load_for_command
+
+    tokens = ["[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]", "hello", "world"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    path = tmp_path / "x.yaml"
+    path.write_text(f"model: {{vocab_size: 6}}\ndata: {{tokenizer: {tmp_path / 'tok.json'}}}\n")
+    assert load_for_command(str(path), str(tmp_path / "runs"), check_data=False) is None
+    assert capsys.readouterr().err == f"error: {path}: model.vocab_size: must be >= the tokenizer's 7 ids, got 6\n"
+    assert not (tmp_path / "runs").exists()

@@ -126,7 +126,7 @@ def test_optuna_searcher_is_wired_through_ray_tune(tmp_path):
     from stackwise_ray.tune import param_space, searcher
 
     config = StackWiseConfig.from_dict({"tune": {"searcher": "optuna", "search_space": {
-        "training.lr": {"loguniform": [1e-4, 1e-2]}, "training.progressive.building_mode": {"choice": ["append", "prepend"]}}}}).validate()
+        "training.lr": {"loguniform": [1e-3, 1e-2]}, "training.progressive.building_mode": {"choice": ["append", "prepend"]}}}}).validate()
     assert isinstance(searcher(config), OptunaSearch)
     space = param_space(config)
     assert set(space) == {"lr", "building_mode"}  # short names; no grid variant with a searcher
