@@ -196,9 +196,11 @@ class StackWiseConfig:
             return self.training.progressive.training_objective == "clm"
         return self.model.attention == "causal"
 
-    def validate(self, check_files: bool = True) -> "StackWiseConfig":
+    def validate(self, check_files: bool = True, import_code: bool = True) -> "StackWiseConfig":
         """Raise ConfigError naming the first bad key. check_files=False skips the data and
-        tokenizer file checks (loading a trained rack elsewhere needs neither)."""
+        tokenizer file checks (loading a trained rack elsewhere needs neither).
+        import_code=False checks a custom time mapping's 'module:function' shape without
+        importing it (a rack's stored config: its time steps are stored as data)."""
         # attribute assignment bypasses from_dict, so types are checked again here
         _check_types(self, "")
         m, d, t, p = self.model, self.data, self.training, self.training.progressive
@@ -266,8 +268,8 @@ class StackWiseConfig:
             _fail("data.target_field", "training_objective custom needs targets from the data: name their field here")
         self._validate_precisions()
         self._validate_lora()
-        self._validate_time()
-        self._validate_tune(check_files)
+        self._validate_time(import_code)
+        self._validate_tune(check_files, import_code)
         if check_files:
             _validate_data_source(d)
         return self
@@ -309,7 +311,7 @@ class StackWiseConfig:
             if missing:
                 _fail("training.progressive.qlora_configs", f"qlora_strategy variable needs an entry for every stack that will be built (0..{self.target_stacks - 1}); missing {missing}")
 
-    def _validate_time(self) -> None:
+    def _validate_time(self, import_code: bool) -> None:
         p = self.training.progressive
         mapping = p.stack_time_mapping
         if ":" in mapping:  # stack_time_mapping: "module:function" is shorthand for custom
@@ -319,6 +321,11 @@ class StackWiseConfig:
         if p.stack_time_mapping == "custom":
             if p.custom_time_mapping is None:
                 _fail("training.progressive.custom_time_mapping", "stack_time_mapping custom needs 'module:function' here")
+            if not import_code:  # the shape only: a rack's stored config names code it never runs
+                module_name, _, fn_name = p.custom_time_mapping.partition(":")
+                if not module_name or not fn_name:
+                    _fail("training.progressive.custom_time_mapping", f"must look like 'module:function', got {p.custom_time_mapping!r}")
+                return
             fn = load_time_mapping(p.custom_time_mapping, "training.progressive.custom_time_mapping")
             for k in range(self.target_stacks):
                 try:
@@ -329,7 +336,7 @@ class StackWiseConfig:
                     _fail("training.progressive.custom_time_mapping", f"{p.custom_time_mapping} returned {step!r} for stack {k}; expected an int in [0, {p.num_time_steps})")
 
 
-    def _validate_tune(self, check_files: bool) -> None:
+    def _validate_tune(self, check_files: bool, import_code: bool) -> None:
         t = self.tune
         _positive(t, "tune", "num_samples", "max_concurrent_trials", "grace_period")
         if t.reduction_factor <= 1:
@@ -347,7 +354,7 @@ class StackWiseConfig:
                     _fail(f"{key}.{kind}", f"must be a non-empty list, got {values!r}")
                 for value in values:  # every value must make a valid config
                     try:
-                        apply_overrides(self, {path: value}).validate(check_files)
+                        apply_overrides(self, {path: value}).validate(check_files, import_code)
                     except ConfigError as e:
                         _fail(f"{key}.{kind}", f"value {value!r}: {e}")
             else:
