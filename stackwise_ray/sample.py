@@ -67,14 +67,15 @@ def main(argv=None) -> int:
 
     try:
         builder = load_rack(resolve(args.run_dir))
-        if args.evaluate:
-            print(evaluate_rack(builder))
     except (FileNotFoundError, CorruptCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # the data the rack's config names (--evaluate): one line naming the file
-        print(f"error: {args.run_dir}: --evaluate: {e}", file=sys.stderr)
-        return 2
+    if args.evaluate:
+        try:
+            print(evaluate_rack(builder))
+        except ValueError as e:  # the data file the rack's config names: one line naming it
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     print(sample(builder, args.prompt, args.length, args.temperature, args.top_k, args.seed))
     return 0
 
