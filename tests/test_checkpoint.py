@@ -192,3 +192,22 @@ def test_flipped_bytes_in_rack_json_are_one_error(tmp_path):
     write_checksums(str(tmp_path))
     with pytest.raises(CorruptCheckpointError, match="rack.json: not valid JSON"):
         load_rack(str(tmp_path))
+
+
+def test_a_rack_carries_its_tokenizer_and_must_keep_it(tmp_path):
+    from stackwise_ray.checkpoint import write_checksums
+
+    from .test_data import _save_word_level
+
+    _save_word_level(tmp_path / "tok.json", ["[PAD]", "[UNK]", "[MASK]", "a", "b"])
+    rack = tmp_path / "rack"
+    builder = grown(tiny_config(data={"tokenizer": str(tmp_path / "tok.json")}), 1)
+    save_rack(builder, str(rack))
+    again = load_rack(str(rack))
+    assert again.config.data.tokenizer == str(rack / "tokenizer.json")
+    ids = torch.tensor([[3, 4, 3, 0]])
+    assert torch.equal(builder.build_rack().eval()(ids)[0], again.build_rack().eval()(ids)[0])
+    (rack / "tokenizer.json").unlink()
+    write_checksums(str(rack))
+    with pytest.raises(CorruptCheckpointError, match="tokenizer.json: missing .rack.json implies"):
+        load_rack(str(rack))
