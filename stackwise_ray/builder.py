@@ -35,15 +35,18 @@ def depth_time_step(config: StackWiseConfig, stack_id: int) -> int:
 
 
 def create_stack_from_config(stack_id: int, n_blocks: int, config: StackWiseConfig,
-                             precision: str | None = None) -> Stack:
+                             precision: str | None = None, time_step: int | None = None) -> Stack:
     """A new stack as the config describes it: blocks, time conditioning and depth time,
-    precision applied to its weights, and its stack LoRA when qlora_enabled."""
+    precision applied to its weights, and its stack LoRA when qlora_enabled.
+
+    `time_step` is the stack's depth time when it is known as data (a saved rack's); None
+    computes it from the config's time mapping."""
     m, p = config.model, config.training.progressive
     precision = precision or config.stack_precision(stack_id)
     stack = Stack(
         stack_id, n_blocks, m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.d_ff or default_d_ff(m.d_model),
         config.causal, m.norm_eps, p.time_encoding_type, p.time_embedding_dim, p.num_time_steps,
-        time_step=depth_time_step(config, stack_id))
+        time_step=depth_time_step(config, stack_id) if time_step is None else time_step)
     for module in stack.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=m.init_std)
@@ -66,10 +69,12 @@ class ProgressiveRackBuilder:
         building_mode: "append" or "prepend"; None takes training.progressive.building_mode.
         default_precision: precision of stacks not given one; None takes
             training.progressive.stack_precisions / new_stack_precision.
+        import_code: False for a config that came with a rack from elsewhere: its custom
+            time mapping is never imported, so every stack must be given its time_step.
     """
 
     def __init__(self, config: StackWiseConfig | None = None, building_mode: str | None = None,
-                 default_precision: str | None = None, **model_overrides):
+                 default_precision: str | None = None, import_code: bool = True, **model_overrides):
         if config is None:
             config = StackWiseConfig()
             fields = {f.name for f in dataclasses.fields(config.model)}
@@ -79,7 +84,8 @@ class ProgressiveRackBuilder:
                 setattr(config.model, key, value)
         elif model_overrides:
             raise TypeError("pass model settings either in config or as keyword arguments, not both")
-        self.config = config.validate(check_files=False)
+        self.config = config.validate(check_files=False, import_code=import_code)
+        self.import_code = import_code
         p = config.training.progressive
         self.building_mode = building_mode or p.building_mode
         if self.building_mode not in ("append", "prepend"):
@@ -108,24 +114,36 @@ class ProgressiveRackBuilder:
     def position(self, stack_id: int) -> int:
         return self.stack_ids.index(stack_id)
 
-    def append_stack(self, n_blocks: int | None = None, precision: str | None = None) -> Stack:
-        return self._add(n_blocks, precision, at_input_side=False)
+    @property
+    def time_steps(self) -> dict[int, int]:
+        """Stack id -> depth time step, as the stacks hold them."""
+        return {s.stack_id: s.time_step for s in self.rack.stacks}
 
-    def prepend_stack(self, n_blocks: int | None = None, precision: str | None = None) -> Stack:
-        return self._add(n_blocks, precision, at_input_side=True)
+    def append_stack(self, n_blocks: int | None = None, precision: str | None = None,
+                     time_step: int | None = None) -> Stack:
+        return self._add(n_blocks, precision, at_input_side=False, time_step=time_step)
 
-    def add_stack(self, n_blocks: int | None = None, precision: str | None = None) -> Stack:
-        """Add a stack where building_mode says."""
-        return self._add(n_blocks, precision, at_input_side=self.building_mode == "prepend")
+    def prepend_stack(self, n_blocks: int | None = None, precision: str | None = None,
+                      time_step: int | None = None) -> Stack:
+        return self._add(n_blocks, precision, at_input_side=True, time_step=time_step)
 
-    def _add(self, n_blocks, precision, at_input_side) -> Stack:
+    def add_stack(self, n_blocks: int | None = None, precision: str | None = None,
+                  time_step: int | None = None) -> Stack:
+        """Add a stack where building_mode says; `time_step` None: the config's time mapping."""
+        return self._add(n_blocks, precision, self.building_mode == "prepend", time_step)
+
+    def _add(self, n_blocks, precision, at_input_side, time_step=None) -> Stack:
         p = self.config.training.progressive
         stack_id = self.num_stacks
         if stack_id >= p.max_stacks:
             raise ValueError(f"training.progressive.max_stacks is {p.max_stacks}: cannot add stack {stack_id}")
+        if time_step is None and not self.import_code and p.stack_time_mapping == "custom":
+            raise ConfigError(f"training.progressive.custom_time_mapping: {p.custom_time_mapping} came with a rack "
+                              f"and is not imported: give stack {stack_id} its time_step")
         if precision is None and self.default_precision is not None and stack_id not in p.stack_precisions:
             precision = self.default_precision
-        stack = create_stack_from_config(stack_id, n_blocks or self.config.blocks_per_stack, self.config, precision)
+        stack = create_stack_from_config(stack_id, n_blocks or self.config.blocks_per_stack, self.config, precision,
+                                         time_step)
         if p.progressive_qlora:
             for trunk_stack in self.rack.stacks:
                 if adapters.TRUNK_ADAPTER not in adapters.adapter_params(trunk_stack):

@@ -230,7 +230,7 @@ class StackWiseConfig:
 
     def validate(self, check_files: bool = True, import_code: bool = True) -> "StackWiseConfig":
         """Raise ConfigError naming the first bad key. check_files=False skips the data and
-        tokenizer file checks (loading a trained rack elsewhere needs neither);
+        tokenizer file and tracking package checks (loading a trained rack elsewhere needs none);
         import_code=False checks only the shape of a custom time mapping's name, without
         importing or calling it (a rack from elsewhere must not run code it names)."""
         # attribute assignment bypasses from_dict, so types are checked again here
@@ -312,9 +312,9 @@ class StackWiseConfig:
         self._validate_lora()
         self._validate_time(import_code)
         self._validate_tune(check_files, import_code)
-        self._validate_tracking()
-        if check_files:
+        if check_files:  # what this machine must have for a run: data, tokenizer, tracking packages
             _validate_data_source(d)
+            self._validate_tracking()
         return self
 
     def stack_precision(self, stack_idx: int) -> str:

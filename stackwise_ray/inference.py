@@ -7,7 +7,7 @@ import math
 import torch
 
 from .builder import ProgressiveRackBuilder
-from .data import GlobalBatches, ProgressiveDataLoader, build_datasets
+from .data import GlobalBatches, ProgressiveDataLoader, build_datasets, load_tokenizer
 from .masking import TimeStepMasking, mask_rate
 from .phase import evaluate
 
@@ -18,7 +18,7 @@ def evaluate_rack(builder: ProgressiveRackBuilder, val_ds=None) -> dict:
     config = builder.config
     if val_ds is None:
         _, val_ds, _ = build_datasets(config)
-    masking = TimeStepMasking(config)
+    masking = TimeStepMasking(config, time_steps=builder.time_steps)  # the rack's own steps, no mapping called
     newest = builder.num_stacks - 1
     batches = ProgressiveDataLoader(GlobalBatches(val_ds, min(config.data.batch_size, len(val_ds)),
                                                   config.training.seed, shuffle=False), masking, newest)
@@ -43,7 +43,7 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator)
 def sample(builder: ProgressiveRackBuilder, prompt: str = "", length: int = 64, temperature: float = 0.8,
            top_k: int | None = 40, seed: int = 0, steps: int = 16) -> str:
     """Generate text: left to right for clm, iterative unmasking for mlm."""
-    tok = TimeStepMasking(builder.config).tokenizer
+    tok = load_tokenizer(builder.config.data.tokenizer)
     ids = tok.encode(prompt)[-(builder.config.model.max_seq_len - 1):] or [tok.bos_id]
     return tok.decode(generate(builder, ids, length, temperature, top_k, seed, steps))
 
@@ -54,7 +54,7 @@ def generate(builder: ProgressiveRackBuilder, ids: list[int], length: int, tempe
     """Token ids: the prompt `ids` followed by `length` generated tokens (mlm: at most
     max_seq_len in all, every mask filled)."""
     config, rack = builder.config, builder.build_rack().eval()
-    tok = TimeStepMasking(config).tokenizer
+    tok = load_tokenizer(config.data.tokenizer)
     special = torch.tensor(sorted(tok.special_ids))
     g = torch.Generator().manual_seed(seed)
     ids = list(ids)

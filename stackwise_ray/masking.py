@@ -82,8 +82,17 @@ def _example_seed(seed: int, example_id: int) -> int:
 
 
 class TimeStepMasking:
+    """Corrupts batches as the config's objective and time interpretation say.
 
-    def __init__(self, config: StackWiseConfig, tokenizer=None):
+    Args:
+        config: the run's StackWiseConfig.
+        tokenizer: its tokenizer; None loads config.data.tokenizer.
+        time_steps: stack id -> depth time step, when they are known as data (a loaded
+            rack's `builder.time_steps`); the config's time mapping is then not used, and
+            a custom one is never imported. None: the time mapping computes them.
+    """
+
+    def __init__(self, config: StackWiseConfig, tokenizer=None, time_steps: dict[int, int] | None = None):
         if tokenizer is None:
             from stackwise_ray.data import load_tokenizer  # data.py imports heavier things
             tokenizer = load_tokenizer(config.data.tokenizer)
@@ -102,7 +111,8 @@ class TimeStepMasking:
         self.mapping, custom = p.stack_time_mapping, p.custom_time_mapping
         if ":" in self.mapping:  # the module:function shorthand, in case validate() did not run
             self.mapping, custom = "custom", self.mapping
-        self.custom_fn = load_time_mapping(custom) if self.mapping == "custom" else None
+        self.time_steps = None if time_steps is None else dict(time_steps)
+        self.custom_fn = load_time_mapping(custom) if self.mapping == "custom" and time_steps is None else None
         self.pad_id, self.mask_id = tokenizer.pad_id, tokenizer.mask_id
         special = set(tokenizer.special_ids)
         self.regular_ids = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special])
@@ -113,6 +123,10 @@ class TimeStepMasking:
         In input mode this is still the depth step of that stack; the model's
         time then comes from the batch (`time_step`) instead.
         """
+        if self.time_steps is not None:
+            if stack_idx not in self.time_steps:
+                raise ValueError(f"no stored time step for stack {stack_idx} (known: {sorted(self.time_steps)})")
+            return self.time_steps[stack_idx]
         return time_step_for_stack(stack_idx, self.mapping, self.time_per_stack, self.max_stacks,
                                    self.num_time_steps, self.custom_fn)
 

@@ -70,11 +70,15 @@ class PhaseStore:
 
     def record(self, phase_id: str) -> dict | None:
         """The completion record of a finished phase whose checkpoint is intact, or None. A
-        phase whose checkpoint fails its checksums is forgotten (and so trained again)."""
-        path = storage.join(self.root, phase_id, "done.json")
-        if not storage.exists(path):
+        phase whose record cannot be read, or whose checkpoint fails its checksums, is
+        forgotten (and so trained again)."""
+        path = self._record_path(phase_id)
+        record = self._read(path)
+        if record is None:
+            if storage.exists(path):
+                warnings.warn(f"phase {phase_id} is trained again: {path} is not a completion record")
+                storage.remove(path)
             return None
-        record = storage.read_json(path)
         record["checkpoint"] = storage.join(self.root, record["checkpoint"])
         try:
             verify_checkpoint(record["checkpoint"])
@@ -84,11 +88,27 @@ class PhaseStore:
             return None
         return record
 
+    def _record_path(self, phase_id: str) -> str:
+        return storage.join(self.root, phase_id, "done.json")
+
+    @staticmethod
+    def _read(path: str) -> dict | None:
+        """The record at `path` if it is there and well formed (flipped bytes, a truncated
+        write or a missing key make it no record)."""
+        try:
+            record = storage.read_json(path)
+        except (FileNotFoundError, ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("checkpoint"), str) \
+                or not isinstance(record.get("metrics"), dict):
+            return None
+        return record
+
     def finish(self, phase_id: str, record: dict) -> None:
         """Write the completion record; checkpoint paths are stored relative to the store,
         so a store can be moved or mounted elsewhere."""
         record = {**record, "checkpoint": storage.relative(record["checkpoint"], self.root)}
-        storage.write_json(storage.join(self.root, phase_id, "done.json"), record)
+        storage.write_json(self._record_path(phase_id), record)
 
     def claim(self, phase_id: str) -> "FileLock | LeaseLock":
         """The phase's lock (release it when done, or use it as a context manager): a
@@ -106,8 +126,9 @@ class PhaseStore:
         return FileLock.acquire(os.path.join(self.root, f"{phase_id}.lock"), blocking)
 
     def has_record(self, phase_id: str) -> bool:
-        """A completion record is there (cheap: its checkpoint is not verified; `record` does)."""
-        return storage.exists(storage.join(self.root, phase_id, "done.json"))
+        """A readable completion record is there (cheap: its checkpoint is not verified;
+        `record` does)."""
+        return self._read(self._record_path(phase_id)) is not None
 
     def finished_count(self) -> int:
         return sum(1 for d in storage.listdir(self.root) if self.has_record(d))

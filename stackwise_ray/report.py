@@ -34,15 +34,44 @@ PLOTS = {"val_loss_per_stack": "val_loss_per_stack.png", "phase_time_memory": "p
          "loss_vs_flops": "loss_vs_flops.png"}
 
 
+NUMERIC_COLUMNS = {"val_loss", "flops", "wall_s", "phases_trained", "phases_reused", "stack", "cum_flops",
+                   "peak_memory_mb"}
+
+
+class BadTableError(ValueError):
+    """A results.csv or phases.csv that is not what a sweep writes; the message names the file."""
+
+
 def read_table(path: str, columns: list[str]) -> pd.DataFrame:
     try:
-        table = pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype={"trial_id": str})
-    except (FileNotFoundError, pd.errors.EmptyDataError):  # a sweep with no reported phases writes an empty file
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        data = b""
+    if b"\0" in data:
+        raise BadTableError(f"{path}: a binary file, not CSV")
+    try:
+        table = pd.read_csv(io.BytesIO(data), dtype={"trial_id": str}, encoding="utf-8")
+    except pd.errors.EmptyDataError:  # a sweep with no reported phases writes an empty file
         table = pd.DataFrame()
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise BadTableError(f"{path}: not a CSV table ({str(e).splitlines()[0][:200]})") from None
+    if len(table.columns) and "trial_id" not in table:
+        raise BadTableError(f"{path}: no trial_id column (not a table written by python -m stackwise_ray.tune)")
     for c in columns:
         if c not in table:
             table[c] = pd.Series(dtype=object if c in ("trial_id", "kind", "status", "error") else float)
+        elif c in NUMERIC_COLUMNS:
+            table[c] = numeric(table[c], path)
     return table
+
+
+def numeric(column: pd.Series, path: str) -> pd.Series:
+    values = pd.to_numeric(column, errors="coerce")
+    bad = column.notna() & values.isna()
+    if bad.any():
+        row = int(bad.idxmax())
+        raise BadTableError(f"{path}: {column.name}: row {row + 1}: not a number: {str(column[row])[:50]!r}")
+    return values
 
 
 def swept_columns(results: pd.DataFrame) -> list[str]:
@@ -179,10 +208,10 @@ def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     command = " ".join(["python -m stackwise_ray.report", shlex.quote(experiment_dir),
                         *(["--out", shlex.quote(out_dir)] if out_dir else [])])
     upload_to = storage.join(experiment_dir, "report") if out_dir is None and storage.is_remote(experiment_dir) else None
+    results = read_table(storage.join(experiment_dir, "results.csv"), RESULT_COLUMNS)  # before anything is written
+    phases = read_table(storage.join(experiment_dir, "phases.csv"), PHASE_COLUMNS)
     out_dir = tempfile.mkdtemp(prefix="report-") if upload_to else out_dir or os.path.join(experiment_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
-    results = read_table(storage.join(experiment_dir, "results.csv"), RESULT_COLUMNS)
-    phases = read_table(storage.join(experiment_dir, "phases.csv"), PHASE_COLUMNS)
     labels = trial_labels(results)
     paths = {name: os.path.join(out_dir, file) for name, file in PLOTS.items()}
     plot_val_loss(results, phases, labels, paths["val_loss_per_stack"])
@@ -213,7 +242,11 @@ def main(argv=None) -> int:
     if not storage.exists(storage.join(args.experiment_dir, "results.csv")):
         print(f"error: {args.experiment_dir}: no results.csv here", file=sys.stderr)
         return 2
-    paths = write_report(args.experiment_dir, args.out)
+    try:
+        paths = write_report(args.experiment_dir, args.out)
+    except BadTableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"report: {paths['summary_html']}")
     return 0
 

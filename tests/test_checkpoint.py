@@ -1,6 +1,7 @@
 """Checkpoints: bit-identical reloads for every precision, checksums, another run's config."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -70,3 +71,152 @@ def test_a_reused_phase_continues_with_the_reusing_runs_config(tmp_path):
     trunk = builder.stack(0)
     assert builder.build_rack().stacks[-1].stack_id == 1  # appended
     assert {n for n, p in trunk.named_parameters() if p.requires_grad} == {n for n, _ in trunk.named_parameters() if "lora_" in n}
+
+
+# ---------------------------------------------------------------- a rack from elsewhere
+
+HOSTILE_MODULE = '''
+import pathlib
+pathlib.Path({marker!r}, "imported").write_text("")
+
+
+def steps(stack_idx, max_stacks, num_time_steps):
+    pathlib.Path({marker!r}, "called").write_text("")
+    return num_time_steps - 1 - stack_idx
+'''
+
+
+def rewrite(directory, edit) -> None:
+    """Edit rack.json and recompute the checksums, as an attacker who knows the format would."""
+    from stackwise_ray.checkpoint import write_checksums
+
+    meta = json.loads((directory / "rack.json").read_text())
+    edit(meta)
+    (directory / "rack.json").write_text(json.dumps(meta))
+    write_checksums(str(directory))
+
+
+def make_tampered(tmp_path):
+    """(original rack dir, its tampered copy, the folder the hostile module writes its marker
+    files to, the folder holding the module: put it on sys.path / PYTHONPATH)."""
+    import shutil
+
+    original = tmp_path / "rack"
+    save_rack(grown(tiny_config(training_objective="clm"), 2), str(original))
+    tampered, marker, code = tmp_path / "tampered", tmp_path / "markers", tmp_path / "code"
+    shutil.copytree(original, tampered)
+    marker.mkdir()
+    code.mkdir()
+    (code / "hostile_time_mapping.py").write_text(HOSTILE_MODULE.format(marker=str(marker)))
+
+    def edit(meta):
+        p = meta["config"]["training"]["progressive"]
+        p["stack_time_mapping"], p["custom_time_mapping"] = "custom", "hostile_time_mapping:steps"
+    rewrite(tampered, edit)
+    return original, tampered, marker, code
+
+
+def test_a_tampered_rack_loads_without_importing_what_it_names(tmp_path, monkeypatch):
+    from stackwise_ray.inference import evaluate_rack
+
+    original, tampered, marker, code = make_tampered(tmp_path)
+    monkeypatch.syspath_prepend(str(code))
+    ids = torch.randint(0, 256, (2, 16))
+    mine = load_rack(str(original))
+    theirs = load_rack(str(tampered))
+    assert theirs.config.training.progressive.custom_time_mapping == "hostile_time_mapping:steps"
+    assert theirs.time_steps == mine.time_steps == {0: 0, 1: 100}  # stored, not recomputed
+    assert torch.equal(mine.build_rack().eval()(ids)[0], theirs.build_rack().eval()(ids)[0])
+    for builder in (mine, theirs):
+        builder.config.data.max_examples = 40
+    assert evaluate_rack(theirs) == evaluate_rack(mine)
+    with pytest.raises(ValueError, match="is not imported: give stack 2 its time_step"):
+        theirs.add_stack()
+    assert list(marker.iterdir()) == []
+
+
+def test_a_rack_whose_files_do_not_match_its_checksums_is_refused(tmp_path):
+    from stackwise_ray.checkpoint import write_checksums
+
+    config = tiny_config(qlora_enabled=True, progressive_qlora=True)
+    save_rack(grown(config, 2), str(tmp_path))
+    sums = tmp_path / "checksums.json"
+    listed = sums.read_text()
+    sums.write_text("{}")
+    with pytest.raises(CorruptCheckpointError, match="rack.json is not listed"):
+        load_rack(str(tmp_path))
+    sums.write_text(listed)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CorruptCheckpointError, match="notes.txt: not listed in checksums.json"):
+        load_rack(str(tmp_path))
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "adapters" / "trunk.safetensors").unlink()
+    with pytest.raises(CorruptCheckpointError, match="trunk.safetensors: missing .listed in checksums.json"):
+        load_rack(str(tmp_path))
+    write_checksums(str(tmp_path))  # the listing agrees again, but rack.json implies a trunk adapter
+    with pytest.raises(CorruptCheckpointError, match="trunk.safetensors: missing .rack.json implies"):
+        load_rack(str(tmp_path))
+
+
+def test_a_link_in_a_rack_is_refused(tmp_path):
+    save_rack(grown(tiny_config(), 1), str(tmp_path))
+    (tmp_path / "tokenizer.json").symlink_to("/dev/zero")  # hashing it would never end
+    sums = json.loads((tmp_path / "checksums.json").read_text())
+    (tmp_path / "checksums.json").write_text(json.dumps({**sums, "tokenizer.json": "0" * 64}))
+    with pytest.raises(CorruptCheckpointError, match="tokenizer.json: not a regular file"):
+        load_rack(str(tmp_path))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m["plan"].extend([m["plan"][0]] * 10**5), "plan: must list at most max_stacks=4 stacks"),
+    (lambda m: (m["config"]["training"]["progressive"].update(max_stacks=10**5),
+                m["plan"].extend([m["plan"][0]] * (10**5 - 1)),
+                m["time_steps"].update({str(k): 0 for k in range(10**5)}),
+                m["stack_order"].extend(range(1, 10**5))),
+     "rack.json describes a rack of"),
+    (lambda m: m["config"]["model"].update(d_model=10**12), "rack.json describes a rack of inf parameters"),
+    (lambda m: m["config"]["model"].update(d_model=1e12), "config.model.d_model"),
+    (lambda m: m["plan"][0].update(n_blocks=10**9), "rack.json describes a rack of"),
+    (lambda m: m["plan"][0].update(n_blocks="1"), "plan.0: must be"),
+    (lambda m: m["time_steps"].update({"0": 10**6}), "time_steps.0: must be an int in [0, 1000)"),
+    (lambda m: m["time_steps"].pop("0"), "time_steps: must give the time step of each stack 0..0"),
+    (lambda m: m["config"]["data"].update(tokenizer="/dev/zero"), "config.data.tokenizer: must be 'byte'"),
+    (lambda m: m["config"]["training"]["progressive"].update(custom_time_mapping="os", stack_time_mapping="custom"),
+     "custom_time_mapping: must look like 'module:function'"),
+    (lambda m: m.update(stack_order=[1]), "stack_order: must be [0]"),
+    (lambda m: m.update(format=2), "format: must be 1"),
+])
+def test_malformed_metadata_is_refused_before_anything_is_built(tmp_path, edit, expected):
+    save_rack(grown(tiny_config(), 1), str(tmp_path))
+    rewrite(tmp_path, edit)
+    with pytest.raises(CorruptCheckpointError, match=re.escape(expected)):
+        load_rack(str(tmp_path))
+
+
+def test_flipped_bytes_in_rack_json_are_one_error(tmp_path):
+    from stackwise_ray.checkpoint import write_checksums
+
+    save_rack(grown(tiny_config(), 1), str(tmp_path))
+    (tmp_path / "rack.json").write_bytes(b"\xff\xfe{" + (tmp_path / "rack.json").read_bytes())
+    write_checksums(str(tmp_path))
+    with pytest.raises(CorruptCheckpointError, match="rack.json: not valid JSON"):
+        load_rack(str(tmp_path))
+
+
+def test_a_rack_carries_its_tokenizer_and_must_keep_it(tmp_path):
+    from stackwise_ray.checkpoint import write_checksums
+
+    from .test_data import _save_word_level
+
+    _save_word_level(tmp_path / "tok.json", ["[PAD]", "[UNK]", "[MASK]", "a", "b"])
+    rack = tmp_path / "rack"
+    builder = grown(tiny_config(data={"tokenizer": str(tmp_path / "tok.json")}), 1)
+    save_rack(builder, str(rack))
+    again = load_rack(str(rack))
+    assert again.config.data.tokenizer == str(rack / "tokenizer.json")
+    ids = torch.tensor([[3, 4, 3, 0]])
+    assert torch.equal(builder.build_rack().eval()(ids)[0], again.build_rack().eval()(ids)[0])
+    (rack / "tokenizer.json").unlink()
+    write_checksums(str(rack))
+    with pytest.raises(CorruptCheckpointError, match="tokenizer.json: missing .rack.json implies"):
+        load_rack(str(rack))

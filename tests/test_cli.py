@@ -114,3 +114,51 @@ def test_a_name_outside_storage_or_an_unwritable_storage_is_one_line_and_status_
         assert result.returncode == 2 and result.stderr == f"error: {path}: {expected}\n", result.stderr
         assert result.stdout == ""  # tune prints the dashboard's address once Ray has started
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_sample_of_a_tampered_rack_runs_nothing_it_names(tmp_path):
+    from .test_checkpoint import make_tampered
+
+    original, tampered, marker, code = make_tampered(tmp_path)
+    env = {"PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
+    mine = run_cli("stackwise_ray.sample", str(original), "--length", "12", env=env)
+    theirs = run_cli("stackwise_ray.sample", str(tampered), "--length", "12", env=env)
+    assert mine.returncode == theirs.returncode == 0, theirs.stderr
+    assert theirs.stdout == mine.stdout and len(mine.stdout) > 12  # the stored time steps, not the named function's
+    assert list(marker.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda d: (d / "checksums.json").write_text("{}"), "checksums.json: rack.json is not listed"),
+    (lambda d: (d / "extra.bin").write_bytes(b"x"), "extra.bin: not listed in checksums.json"),
+    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing (listed in checksums.json)"),
+])
+def test_sample_refuses_a_damaged_rack_in_one_line(tmp_path, capsys, damage, expected):
+    from stackwise_ray.checkpoint import save_rack
+    from stackwise_ray.sample import main
+
+    builder = ProgressiveRackBuilder(tiny_config())
+    builder.add_stack()
+    save_rack(builder, str(tmp_path))
+    damage(tmp_path)
+    assert main([str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {tmp_path}") and err.count("\n") == 1 and expected in err
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--temperature", "nan", "--temperature: must be a finite number >= 0"),
+    ("--temperature", "-0.5", "--temperature: must be a finite number >= 0"),
+    ("--top-k", "0", "--top-k: must be an integer >= 1, got 0"),
+    ("--top-k", "-3", "--top-k: must be an integer >= 1, got -3"),
+    ("--length", "0", "--length: must be an integer in [1, 10000], got 0"),
+    ("--length", "1e9", "--length: must be an integer, got '1e9'"),
+    ("--seed", str(2**64), "--seed: must be an integer in [0, 9223372036854775807]"),
+])
+def test_sample_flags_are_checked_in_one_line(tmp_path, capsys, flag, value, expected):
+    from stackwise_ray.sample import main
+
+    with pytest.raises(SystemExit) as exit:
+        main([str(tmp_path), flag, value])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1

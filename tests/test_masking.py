@@ -217,3 +217,17 @@ def test_custom_mapping_shorthand_through_validate():
 def test_custom_mapping_out_of_range():
     with pytest.raises(ValueError, match="expected an int"):
         time_step_for_stack(0, "custom", 100, 12, 1000, importlib.import_module("tests.time_mappings").bad_mapping)
+
+
+def test_stored_time_steps_replace_the_mapping():
+    tm = importlib.import_module("tests.time_mappings")
+    cfg = StackWiseConfig.from_dict({"training": {"progressive": {
+        "stack_time_mapping": "custom", "custom_time_mapping": "tests.time_mappings:my_mapping",
+        "building_mode": "prepend", "max_stacks": 4}}}).validate(import_code=False)
+    tm.CALLS.clear()
+    m = TimeStepMasking(cfg, tokenizer=TinyTokenizer(), time_steps={0: 5, 1: 40, 2: 9})
+    assert m.custom_fn is None and m.get_time_step_for_stack(1) == 40
+    assert (m.generate_masks_for_stack(make_batch(B=2), 2)["time_step"] == 9).all()  # prepend: the new stack's
+    assert tm.CALLS == []
+    with pytest.raises(ValueError, match="no stored time step for stack 3"):
+        m.get_time_step_for_stack(3)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from stackwise_ray.report import main, write_report
 
@@ -74,3 +75,20 @@ def test_cli_without_results(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}: no results.csv here"]
+
+
+@pytest.mark.parametrize("table, content, expected", [
+    ("results.csv", bytes(range(256)) * 8, "results.csv: a binary file, not CSV"),
+    ("results.csv", "trial_id,val_loss\nt1,3.0\nt2,lots\n".encode(), "results.csv: val_loss: row 2: not a number: 'lots'"),
+    ("results.csv", b"\xff\xfe" + "trial_id\nt1\n".encode("utf-16-le"), "results.csv: a binary file, not CSV"),
+    ("results.csv", "caf\xe9,ol\xe9\n".encode("latin-1"), "results.csv: not a CSV table"),
+    ("results.csv", b"just some text\n", "results.csv: no trial_id column"),
+    ("phases.csv", b"trial_id,stack\nt_frozen,first\n", "phases.csv: stack: row 1: not a number: 'first'"),
+], ids=["binary", "not-a-number", "utf-16", "latin-1", "no-columns", "phases-not-a-number"])
+def test_a_table_that_is_not_a_sweeps_is_one_line(tmp_path, capsys, table, content, expected):
+    write_sweep(tmp_path)
+    (tmp_path / table).write_bytes(content)
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}/") and err.count("\n") == 1 and expected in err
+    assert not (tmp_path / "report").exists()
