@@ -308,7 +308,8 @@ class StackWiseConfig:
         if p.training_objective == "custom" and d.target_field is None:
             _fail("data.target_field", "training_objective custom needs targets from the data: name their field here")
         self._validate_precisions()
-        check_fits(self, m.vocab_size or BYTE_VOCAB_SIZE)
+        if check_files:  # a run here; a rack loaded for sampling needs no training batch
+            check_fits(self, m.vocab_size or BYTE_VOCAB_SIZE)
         self._validate_lora()
         self._validate_time(import_code)
         self._validate_tune(check_files, import_code)

@@ -150,7 +150,7 @@ class ProgressiveTrainer:
         self.tracker.close()
         final = self._publish_final(prev, history)
         if rack_builder is not None:
-            rack_builder.__dict__.update(load_rack(final).__dict__)
+            rack_builder.__dict__.update(load_rack(final, config=config).__dict__)  # the run's own config: trusted
         return history
 
     def _run_phase(self, config, plan, stack_id, prev, cache, ids, data_ref, prestarter, pre):
