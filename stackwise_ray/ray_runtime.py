@@ -185,9 +185,11 @@ def stop_on_signals(grace_s: float = 6.0):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    # the body may still be in Ray calls in another thread (run_in_thread): after the
-    # shutdown, each would start a new local Ray (Ray's auto-init; read when ray is imported)
-    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    settings = contextlib.ExitStack()
+    if "RAY_ENABLE_AUTO_CONNECT" not in os.environ:
+        # the body may still be in Ray calls in another thread (run_in_thread): after the
+        # shutdown, each would start a new local Ray (Ray's auto-init; read when ray is imported)
+        settings.enter_context(_env("RAY_ENABLE_AUTO_CONNECT", "0"))
     read, write = os.pipe()
     os.set_blocking(write, False)
     handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -206,6 +208,7 @@ def stop_on_signals(grace_s: float = 6.0):
         for s, handler in handlers.items():
             signal.signal(s, handler)
         os.close(write)  # the watcher reads end-of-file and ends
+        settings.close()
 
 
 def _exit_after_signal(fd: int, grace_s: float) -> None:
