@@ -65,8 +65,7 @@ class PhaseStore:
     (storage.py)."""
 
     def __init__(self, root: str):
-        self.root = root
-        storage.makedirs(root)
+        self.root = root  # made by the first lock or write: a run refused before it starts writes nothing
 
     def record(self, phase_id: str) -> dict | None:
         """The completion record of a finished phase whose checkpoint is intact, or None. A
@@ -123,6 +122,7 @@ class PhaseStore:
     def _lock(self, phase_id: str, blocking: bool):
         if storage.is_remote(self.root):
             return LeaseLock.acquire(storage.join(self.root, phase_id), blocking)
+        os.makedirs(self.root, exist_ok=True)
         return FileLock.acquire(os.path.join(self.root, f"{phase_id}.lock"), blocking)
 
     def has_record(self, phase_id: str) -> bool:

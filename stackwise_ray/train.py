@@ -11,6 +11,7 @@ import os
 import sys
 
 from .config import load_for_command
+from .ray_runtime import RayAddressError, ensure_ray, run_in_thread, stop_on_signals
 
 
 def stack_table(history: list[dict]) -> str:
@@ -32,6 +33,7 @@ def stack_table(history: list[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+@stop_on_signals()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stackwise_ray.train", description=__doc__.splitlines()[2])
     parser.add_argument("config", help="experiment YAML")
@@ -48,9 +50,14 @@ def main(argv=None) -> int:
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
     trainer = ProgressiveTrainer(config, storage_path=args.storage, name=name, resume=args.resume)
     try:
-        history = trainer.train_progressively()
+        trainer.check_run_dir()
+        ensure_ray(config)  # here: ray.init in another thread than the main one warns about its SIGTERM handler
+        history = run_in_thread(trainer.train_progressively)
     except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RayAddressError as e:
+        print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2
     print(stack_table(history))
     print(f"\ntrained rack: {storage.join(trainer.run_dir, 'final')}")

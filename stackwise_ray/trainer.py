@@ -13,7 +13,6 @@ by a resumed run or by another trial of a sweep sharing the store, never retrain
 from __future__ import annotations
 
 import copy
-import os
 import time
 import warnings
 
@@ -29,39 +28,11 @@ from .data import dataset_from_user
 from .phase_store import PhaseStore, phase_identity
 from .prestart import Prestarter
 from .ray_phase import build_cache, finished_checkpoint, fit_phase
+from .ray_runtime import ensure_ray
 from .tracking import Tracker, flat
-
-RAY_ENV_DEFAULTS = {
-    # Train V2 polls workers every 2 s by default; a phase's teardown waits for one poll
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    # fail a phase whose workers cannot be placed instead of waiting forever
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
-}
-LOCAL_RAY_ENV_DEFAULTS = {
-    # Ray starts workers at nice 15 under its own daemons; on a small machine the phase's
-    # steps then lose the CPU to them (~25% slower training on 2 CPUs)
-    "RAY_worker_niceness": "0",
-    # spot-instance preemption cannot happen to a local Ray: one actor less per phase
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}
-
-
-def set_ray_env(local: bool) -> None:
-    """Our Ray defaults (an explicit environment variable wins); `local`: Ray is started here."""
-    for key, value in {**RAY_ENV_DEFAULTS, **(LOCAL_RAY_ENV_DEFAULTS if local else {})}.items():
-        os.environ.setdefault(key, value)
-
 
 class RunDirError(ValueError):
     pass
-
-
-def ensure_ray(config: StackWiseConfig, **init_kwargs) -> None:
-    """Connect to config.ray.address / RAY_ADDRESS, or start a local Ray."""
-    if ray.is_initialized():
-        return
-    set_ray_env(local=not (config.ray.address or os.environ.get("RAY_ADDRESS")))
-    ray.init(address=config.ray.address, **init_kwargs)
 
 
 class ProgressiveTrainer:
@@ -117,8 +88,9 @@ class ProgressiveTrainer:
         """
         config = self._config_for(rack_builder)
         plan = self._plan(config, rack_builder, target_stacks)
-        self._check_run_dir()
+        self.check_run_dir()
         ensure_ray(config)
+        storage.makedirs(self.run_dir)
         self._watch()
         data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else None
         ids = [phase_identity(config, plan, k) for k in range(len(plan))]
@@ -214,8 +186,9 @@ class ProgressiveTrainer:
         for `train_steps` steps as one phase (all parameters train). Returns its metrics."""
         config = self.config
         plan = self._plan(config, None, target_stacks)
-        self._check_run_dir()
+        self.check_run_dir()
         ensure_ray(config)
+        storage.makedirs(self.run_dir)
         phase_id = f"e2e-{phase_identity(config, plan, len(plan) - 1)[4:]}-{train_steps}"
         record, status = self.store.record(phase_id), "reused"
         if record is None:
@@ -277,11 +250,12 @@ class ProgressiveTrainer:
                           "at_input_side": config.training.progressive.building_mode == "prepend"})
         return steps
 
-    def _check_run_dir(self) -> None:
+    def check_run_dir(self) -> None:
+        """Raise RunDirError where a finished run would be overwritten (writes nothing:
+        the run directory is made once Ray is up)."""
         own_store = self.store.root == storage.join(self.run_dir, "phases")
         if not self.resume and own_store and self.store.finished_count():
             raise RunDirError(f"{self.run_dir}: a run with finished phases is already there; resume it or choose another name")
-        storage.makedirs(self.run_dir)
 
     def _cache_for(self, config, stack_id, prev_checkpoint, cache, ids, data_ref):
         """(spec for the phase's workers, the cache kept for later phases, info for metrics)."""

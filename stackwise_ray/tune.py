@@ -20,6 +20,7 @@ import time
 
 from . import storage
 from .config import ConfigError, StackWiseConfig, apply_overrides, load_for_command, storage_dir
+from .ray_runtime import run_in_thread, stop_on_signals
 
 TRIAL_RESOURCE = "trial_slot"  # trials hold this instead of CPUs: a trial holding a CPU its phases need can deadlock
 
@@ -187,26 +188,21 @@ def searcher(config: StackWiseConfig):
 
 
 def start_ray(config: StackWiseConfig, address: str | None) -> str:
-    """Connect or start Ray for a sweep; returns the dashboard URL (or a note)."""
+    """Join or start Ray for a sweep (ray_runtime.start); returns the dashboard URL (or a note)."""
     import ray
 
-    from .trainer import set_ray_env
+    from .ray_runtime import dashboard_url, start
 
-    address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
-    set_ray_env(local=not address)
-    if address:
-        ctx = ray.init(address=address)
-        if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < 1:
-            raise ConfigError(f"the cluster at {address} has no '{TRIAL_RESOURCE}' resource: start its nodes with "
-                              f"--resources='{{\"{TRIAL_RESOURCE}\": N}}' (N = trials a node may drive)")
-    else:
-        ctx = ray.init(resources={TRIAL_RESOURCE: config.tune.max_concurrent_trials}, dashboard_host="127.0.0.1")
+    ctx = start(config, address, resources={TRIAL_RESOURCE: config.tune.max_concurrent_trials},
+                dashboard_host="127.0.0.1")
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < 1:  # a cluster this command joined
+        raise ConfigError(f"the cluster at {ctx.address_info['gcs_address']} has no '{TRIAL_RESOURCE}' resource: start its nodes with "
+                          f"--resources='{{\"{TRIAL_RESOURCE}\": N}}' (N = trials a node may drive)")
     need = config.ray.num_workers * config.ray.cpus_per_worker
     if need > ray.cluster_resources().get("CPU", 0):
         raise ConfigError(f"ray.num_workers x ray.cpus_per_worker = {need} CPUs per phase, more than the cluster's "
                           f"{ray.cluster_resources().get('CPU', 0):g}")
-    url = getattr(ctx, "dashboard_url", None)
-    return f"http://{url}" if url else "(no dashboard: install ray[default])"
+    return dashboard_url(ctx)
 
 
 # ---------------------------------------------------------------- results
@@ -267,6 +263,7 @@ def results_table(rows: list[dict], swept: list[str]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
+@stop_on_signals()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stackwise_ray.tune", description="A Ray Tune sweep of progressive runs.")
     parser.add_argument("config", help="experiment YAML with a tune: section")
@@ -298,13 +295,13 @@ def main(argv=None) -> int:
     try:
         print(f"Ray dashboard: {start_ray(config, args.address)}", flush=True)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2
     if args.resume and tune.Tuner.can_restore(experiment_dir):
         tuner = tune.Tuner.restore(experiment_dir, trainable=trainable(config, experiment_dir), resume_errored=True)
     else:
         tuner = build_tuner(config, root, name)
-    grid = tuner.fit()
+    grid = run_in_thread(tuner.fit)
     rows = write_results(grid, config, experiment_dir)
     print(results_table(rows, list(config.tune.search_space)))
     print(f"\nresults: {storage.join(experiment_dir, 'results.csv')}  "

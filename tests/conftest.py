@@ -27,15 +27,14 @@ def ray_session():
 
     import ray
 
-    from stackwise_ray.trainer import set_ray_env
+    from stackwise_ray.ray_runtime import start_local
 
-    set_ray_env(local=True)
     # credentials for the S3 stand-in of test_storage.py (moto accepts any); set before
     # Ray starts so that its workers have them too
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(key, "testing")
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, resources={"trial_slot": 2})
+    start_local(num_cpus=2, include_dashboard=False, log_to_driver=False, resources={"trial_slot": 2})
     yield ray
     ray.shutdown()
 
