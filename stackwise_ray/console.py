@@ -103,7 +103,7 @@ class Console:
             return  # another Ray version: its lines stay where Ray puts them
         log = self._saved[4]
         dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", lambda data: worker.print_worker_logs(data, log, True))
+        dispatcher.add_handler("ray_print_logs", lambda data: worker.print_worker_logs(data, log, False))
 
     def close(self) -> None:
         self.stop_watching()
@@ -158,7 +158,9 @@ class Console:
         def loop():
             while not self._stop.wait(POLL_S):
                 try:
-                    posts = ray.get(board.read.remote(), timeout=5)
+                    posts = ray.get(board.read.remote(), timeout=30)
+                except ray.exceptions.GetTimeoutError:  # the board's process still starting on a busy machine
+                    continue
                 except Exception:  # noqa: BLE001 - Ray going down: nothing left to show
                     return
                 fresh = [(p["at"], key, p) for key, p in posts.items() if p["at"] > shown.get(key, 0.0)]
@@ -176,6 +178,19 @@ class Console:
             self._stop.set()
             self._watcher.join(timeout=10)
             self._watcher = None
+
+
+def log_path(run_dir: str, name: str) -> str:
+    """The command's log file: in the run directory, or, for a run on an object store, in
+    this machine's temp directory (a log is written line by line)."""
+    from . import storage
+
+    if storage.is_remote(run_dir):
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), f"stackwise_ray-{os.getuid()}", "logs",
+                            f"{storage.basename(run_dir)}-{name}")
+    return os.path.join(run_dir, name)
 
 
 def _columns(stream) -> int:

@@ -128,6 +128,16 @@ def dashboard_url(context) -> str:
     return f"http://{url}" if url else "(no dashboard: install ray[default])"
 
 
+def dashboard_line(context) -> str:
+    """The dashboard's URL and how to get in: Ray 2.60 asks for its token first."""
+    url = dashboard_url(context)
+    if not url.startswith("http") or os.environ.get("RAY_AUTH_MODE") == "disabled":
+        return f"Ray dashboard: {url}"
+    where = ("$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN")
+             else os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token")
+    return f"Ray dashboard: {url}  (it asks for a token: `ray get-auth-token` prints it; it is in {where})"
+
+
 def _job_env_vars() -> dict:
     """Our Ray Train settings for every process of the job, the user's values where set.
     A variable a `ray job submit --runtime-env` already gives the job is left to it

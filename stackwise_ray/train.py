@@ -11,26 +11,28 @@ import os
 import sys
 
 from .config import load_for_command
-from .ray_runtime import RayAddressError, ensure_ray, run_in_thread, stop_on_signals
+from .ray_runtime import RayAddressError, dashboard_line, probe, resolve_address, run_in_thread, start, stop_on_signals
 
 
-def stack_table(history: list[dict]) -> str:
-    cols = [("stack", "stack", "{}"), ("precision", "precision", "{}"), ("t", "time_step", "{}"),
-            ("steps", "steps", "{}"), ("train", "train_loss", "{:.3f}"), ("val", "val_loss", "{:.3f}"),
-            ("ppl", "val_ppl", "{:.1f}"), ("acc", "val_accuracy", "{:.3f}"),
-            ("trainable", "trainable_params", "{:,}"), ("total", "total_params", "{:,}"),
-            ("trunk fwd", "trunk_forwards", "{}"), ("peak MB", "peak_memory_mb", "{:.0f}"),
-            ("start s", "startup_s", "{:.1f}"), ("cache s", "cache_s", "{:.1f}"), ("train s", "train_s", "{:.1f}"),
-            ("status", "status", "{}")]
-    rows = [[h for h, _, _ in cols + [("cache", None, None)]]]
-    for m in history:
+COLUMNS = [("stack", "stack", "{}"), ("precision", "precision", "{}"), ("t", "time_step", "{}"),
+           ("steps", "steps", "{}"), ("train", "train_loss", "{:.3f}"), ("val", "val_loss", "{:.3f}"),
+           ("ppl", "val_ppl", "{:.1f}"), ("acc", "val_accuracy", "{:.3f}"),
+           ("trainable", "trainable_params", "{:,}"), ("total", "total_params", "{:,}"),
+           ("trunk fwd", "trunk_forwards", "{}"), ("peak MB", "peak_memory_mb", "{:.0f}"),
+           ("start s", "startup_s", "{:.1f}"), ("cache s", "cache_s", "{:.1f}"), ("train s", "train_s", "{:.1f}"),
+           ("status", "status", "{}")]
+WIDTHS = [5, 9, 11, 6, 6, 6, 7, 6, 11, 11, 9, 7, 7, 7, 7, 9, 20]  # rows are printed one by one, as phases end
+
+
+def stack_row(m: dict | None) -> str:
+    """One row of the per-stack table (None: the header)."""
+    if m is None:
+        cells = [h for h, _, _ in COLUMNS] + ["cache"]
+    else:
         cache = m.get("cache", {})
-        what = cache.get("kind", "none")
-        if cache.get("bytes"):
-            what += f" {cache['bytes'] / 2**20:.1f}MB"
-        rows.append([fmt.format(m[key]) if key in m else "-" for _, key, fmt in cols] + [what])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+        what = cache.get("kind", "none") + (f" {cache['bytes'] / 2**20:.1f}MB" if cache.get("bytes") else "")
+        cells = [fmt.format(m[key]) if key in m else "-" for _, key, fmt in COLUMNS] + [what]
+    return "  ".join(c.rjust(w) for c, w in zip(cells, WIDTHS))
 
 
 @stop_on_signals()
@@ -40,27 +42,41 @@ def main(argv=None) -> int:
     parser.add_argument("--storage", help="root of run directories (default: ray.storage_path)")
     parser.add_argument("--name", help="run directory name (default: the YAML file's name)")
     parser.add_argument("--resume", action="store_true", help="continue the run, skipping finished phases")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output here, not in the log")
     args = parser.parse_args(argv)
     config = load_for_command(args.config, args.storage, name=args.name)
     if config is None:
         return 2
     from . import storage
+    from .console import Console, log_path
     from .trainer import ProgressiveTrainer, RunDirError
 
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
-    trainer = ProgressiveTrainer(config, storage_path=args.storage, name=name, resume=args.resume)
+    rows = []
+
+    def show_row(m: dict) -> None:
+        if not rows:
+            console.line(stack_row(None))
+        rows.append(m)
+        console.line(stack_row(m))
+
+    trainer = ProgressiveTrainer(config, storage_path=args.storage, name=name, resume=args.resume, on_phase=show_row)
+    console = trainer.console = Console(log_path(trainer.run_dir, "train.log"), verbose=args.verbose)
     try:
         trainer.check_run_dir()
-        ensure_ray(config)  # here: ray.init in another thread than the main one warns about its SIGTERM handler
-        history = run_in_thread(trainer.train_progressively)
-    except RunDirError as e:
-        print(f"error: {e}", file=sys.stderr)
+        address, source = resolve_address(config)
+        if address is not None:
+            probe(address, source)  # before the log file is written
+        console.start()
+        # Ray starts here: ray.init in another thread than the main one warns about its SIGTERM handler
+        console.line(dashboard_line(start(config, dashboard_host="127.0.0.1")))
+        run_in_thread(trainer.train_progressively)
+        console.line(f"\ntrained rack: {storage.join(trainer.run_dir, 'final')}")
+    except (RunDirError, RayAddressError) as e:
+        console.error(f"error: {e}" if isinstance(e, RunDirError) else f"error: {args.config}: {e}")
         return 2
-    except RayAddressError as e:
-        print(f"error: {args.config}: {e}", file=sys.stderr)
-        return 2
-    print(stack_table(history))
-    print(f"\ntrained rack: {storage.join(trainer.run_dir, 'final')}")
+    finally:
+        console.close()
     return 0
 
 

@@ -188,10 +188,10 @@ def searcher(config: StackWiseConfig):
 
 
 def start_ray(config: StackWiseConfig, address: str | None) -> str:
-    """Join or start Ray for a sweep (ray_runtime.start); returns the dashboard URL (or a note)."""
+    """Join or start Ray for a sweep (ray_runtime.start); returns the dashboard's line."""
     import ray
 
-    from .ray_runtime import dashboard_url, start
+    from .ray_runtime import dashboard_line, start
 
     ctx = start(config, address, resources={TRIAL_RESOURCE: config.tune.max_concurrent_trials},
                 dashboard_host="127.0.0.1")
@@ -202,7 +202,7 @@ def start_ray(config: StackWiseConfig, address: str | None) -> str:
     if need > ray.cluster_resources().get("CPU", 0):
         raise ConfigError(f"ray.num_workers x ray.cpus_per_worker = {need} CPUs per phase, more than the cluster's "
                           f"{ray.cluster_resources().get('CPU', 0):g}")
-    return dashboard_url(ctx)
+    return dashboard_line(ctx)
 
 
 # ---------------------------------------------------------------- results
@@ -272,6 +272,7 @@ def main(argv=None) -> int:
     parser.add_argument("--name", help="experiment name (default: the YAML file's name)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--dry-run", action="store_true", help="print the trials without running them")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output here, not in the log")
     args = parser.parse_args(argv)
     config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address, name=args.name)
     if config is None:
@@ -292,20 +293,31 @@ def main(argv=None) -> int:
     if storage.exists(experiment_dir) and not args.resume and tune.Tuner.can_restore(experiment_dir):
         print(f"error: {experiment_dir}: a sweep is already there; pass --resume or another --name", file=sys.stderr)
         return 2
+    from .console import Console, log_path
+    from .ray_runtime import probe, resolve_address
+
+    console = Console(log_path(experiment_dir, "tune.log"), verbose=args.verbose)
     try:
-        print(f"Ray dashboard: {start_ray(config, args.address)}", flush=True)
+        address, source = resolve_address(config, args.address)
+        if address is not None:
+            probe(address, source)  # before the log file is written
+        console.start()
+        console.line(start_ray(config, args.address))
+        console.capture_ray_worker_logs()
+        if args.resume and tune.Tuner.can_restore(experiment_dir):
+            tuner = tune.Tuner.restore(experiment_dir, trainable=trainable(config, experiment_dir), resume_errored=True)
+        else:
+            tuner = build_tuner(config, root, name)
+        grid = run_in_thread(tuner.fit)
+        rows = write_results(grid, config, experiment_dir)
+        console.line(results_table(rows, list(config.tune.search_space)))
+        console.line(f"\nresults: {storage.join(experiment_dir, 'results.csv')}  "
+                     f"best config: {storage.join(experiment_dir, 'best_config.yaml')}")
     except ConfigError as e:
-        print(f"error: {args.config}: {e}", file=sys.stderr)
+        console.error(f"error: {args.config}: {e}")
         return 2
-    if args.resume and tune.Tuner.can_restore(experiment_dir):
-        tuner = tune.Tuner.restore(experiment_dir, trainable=trainable(config, experiment_dir), resume_errored=True)
-    else:
-        tuner = build_tuner(config, root, name)
-    grid = run_in_thread(tuner.fit)
-    rows = write_results(grid, config, experiment_dir)
-    print(results_table(rows, list(config.tune.search_space)))
-    print(f"\nresults: {storage.join(experiment_dir, 'results.csv')}  "
-          f"best config: {storage.join(experiment_dir, 'best_config.yaml')}")
+    finally:
+        console.close()
     return 0
 
 
