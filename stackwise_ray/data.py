@@ -201,7 +201,10 @@ def source_size(data_cfg: DataConfig) -> tuple[int, str]:
         return len(topics), "topics"
     if fmt == "parquet":
         import pyarrow.parquet as pq
-        return pq.ParquetFile(data_cfg.source).metadata.num_rows, "rows"
+        try:
+            return pq.ParquetFile(data_cfg.source).metadata.num_rows, "rows"
+        except Exception:  # an unreadable file: iter_batches says why, in one line
+            return 0, "rows"
     return os.path.getsize(data_cfg.source), "bytes"
 
 

@@ -64,12 +64,15 @@ def is_complete(location: str) -> bool:
 
 def ensure(location: str, write, check=None) -> str:
     """The store at `location`, built first by `write(directory) -> meta` if it is not
-    complete there. `check(meta)` may refuse the data (raise) before anything is published.
+    complete there. `check(meta)` may refuse the data (raise): a new store's before
+    anything is published.
 
     Locally the build runs in a hidden directory beside the store (a rename puts it in
     place); on an object store it runs in the system temp directory and is uploaded, meta
     last. On failure every directory the build created is removed again."""
     if is_complete(location):
+        if check is not None:
+            check(storage.read_json(storage.join(location, META)))
         return location
     remote = storage.is_remote(location)
     root = os.path.dirname(location) if not remote else None

@@ -118,6 +118,8 @@ def test_store_is_built_once_and_reused(tmp_path, monkeypatch):
     assert stores(store) == [key] and meta.stat().st_mtime_ns == built_at
     assert torch.equal(a_train.input_ids[:], b_train.input_ids[:]) and torch.equal(a_train.input_ids[:], d_train.input_ids[:])
     assert c_train.input_ids.shape[1] == 8
+    with pytest.raises(ValueError, match="too small for seq_len 8192"):  # checked on an existing store too
+        token_store_location(cfg(store, source=str(path), seq_len=8192))
     assert json.loads(meta.read_text())["dtype"] == "uint16"  # 260 byte-tokenizer ids fit
     assert (store / "tokens" / key / "tokens.bin").stat().st_size == 2 * json.loads(meta.read_text())["tokens"]
 
