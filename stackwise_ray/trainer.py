@@ -291,7 +291,7 @@ class ProgressiveTrainer:
         return self._store_location
 
     def _train_rows(self, data_ref) -> int:
-        """Training examples (counted once per trainer, from the token store's meta)."""
+        """Training examples (counted once per trainer, over the token store)."""
         if not isinstance(data_ref, str):
             return len(ray.get(data_ref)[0])
         if self._config_rows is None:
