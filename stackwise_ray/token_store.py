@@ -115,6 +115,7 @@ def _publish(stage: str, location: str, meta: dict) -> None:
         return
     with open(os.path.join(stage, META), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
+    os.chmod(stage, 0o755)  # mkdtemp's 0700 would keep the store from other users of a shared path
     if os.path.exists(location) and not is_complete(location):  # not ours: a rename never leaves one
         shutil.rmtree(location)
     try:
