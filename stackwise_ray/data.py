@@ -1,4 +1,5 @@
-"""Text in, fixed-length token windows out: tokenizers, record loading, datasets, loaders.
+"""Text in, fixed-length token windows out: tokenizers, record streams, the token store,
+datasets, loaders.
 
 Two example shapes:
 - language modelling (no data.target_field): every record is tokenized, the token
@@ -7,20 +8,28 @@ Two example shapes:
 - custom objective (data.target_field set): one example per record, input and
   target each truncated or padded to seq_len (targets pad with IGNORE_INDEX).
 
+A corpus is tokenized once, streaming, into a token store on disk (token_store.py); the
+datasets read examples from its memory map, so no process holds the corpus in memory.
 Every example keeps a global id (its window or record index), unique across the
 train and validation sets, so cached activations can be keyed by it.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import itertools
 import json
 import os
 import re
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import DataConfig, StackWiseConfig
+from . import storage, token_store
+from .config import DataConfig, StackWiseConfig, storage_dir
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index
 
@@ -39,6 +48,16 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def encode_joined(self, texts: list[str]) -> np.ndarray:
+        """Ids of `texts` with eos between them, as uint16 (0xff never occurs in UTF-8, so
+        it marks the joins for one vectorised pass)."""
+        ids = np.frombuffer(b"\xff".join(t.encode("utf-8") for t in texts), np.uint8).astype(np.uint16)
+        ids[ids == 0xFF] = self.eos_id
+        return ids
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
@@ -90,6 +109,16 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_joined(self, texts: list[str]) -> np.ndarray:
+        """Ids of `texts` with eos between them (the library encodes the batch in parallel)."""
+        ids = self.encode_batch(texts)
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        return np.insert(flat, np.cumsum(lengths)[:-1], self.eos_id)
+
     def decode(self, ids) -> str:
         # our special ids need not be flagged special in the file, so drop them here
         return self._tok.decode([int(i) for i in ids if int(i) not in self.special_ids], skip_special_tokens=True)
@@ -100,98 +129,219 @@ def load_tokenizer(spec: str):
     return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
 
 
-# ---------------------------------------------------------------- records
+# ---------------------------------------------------------------- records, streamed
 
 _EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
+CHUNK_BYTES = 1 << 20  # what a build reads of a text or JSONL file at a time
+LONG_PARAGRAPH = 2 * CHUNK_BYTES  # characters: a longer paragraph is tokenized in pieces cut at line ends
+BLANK_LIMIT = 16 * CHUNK_BYTES  # characters of whitespace held before they are kept as a paragraph
+PARQUET_ROWS = 1024
 
 
-def load_records(data_cfg: DataConfig) -> list[dict]:
-    """Read data.source into records.
+class Batch(NamedTuple):
+    """Records read from a source, in order.
 
-    Args:
-        data_cfg: `source` is "pydoc" (the topic texts that ship with Python, in sorted key
-            order) or a file path. Text files give one record per paragraph (blocks separated
-            by blank lines), so documents keep their boundaries; JSONL and Parquet give one
-            record per line/row, text read from `text_field`.
+    texts: the records' texts. targets: their targets (custom objective), else None.
+    continues: texts[0] continues the last text of the previous batch (a paragraph longer
+        than LONG_PARAGRAPH, cut at a line end; the byte tokenizer's ids are the same).
+    done: how much of the source is read (bytes, or rows of a Parquet file).
+    """
+    texts: list
+    targets: list | None
+    continues: bool
+    done: int
 
-    Returns:
-        [{"text": str}] or, when `target_field` is set, [{"text": str, "target": str | list[int]}].
+
+def source_format(data_cfg: DataConfig) -> str:
+    """"pydoc", "text", "jsonl" or "parquet"; an unknown extension is an error."""
+    if data_cfg.source == "pydoc":
+        return "pydoc"
+    if data_cfg.format != "auto":
+        return data_cfg.format
+    ext = os.path.splitext(data_cfg.source)[1].lower()
+    if ext not in _EXTENSIONS:
+        raise ValueError(f"{data_cfg.source}: unknown extension {ext or '(none)'!r}; expected .txt, .jsonl or .parquet (or set data.format)")
+    return _EXTENSIONS[ext]
+
+
+def iter_batches(data_cfg: DataConfig):
+    """data.source as a stream of Batches, never held whole.
+
+    `source` is "pydoc" (the topic texts that ship with Python, in sorted key order) or a
+    file. Text files give one record per paragraph (blocks separated by blank lines), so
+    documents keep their boundaries; JSONL and Parquet give one record per line/row, text
+    read from `text_field` and, when `target_field` is set, its target (a string or a list
+    of token ids).
 
     Raises:
-        ValueError: one line naming the file and the problem.
+        ValueError: one line naming the file and the problem (line or row where it has one).
     """
-    src, want_target = data_cfg.source, data_cfg.target_field is not None
-    if src == "pydoc":
-        if want_target:
-            raise ValueError(f"pydoc: the bundled corpus has no targets; data.target_field {data_cfg.target_field!r} needs a JSONL or Parquet file")
+    src, fmt, target = data_cfg.source, source_format(data_cfg), data_cfg.target_field
+    if fmt == "pydoc":
+        if target is not None:
+            raise ValueError(f"pydoc: the bundled corpus has no targets; data.target_field {target!r} needs a JSONL or Parquet file")
         from pydoc_data.topics import topics
-        return [{"text": topics[k]} for k in sorted(topics)]
-
-    fmt = data_cfg.format
-    if fmt == "auto":
-        ext = os.path.splitext(src)[1].lower()
-        if ext not in _EXTENSIONS:
-            raise ValueError(f"{src}: unknown extension {ext or '(none)'!r}; expected .txt, .jsonl or .parquet (or set data.format)")
-        fmt = _EXTENSIONS[ext]
-    if fmt == "parquet":
-        records = _parquet_records(src, data_cfg.text_field, data_cfg.target_field)
+        yield Batch([topics[k] for k in sorted(topics)], None, False, len(topics))
+    elif fmt == "text":
+        if target is not None:
+            raise ValueError(f"{src}: a text file has no fields, so no target {target!r}; use JSONL or Parquet")
+        yield from _text_batches(src)
+    elif fmt == "jsonl":
+        yield from _jsonl_batches(src, data_cfg.text_field, target)
     else:
+        yield from _parquet_batches(src, data_cfg.text_field, target)
+
+
+def source_size(data_cfg: DataConfig) -> tuple[int, str]:
+    """(total, unit) of Batch.done for progress: bytes of a file, rows of a Parquet file."""
+    fmt = source_format(data_cfg)
+    if fmt == "pydoc":
+        from pydoc_data.topics import topics
+        return len(topics), "topics"
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
         try:
-            with open(src, encoding="utf-8") as f:
-                content = f.read()
-        except OSError as e:
-            raise ValueError(f"{src}: cannot read: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{src}: not valid UTF-8 (byte {e.start})") from None
-        if not content.strip():
-            raise ValueError(f"{src}: empty file")
-        if fmt == "text":
-            if want_target:
-                raise ValueError(f"{src}: a text file has no fields, so no target {data_cfg.target_field!r}; use JSONL or Parquet")
-            records = [{"text": b.strip("\n")} for b in re.split(r"\n(?:[ \t]*\n)+", content) if b.strip()]
+            return pq.ParquetFile(data_cfg.source).metadata.num_rows, "rows"
+        except Exception:  # an unreadable file: iter_batches says why, in one line
+            return 0, "rows"
+    return os.path.getsize(data_cfg.source), "bytes"
+
+
+def _decoded_chunks(src: str):
+    """(text, bytes read, last) for each CHUNK_BYTES of the file: UTF-8 checked (the error
+    names the byte) and newlines translated as open() does (\\r\\n and \\r become \\n)."""
+    try:
+        f = open(src, "rb")
+    except OSError as e:
+        raise ValueError(f"{src}: cannot read: {e.strerror}") from None
+    with f:
+        pending = b""  # bytes held back for the next chunk
+        while True:
+            raw = f.read(CHUNK_BYTES)
+            last = not raw
+            data, pending = pending + raw, b""
+            start = f.tell() - len(data)  # file offset of data[0]
+            if not last and data.endswith(b"\r"):  # may be the first half of \r\n
+                data, pending = data[:-1], b"\r"
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if last or e.reason != "unexpected end of data" or e.end != len(data):
+                    raise ValueError(f"{src}: not valid UTF-8 (byte {start + e.start})") from None
+                text, pending = data[:e.start].decode("utf-8"), data[e.start:] + pending  # a character cut in two
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            yield text, f.tell() - len(pending), last
+            if last:
+                return
+
+
+def _text_batches(src: str):
+    """Paragraphs, as `re.split(r"\\n(?:[ \\t]*\\n)+", text)` gives them (each stripped of
+    newlines, blank ones dropped), holding only the last, unfinished paragraph across chunks."""
+    carry, open_paragraph, any_text = "", False, False  # open: carry continues a paragraph already begun
+    for text, done, last in _decoded_chunks(src):
+        pieces = _PARAGRAPH_BREAK.split(carry + text)
+        if last:
+            finished, carry = pieces, ""
+        elif len(pieces) > 1:
+            # the break before the last piece may go on in the next chunk: "\n" restarts it there
+            finished, carry = pieces[:-1], "\n" + pieces[-1]
         else:
-            records = _jsonl_records(src, content, data_cfg.text_field, data_cfg.target_field)
-    if not any(r["text"] for r in records):
-        raise ValueError(f"{src}: no text in field {data_cfg.text_field!r}")
-    return records
+            finished, carry = [], pieces[0]
+        out, continues = [], open_paragraph
+        for i, p in enumerate(finished):
+            if i == 0 and open_paragraph:
+                out.append(p.rstrip("\n"))  # the end of a paragraph whose start went out already
+            elif p.strip():
+                out.append(p.strip("\n"))
+        if finished:
+            open_paragraph = False
+        if len(carry) > LONG_PARAGRAPH:
+            # out goes the paragraph's beginning; the rest keeps a last "\n" that only spaces
+            # follow, as it may begin a paragraph break. A blank beginning waits for text (a
+            # blank paragraph is dropped), up to BLANK_LIMIT.
+            p = carry.rfind("\n")
+            cut = p if p >= 0 and not carry[p + 1:].strip(" \t") and len(carry) <= BLANK_LIMIT else len(carry)
+            head = carry[:cut]
+            if head and (open_paragraph or head.strip() or len(carry) > BLANK_LIMIT):
+                out.append(head if open_paragraph else head.lstrip("\n"))
+                carry, open_paragraph = carry[cut:], True
+        if out:
+            any_text = True
+            yield Batch(out, None, continues, done)
+    if not any_text:
+        raise ValueError(f"{src}: empty file")
 
 
-def _jsonl_records(src, content, text_field, target_field):
-    records = []
-    for n, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{src}: line {n}: invalid JSON: {e.msg}") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{src}: line {n}: expected a JSON object, got {type(obj).__name__}")
-        records.append(_record(obj, text_field, target_field, f"{src}: line {n}"))
-    return records
+def _jsonl_batches(src: str, text_field: str, target_field: str | None):
+    carry, n, seen, any_text = "", 0, False, False
+    for text, done, last in _decoded_chunks(src):
+        lines = (carry + text).split("\n")
+        carry = "" if last else lines.pop()
+        texts, targets = [], []
+        for line in lines:
+            n += 1
+            if not line.strip():
+                continue
+            seen = True
+            rec = _record(_json_object(line, f"{src}: line {n}"), text_field, target_field, f"{src}: line {n}")
+            texts.append(rec["text"])
+            any_text = any_text or bool(rec["text"])
+            if target_field is not None:
+                targets.append(rec["target"])
+        if texts:
+            yield Batch(texts, targets if target_field is not None else None, False, done)
+    if not seen:
+        raise ValueError(f"{src}: empty file")
+    if not any_text:
+        raise ValueError(f"{src}: no text in field {text_field!r}")
 
 
-def _parquet_records(src, text_field, target_field):
+def _json_object(line: str, where: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _parquet_batches(src: str, text_field: str, target_field: str | None):
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(src)
+        pf = pq.ParquetFile(src)
     except OSError as e:
         raise ValueError(f"{src}: cannot read: {e.strerror or e}") from None
     except Exception as e:  # pyarrow reports a bad file as ArrowInvalid
         raise ValueError(f"{src}: not a readable Parquet file: {(str(e).splitlines() or [''])[0]}") from None
-    if table.num_rows == 0:
+    if pf.metadata.num_rows == 0:
         raise ValueError(f"{src}: empty file")
+    names = pf.schema_arrow.names
     for name in (text_field, target_field):
-        if name is not None and name not in table.column_names:
-            raise ValueError(f"{src}: missing column {name!r} (columns: {', '.join(table.column_names)})")
-    texts = table.column(text_field).to_pylist()
-    targets = table.column(target_field).to_pylist() if target_field else [None] * len(texts)
-    out = []
-    for n, (text, target) in enumerate(zip(texts, targets)):
-        obj = {text_field: text} if target_field is None else {text_field: text, target_field: target}
-        out.append(_record(obj, text_field, target_field, f"{src}: row {n}"))
-    return out
+        if name is not None and name not in names:
+            raise ValueError(f"{src}: missing column {name!r} (columns: {', '.join(names)})")
+    row, any_text = 0, False
+    columns = [text_field] if target_field is None else [text_field, target_field]
+    for batch in pf.iter_batches(batch_size=PARQUET_ROWS, columns=columns):
+        texts = batch.column(text_field).to_pylist()
+        targets = batch.column(target_field).to_pylist() if target_field else [None] * len(texts)
+        out_texts, out_targets = [], []
+        for text, target in zip(texts, targets):
+            obj = {text_field: text} if target_field is None else {text_field: text, target_field: target}
+            rec = _record(obj, text_field, target_field, f"{src}: row {row}")
+            out_texts.append(rec["text"])
+            out_targets.append(rec.get("target"))
+            any_text = any_text or bool(rec["text"])
+            row += 1
+        yield Batch(out_texts, out_targets if target_field is not None else None, False, row)
+    if not any_text:
+        raise ValueError(f"{src}: no text in field {text_field!r}")
 
 
 def _record(obj: dict, text_field, target_field, where) -> dict:
@@ -211,62 +361,233 @@ def _record(obj: dict, text_field, target_field, where) -> dict:
     return {"text": text, "target": target}
 
 
+def load_records(data_cfg: DataConfig) -> list[dict]:
+    """All records of data.source in memory (for small data and inspection; training reads
+    the token store): [{"text": str}] or, with `target_field`, [{"text", "target"}]."""
+    records = []
+    for batch in iter_batches(data_cfg):
+        for i, text in enumerate(batch.texts):
+            if i == 0 and batch.continues:
+                records[-1]["text"] += text
+                continue
+            records.append({"text": text} if batch.targets is None else {"text": text, "target": batch.targets[i]})
+    return records
+
+
+# ---------------------------------------------------------------- the token store
+
+def store_identity(data_cfg: DataConfig, tokenizer) -> dict:
+    """What determines a store's ids: the source's bytes (streamed through sha256), the
+    tokenizer file's bytes, format and fields, and seq_len for the custom objective."""
+    d, fmt = data_cfg, source_format(data_cfg)
+    if fmt == "pydoc":
+        from pydoc_data.topics import topics
+        source = hashlib.sha256(json.dumps(topics, sort_keys=True).encode()).hexdigest()
+    else:
+        try:
+            source = token_store.file_digest(d.source)
+        except OSError as e:
+            raise ValueError(f"{d.source}: cannot read: {e.strerror}") from None
+    identity = {"source": source, "format": fmt,
+                "tokenizer": "byte" if isinstance(tokenizer, ByteTokenizer) else token_store.file_digest(tokenizer.path)}
+    if fmt in ("jsonl", "parquet"):
+        identity["text_field"] = d.text_field
+    if d.target_field is not None:
+        identity.update(target_field=d.target_field, seq_len=d.seq_len)
+    return identity
+
+
+def token_store_location(config: StackWiseConfig, tokenizer=None) -> str:
+    """The token store of config.data (`<ray.storage_path>/tokens/<key>`), built first
+    where it is missing. A data error (one line naming the file) leaves nothing there."""
+    d = config.data
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(d.tokenizer)
+    root = storage.join(storage_dir(config.ray.storage_path), "tokens")
+    location = storage.join(root, token_store.store_key(store_identity(d, tokenizer)))
+    return token_store.ensure(location, lambda stage: _write_store(stage, d, tokenizer),
+                              check=lambda meta: _example_count(meta, d))
+
+
+def _example_count(meta: dict, d: DataConfig) -> int:
+    n = meta["tokens"] // d.seq_len if meta["kind"] == "stream" else meta["examples"]
+    if d.max_examples is not None:
+        n = min(n, d.max_examples)
+    if n < 2:
+        raise ValueError(f"data.source {d.source}: too small for seq_len {d.seq_len}: {n} example(s), need at least 2")
+    return n
+
+
+def _write_store(stage: str, d: DataConfig, tokenizer) -> dict:
+    """Tokenize data.source into the directory `stage`, batch by batch; returns the meta."""
+    dtype = token_store.id_dtype(tokenizer.vocab_size)
+    total, unit = source_size(d)
+    progress = token_store.Progress(os.path.basename(d.source), total, unit)
+    done = 0
+    try:
+        if d.target_field is None:
+            meta = {"kind": "stream", "tokens": 0, "documents": 0}
+            with open(os.path.join(stage, "tokens.bin"), "wb") as f:
+                for batch in iter_batches(d):
+                    ids = _encode(tokenizer.encode_joined, batch.texts, d.source)
+                    if meta["documents"] and not batch.continues:
+                        ids = np.concatenate([[tokenizer.eos_id], ids])  # between documents
+                    f.write(np.ascontiguousarray(ids, dtype=dtype).data)
+                    meta["tokens"] += len(ids)
+                    meta["documents"] += len(batch.texts) - batch.continues
+                    progress.update(done := batch.done)
+        else:
+            meta = {"kind": "pairs", "examples": 0, "seq_len": d.seq_len}
+            with open(os.path.join(stage, "inputs.bin"), "wb") as fi, open(os.path.join(stage, "targets.bin"), "wb") as ft:
+                for batch in iter_batches(d):
+                    inputs, targets = _paired_examples(tokenizer, batch, d.seq_len, d.source, meta["examples"])
+                    fi.write(np.ascontiguousarray(inputs, dtype=dtype).data)
+                    ft.write(targets.data)
+                    meta["examples"] += len(inputs)
+                    progress.update(done := batch.done)
+    finally:
+        progress.close(done)
+    return {**meta, "dtype": dtype.name, "source": d.source, "tokenizer": d.tokenizer, "vocab_size": tokenizer.vocab_size}
+
+
+def _encode(fn, texts: list[str], source: str):
+    try:
+        return fn(texts)
+    except UnicodeEncodeError:  # a JSON "\ud800" escape decodes to a lone surrogate
+        raise ValueError(f"{source}: a text holds an unpaired surrogate (\\ud800-\\udfff): not valid Unicode") from None
+
+
+def _paired_examples(tokenizer, batch: Batch, T: int, source: str, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets (B, T) of a batch of records, truncated or padded to T."""
+    xs = _encode(tokenizer.encode_batch, batch.texts, source)
+    strings = [t for t in batch.targets if isinstance(t, str)]
+    encoded = iter(_encode(tokenizer.encode_batch, strings, source)) if strings else iter(())
+    inputs = np.full((len(xs), T), tokenizer.pad_id, dtype=np.int64)
+    targets = np.full((len(xs), T), IGNORE_INDEX, dtype=np.int32)
+    for i, (x, y) in enumerate(zip(xs, batch.targets)):
+        y = (next(encoded) if isinstance(y, str) else y)[:T]
+        bad = [t for t in y if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise ValueError(f"{source}: record {first + i}: target id {bad[0]} outside the vocabulary [0, {tokenizer.vocab_size})")
+        x = x[:T]
+        inputs[i, : len(x)] = x
+        targets[i, : len(y)] = y
+    return inputs, targets
+
+
 # ---------------------------------------------------------------- datasets
+
+class _Rows:
+    """Rows of an (M, T) array seen through positions: `view[i]`, `view[a:b]` and
+    `view[positions]` read just those rows (of a memory map too) as a LongTensor."""
+
+    def __init__(self, array, rows: np.ndarray):
+        self.array, self.rows = array, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), self.array.shape[1]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, torch.Tensor):
+            key = key.numpy()
+        return torch.from_numpy(np.asarray(self.array[self.rows[key]], dtype=np.int64))
+
 
 class TokenDataset(Dataset):
     """Fixed-length examples with global ids.
 
     Args:
-        input_ids: LongTensor (N, T).
+        input_ids: (M, T) token ids: a tensor, a numpy array or a token store's
+            token_store.Mapped rows (read on demand).
         example_ids: LongTensor (N,), unique across train and validation.
-        targets: optional LongTensor (N, T); IGNORE_INDEX marks positions without a target.
+        targets: optional (M, T), like input_ids; IGNORE_INDEX marks positions without a target.
+        rows: (N,) positions of the examples in input_ids/targets; default 0..N-1.
+
+    `input_ids[positions]` and `targets[positions]` read the examples at those positions
+    (LongTensor (B, T)). A dataset over a token store (`from_store`) holds only its example
+    ids in memory, and pickles without the store's data.
     """
 
-    def __init__(self, input_ids: torch.Tensor, example_ids: torch.Tensor, targets: torch.Tensor | None = None):
-        assert input_ids.dim() == 2 and example_ids.shape == input_ids.shape[:1]
-        assert targets is None or targets.shape == input_ids.shape
-        self.input_ids, self.example_ids, self.targets = input_ids, example_ids, targets
+    def __init__(self, input_ids, example_ids, targets=None, rows=None):
+        self.example_ids = torch.as_tensor(example_ids, dtype=torch.long)
+        self._inputs, self._targets = _as_array(input_ids), _as_array(targets)
+        self._rows = np.arange(len(self.example_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
+        assert self._inputs.ndim == 2 and self.example_ids.dim() == 1 and len(self._rows) == len(self.example_ids)
+        assert self._targets is None or self._targets.shape == self._inputs.shape
+
+    @classmethod
+    def from_store(cls, store: token_store.TokenStore, seq_len: int, example_ids: torch.Tensor) -> "TokenDataset":
+        """The examples `example_ids` of a token store (an example's id is its window or record index)."""
+        inputs, targets = (store.windows(seq_len), None) if store.kind == "stream" else store.pairs()
+        ds = cls(inputs, example_ids, targets)
+        ds._rows = None  # the rows are the example ids: not kept twice
+        return ds
+
+    @property
+    def input_ids(self) -> _Rows:
+        return _Rows(self._inputs, self._positions())
+
+    @property
+    def targets(self) -> _Rows | None:
+        return None if self._targets is None else _Rows(self._targets, self._positions())
+
+    def _positions(self) -> np.ndarray:
+        return self.example_ids.numpy() if self._rows is None else self._rows
+
+    def subset(self, positions: torch.Tensor) -> "TokenDataset":
+        """The examples at `positions` of this dataset, sharing its arrays."""
+        out = copy.copy(self)
+        out.example_ids = self.example_ids[positions]
+        out._rows = None if self._rows is None else self._rows[positions.numpy()]
+        return out
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return len(self.example_ids)
 
     def __getitem__(self, i: int) -> dict:
         item = {"input_ids": self.input_ids[i], "example_id": int(self.example_ids[i])}
-        if self.targets is not None:
+        if self._targets is not None:
             item["targets"] = self.targets[i]
         return item
 
 
+def _as_array(x):
+    if x is None or isinstance(x, (np.ndarray, token_store.Mapped)):
+        return x
+    return torch.as_tensor(x).numpy()
+
+
 def build_datasets(config: StackWiseConfig, tokenizer=None):
-    """Load, tokenize and split data.source.
+    """Tokenize data.source into its token store (once: later calls open it) and split it.
 
     Args:
-        config: uses config.data only; seq_len is the window length T.
+        config: uses config.data, and ray.storage_path (where the store lives); seq_len is
+            the window length T.
         tokenizer: None loads config.data.tokenizer.
 
     Returns:
-        (train_ds, val_ds, tokenizer). The split is a permutation seeded by
-        data.split_seed (not the training seed): its first max(1, round(N*val_fraction))
-        ids, at most N-1, are validation. Each set is ordered by example id.
+        (train_ds, val_ds, tokenizer), datasets over the store's memory map. The split is a
+        permutation seeded by data.split_seed (not the training seed): its first
+        max(1, round(N*val_fraction)) ids, at most N-1, are validation. Each set is ordered
+        by example id.
     """
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.data.tokenizer)
+    return (*open_datasets(config, token_store_location(config, tokenizer)), tokenizer)
+
+
+def open_datasets(config: StackWiseConfig, location: str) -> tuple[TokenDataset, TokenDataset]:
+    """(train, val) over the complete token store at `location`, split as build_datasets does.
+
+    Language modelling: example i is window i of the token stream, stream[i*T:(i+1)*T]
+    (the tail shorter than T is dropped); custom objective: example i is record i. At most
+    data.max_examples examples, the first ones."""
     d = config.data
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(d.tokenizer)
-    records = load_records(d)
-    T = d.seq_len
-    if d.target_field is None:
-        stream = _token_stream(tokenizer, [r["text"] for r in records])
-        n = len(stream) // T
-        if d.max_examples is not None:
-            n = min(n, d.max_examples)
-        inputs, targets = stream[: n * T].view(n, T), None
-    else:
-        if d.max_examples is not None:
-            records = records[: d.max_examples]
-        inputs, targets = _paired_examples(tokenizer, records, T, d.source)
-        n = len(records)
-    if n < 2:
-        raise ValueError(f"data.source {d.source}: too small for seq_len {T}: {n} example(s), need at least 2")
-    return (*split_dataset(TokenDataset(inputs, torch.arange(n), targets), d.val_fraction, d.split_seed), tokenizer)
+    store = token_store.TokenStore(location)
+    n = _example_count(store.meta, d)
+    return split_dataset(TokenDataset.from_store(store, d.seq_len, torch.arange(n)), d.val_fraction, d.split_seed)
 
 
 def split_dataset(ds: TokenDataset, val_fraction: float, split_seed: int) -> tuple[TokenDataset, TokenDataset]:
@@ -275,12 +596,7 @@ def split_dataset(ds: TokenDataset, val_fraction: float, split_seed: int) -> tup
     n = len(ds)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     n_val = min(max(1, round(n * val_fraction)), n - 1)
-
-    def subset(rows):
-        rows = rows.sort().values
-        return TokenDataset(ds.input_ids[rows], ds.example_ids[rows], None if ds.targets is None else ds.targets[rows])
-
-    return subset(perm[n_val:]), subset(perm[:n_val])
+    return ds.subset(perm[n_val:].sort().values), ds.subset(perm[:n_val].sort().values)
 
 
 def dataset_from_user(data, config: StackWiseConfig) -> tuple[TokenDataset, TokenDataset]:
@@ -296,48 +612,6 @@ def dataset_from_user(data, config: StackWiseConfig) -> tuple[TokenDataset, Toke
     targets = torch.stack([torch.as_tensor(it["targets"]) for it in items]) if "targets" in items[0] else None
     inputs = torch.stack([torch.as_tensor(it["input_ids"]) for it in items]).long()
     return split_dataset(TokenDataset(inputs, ids, targets), config.data.val_fraction, config.data.split_seed)
-
-
-def _token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All texts tokenized and joined with eos between documents, as a LongTensor."""
-    if isinstance(tokenizer, ByteTokenizer):
-        # bulk path: one bytes buffer, eos slots left in place between documents
-        parts = [t.encode("utf-8") for t in texts]
-        if not parts:
-            return torch.zeros(0, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in parts])
-        total = int(lengths.sum()) + len(parts) - 1
-        out = torch.full((total,), tokenizer.eos_id, dtype=torch.long)
-        if total > 0:
-            keep = torch.ones(total, dtype=torch.bool)
-            keep[(lengths + 1).cumsum(0)[:-1] - 1] = False
-            buf = b"".join(parts)
-            if buf:
-                out[keep] = torch.frombuffer(bytearray(buf), dtype=torch.uint8).long()
-        return out
-    stream: list[int] = []
-    for i, text in enumerate(texts):
-        if i:
-            stream.append(tokenizer.eos_id)
-        stream.extend(tokenizer.encode(text))
-    return torch.tensor(stream, dtype=torch.long)
-
-
-def _paired_examples(tokenizer, records, T, source):
-    inputs = torch.full((len(records), T), tokenizer.pad_id, dtype=torch.long)
-    targets = torch.full((len(records), T), IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(records):
-        x = tokenizer.encode(r["text"])[:T]
-        y = r["target"] if isinstance(r["target"], list) else tokenizer.encode(r["target"])
-        y = y[:T]
-        bad = [t for t in y if not 0 <= t < tokenizer.vocab_size]
-        if bad:
-            raise ValueError(f"{source}: record {i}: target id {bad[0]} outside the vocabulary [0, {tokenizer.vocab_size})")
-        if x:
-            inputs[i, : len(x)] = torch.tensor(x)
-        if y:
-            targets[i, : len(y)] = torch.tensor(y)
-    return inputs, targets
 
 
 # ---------------------------------------------------------------- loading

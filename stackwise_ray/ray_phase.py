@@ -23,18 +23,19 @@ from .builder import ProgressiveRackBuilder
 from .cache import ActivationCache, compute_cache, read_parquet, write_parquet
 from .checkpoint import load_metadata, load_rack, load_weights, save_rack, verify_checkpoint
 from .config import StackWiseConfig
-from .data import GlobalBatches, ProgressiveDataLoader, build_datasets, load_tokenizer
+from .data import GlobalBatches, ProgressiveDataLoader, build_datasets, load_tokenizer, open_datasets
 from .flops import end_to_end_flops, forward_flops_per_token, phase_flops, trunk_mode
 from .masking import TimeStepMasking
 from .phase import evaluate, phase_steps, train_stack
 
 
 def load_data(config: StackWiseConfig, data_ref):
-    """(train, val, tokenizer): the user's data passed through the object store, or config.data."""
-    if data_ref is not None:
-        train_ds, val_ds = ray.get(data_ref)
-        return train_ds, val_ds, load_tokenizer(config.data.tokenizer)
-    return build_datasets(config)
+    """(train, val, tokenizer): the user's data passed through the object store (an object
+    ref), config.data's token store opened at its location (a string), or config.data."""
+    if data_ref is None:
+        return build_datasets(config)
+    train_ds, val_ds = open_datasets(config, data_ref) if isinstance(data_ref, str) else ray.get(data_ref)
+    return train_ds, val_ds, load_tokenizer(config.data.tokenizer)
 
 
 def start_builder(config: StackWiseConfig, prev_checkpoint: str | None, stack_id: int, steps: list[dict]):

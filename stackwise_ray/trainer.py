@@ -24,7 +24,7 @@ from .builder import ProgressiveRackBuilder
 from .cache import cache_bytes, parquet_intact, plan_cache
 from .checkpoint import load_metadata, load_rack
 from .config import StackWiseConfig, storage_dir
-from .data import dataset_from_user
+from .data import dataset_from_user, open_datasets, token_store_location
 from .phase_store import PhaseStore, phase_identity
 from .prestart import Prestarter
 from .ray_phase import build_cache, finished_checkpoint, fit_phase
@@ -73,6 +73,7 @@ class ProgressiveTrainer:
                                           storage.basename(self.run_dir), flat(self.config.to_dict()))
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
         self._config_rows = None  # training examples of config.data, counted on first need
+        self._store_location = None  # config.data's token store, found or built on first need
 
     def train_progressively(self, rack_builder: ProgressiveRackBuilder | None = None, dataloader=None,
                             target_stacks: int | None = None) -> list[dict]:
@@ -92,7 +93,7 @@ class ProgressiveTrainer:
         ensure_ray(config)
         storage.makedirs(self.run_dir)
         self._watch()
-        data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else None
+        data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else self._token_store()
         ids = [phase_identity(config, plan, k) for k in range(len(plan))]
         prestarter = Prestarter(self._room_for_two_phases(config) if self.prestart is None else self.prestart)
         history, prev, cache = [], None, None
@@ -198,7 +199,8 @@ class ProgressiveTrainer:
                     t0 = time.time()
                     inputs = {"prev_checkpoint": None, "cache": None, "handed_at": time.time()}
                     metrics, checkpoint = fit_phase(config, 0, plan, inputs, self.store.root, phase_id,
-                                                    None, self.callbacks, train_steps, labels=self.labels)
+                                                    self._token_store(), self.callbacks, train_steps,
+                                                    labels=self.labels)
                     metrics.update({"cache": {"kind": "none", "reason": "end-to-end baseline"}, "cache_s": 0.0,
                                     "flops": metrics["train_flops"], "phase_wall_s": time.time() - t0,
                                     "orchestration_s": time.time() - t0 - metrics["train_s"]})
@@ -292,14 +294,19 @@ class ProgressiveTrainer:
                 "ref": cache["ref"], "path": cache["path"]}
         return spec, cache, {**info, "backend": backend, "position": plan.position}
 
+    def _token_store(self) -> str:
+        """The location of config.data's token store, built first if missing; phase workers
+        and cache tasks open it there (`data_ref`) instead of reading the source again."""
+        if self._store_location is None:
+            self._store_location = token_store_location(self.config)
+        return self._store_location
+
     def _train_rows(self, data_ref) -> int:
-        """Training examples (counted once per trainer: the config's corpus is tokenized once)."""
-        if data_ref is not None:
+        """Training examples (counted once per trainer, over the token store)."""
+        if not isinstance(data_ref, str):
             return len(ray.get(data_ref)[0])
         if self._config_rows is None:
-            from .data import build_datasets
-
-            self._config_rows = len(build_datasets(self.config)[0])
+            self._config_rows = len(open_datasets(self.config, data_ref)[0])
         return self._config_rows
 
     def _budget(self, config) -> float:

@@ -1,7 +1,14 @@
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from stackwise_ray.config import StackWiseConfig
+
+# ray.storage_path of tiny configs: the token stores they build (one per corpus) are shared
+# by the whole session and removed at its end
+TOKEN_STORAGE = tempfile.mkdtemp(prefix="stackwise_ray-tests-")
 
 
 def tiny_config(model=None, data=None, training=None, **progressive) -> StackWiseConfig:
@@ -11,6 +18,7 @@ def tiny_config(model=None, data=None, training=None, **progressive) -> StackWis
         "data": {"seq_len": 32, "batch_size": 8, **(data or {})},
         "training": {"steps_per_stack": 20, "eval_batches": 2, "warmup_steps": 2, **(training or {}),
                      "progressive": {"time_embedding_dim": 16, "max_stacks": 4, **progressive}},
+        "ray": {"storage_path": TOKEN_STORAGE},
     }
     return StackWiseConfig.from_dict(raw).validate()
 
@@ -18,6 +26,12 @@ def tiny_config(model=None, data=None, training=None, **progressive) -> StackWis
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _token_storage():
+    yield
+    shutil.rmtree(TOKEN_STORAGE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -79,3 +79,20 @@ def test_bad_config_in_a_real_process(name, cli, tmp_path):
     assert result.returncode == 2, result
     check_error(result.stderr, rel(path), expected_of(path))
     assert not storage.exists()
+
+
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_a_jsonl_line_nested_100000_deep_is_one_line(cli, tmp_path, capsys):
+    import ray
+
+    data = tmp_path / "deep.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n", encoding="utf-8")
+    config = tmp_path / "deep.yaml"
+    config.write_text(f"data:\n  source: {data}\n", encoding="utf-8")
+    storage = tmp_path / "store"
+    status = CLIS[cli]([str(config), "--storage", str(storage)])
+    captured = capsys.readouterr()
+    assert status == 2, captured
+    check_error(captured.err, str(config), f"{data}: line 2: invalid JSON: nested too deeply")
+    assert not storage.exists()
+    assert not ray.is_initialized()

@@ -19,8 +19,11 @@ from stackwise_ray.data import (
 )
 
 
+from .conftest import TOKEN_STORAGE
+
+
 def cfg(**data):
-    return StackWiseConfig.from_dict({"data": data})
+    return StackWiseConfig.from_dict({"data": data, "ray": {"storage_path": TOKEN_STORAGE}})
 
 
 def all_ids(train, val):
@@ -35,7 +38,7 @@ def test_default_corpus_builds_disjoint_split():
     n = len(train) + len(val)
     assert n > 1000  # ~465 KB of pydoc text in 64-token windows
     assert len(val) == round(n * 0.1)
-    assert train.input_ids.shape == (len(train), 64) and train.input_ids.dtype == torch.long
+    assert train.input_ids.shape == (len(train), 64) and train.input_ids[:].dtype == torch.long
     assert set(train.example_ids.tolist()).isdisjoint(val.example_ids.tolist())
     assert sorted(all_ids(train, val).tolist()) == list(range(n))
     assert train.targets is None and "targets" not in train[0]
@@ -43,9 +46,10 @@ def test_default_corpus_builds_disjoint_split():
 
 def test_split_is_deterministic_and_ignores_training_seed():
     a_train, a_val, _ = build_datasets(cfg(seq_len=64))
-    b_train, b_val, _ = build_datasets(StackWiseConfig.from_dict({"data": {"seq_len": 64}, "training": {"seed": 123}}))
+    b_train, b_val, _ = build_datasets(StackWiseConfig.from_dict({"data": {"seq_len": 64}, "training": {"seed": 123},
+                                                                  "ray": {"storage_path": TOKEN_STORAGE}}))
     assert torch.equal(a_val.example_ids, b_val.example_ids)
-    assert torch.equal(a_train.input_ids, b_train.input_ids)
+    assert torch.equal(a_train.input_ids[:], b_train.input_ids[:])
     c_train, c_val, _ = build_datasets(cfg(seq_len=64, split_seed=1))
     assert not torch.equal(a_val.example_ids, c_val.example_ids)
 
@@ -59,7 +63,7 @@ def test_windows_concatenate_to_token_stream():
     for i, r in enumerate(records):
         stream += ([tok.eos_id] if i else []) + tok.encode(r["text"])
     ids = all_ids(train, val)
-    windows = torch.cat([train.input_ids, val.input_ids])[ids.argsort()]
+    windows = torch.cat([train.input_ids[:], val.input_ids[:]])[ids.argsort()]
     assert windows.shape == (40, 50)
     assert windows.flatten().tolist() == stream[: 40 * 50]
 
@@ -69,7 +73,7 @@ def test_eos_between_documents(tmp_path):
     path.write_text("ab\n\n  \ncd\nef\n\n\ngh", encoding="utf-8")
     assert [r["text"] for r in load_records(cfg(source=str(path)).data)] == ["ab", "cd\nef", "gh"]
     train, val, tok = build_datasets(cfg(source=str(path), seq_len=3))
-    windows = torch.cat([train.input_ids, val.input_ids])[all_ids(train, val).argsort()]
+    windows = torch.cat([train.input_ids[:], val.input_ids[:]])[all_ids(train, val).argsort()]
     e = tok.eos_id
     assert windows.tolist() == [[97, 98, e], [99, 100, 10], [101, 102, e]]  # tail "gh" dropped
 
@@ -136,7 +140,7 @@ def test_hf_tokenizer_builds_datasets(tmp_path):
     data = tmp_path / "d.txt"
     data.write_text("a b a\n\nb b\n\na", encoding="utf-8")
     train, val, tok = build_datasets(cfg(source=str(data), tokenizer=str(tok_path), seq_len=3))
-    windows = torch.cat([train.input_ids, val.input_ids])[all_ids(train, val).argsort()]
+    windows = torch.cat([train.input_ids[:], val.input_ids[:]])[all_ids(train, val).argsort()]
     assert windows.tolist() == [[4, 5, 4], [3, 5, 5]]
 
 
@@ -171,8 +175,8 @@ def test_custom_targets_padded(tmp_path):
     train, val, tok = build_datasets(cfg(source=str(path), target_field="y", seq_len=5, val_fraction=0.3))
     assert len(train) == 2 and len(val) == 1
     ids = all_ids(train, val)
-    inputs = torch.cat([train.input_ids, val.input_ids])[ids.argsort()]
-    targets = torch.cat([train.targets, val.targets])[ids.argsort()]
+    inputs = torch.cat([train.input_ids[:], val.input_ids[:]])[ids.argsort()]
+    targets = torch.cat([train.targets[:], val.targets[:]])[ids.argsort()]
     p = tok.pad_id
     assert inputs.tolist() == [[97, 98, 99, 100, 101], [97, 98, p, p, p], [113, p, p, p, p]]
     assert targets.tolist() == [[120, 121, -100, -100, -100], [1, 2, 3, 4, 5], [122, -100, -100, -100, -100]]

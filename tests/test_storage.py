@@ -11,6 +11,7 @@ import torch
 
 from stackwise_ray import storage
 from stackwise_ray.checkpoint import load_rack
+from stackwise_ray.data import build_datasets, token_store_location
 from stackwise_ray.phase_store import PhaseStore
 from stackwise_ray.trainer import ProgressiveTrainer
 
@@ -119,3 +120,13 @@ def test_a_run_on_object_storage_caches_there_resumes_from_there_and_loads_back(
     final = load_rack(storage.join(root, "s3run", "final")).build_rack().state_dict()
     last = load_rack(history[-1]["checkpoint"]).build_rack().state_dict()
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_a_token_store_on_s3_is_built_locally_uploaded_and_read_from_a_local_copy(bucket):
+    local = ray_config()
+    remote = ray_config(ray={"storage_path": bucket("tokens-run")})
+    location = token_store_location(remote)
+    assert location.startswith("s3://swr-test/tokens-run/tokens/") and listing(location) == {"meta.json", "tokens.bin"}
+    (a_train, a_val, _), (b_train, b_val, _) = build_datasets(local), build_datasets(remote)
+    for a, b in ((a_train, b_train), (a_val, b_val)):
+        assert torch.equal(a.example_ids, b.example_ids) and torch.equal(a.input_ids[:], b.input_ids[:])

@@ -1,0 +1,201 @@
+"""The token store: a corpus tokenized once, on disk, memory-mapped by every reader.
+
+A store is a directory `<ray.storage_path>/tokens/<key>/`:
+    tokens.bin               language modelling: all documents' ids, eos between documents
+    inputs.bin, targets.bin  custom objective: (N, seq_len) input ids, int32 targets
+    meta.json                written last: its presence means the store is complete
+Ids are uint16 where the vocabulary fits, else uint32 (nanoGPT's `.bin` files). The key
+hashes everything that determines the ids (data.py `store_identity`: the source's bytes,
+the tokenizer file's bytes, format and fields, seq_len for the custom objective), so every
+run, trial and phase with the same data opens the same store, and changed data gets a new
+one. A build writes into a temporary directory that is renamed (or, on an object store,
+uploaded) into place; a build that fails or is killed leaves nothing taken as finished.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from . import storage
+
+VERSION = 1  # part of every key: a change of layout builds new stores
+META = "meta.json"
+PROGRESS_AFTER_S = 3.0  # builds shorter than this print nothing
+PROGRESS_EVERY_S = 10.0  # plain progress lines where stderr is not a terminal
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes, read in blocks; hashed once per process while the file's
+    size and modification time stay the same."""
+    st = os.stat(path)
+    return _file_digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def store_key(identity: dict) -> str:
+    blob = json.dumps({"version": VERSION, **identity}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def is_complete(location: str) -> bool:
+    return storage.exists(storage.join(location, META))
+
+
+def ensure(location: str, write, check=None) -> str:
+    """The store at `location`, built first by `write(directory) -> meta` if it is not
+    complete there. `check(meta)` may refuse the data (raise): a new store's before
+    anything is published.
+
+    Locally the build runs in a hidden directory beside the store (a rename puts it in
+    place); on an object store it runs in the system temp directory and is uploaded, meta
+    last. On failure every directory the build created is removed again."""
+    if is_complete(location):
+        if check is not None:
+            check(storage.read_json(storage.join(location, META)))
+        return location
+    remote = storage.is_remote(location)
+    root = os.path.dirname(location) if not remote else None
+    created = [] if remote else _missing_dirs(root)
+    if not remote:
+        os.makedirs(root, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(location)}.part-", dir=root)
+    try:
+        t0 = time.perf_counter()
+        meta = {**write(stage), "build_s": round(time.perf_counter() - t0, 3)}
+        if check is not None:
+            check(meta)
+        _publish(stage, location, meta)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for d in reversed(created):
+            try:
+                os.rmdir(d)
+            except OSError:  # something else was put there meanwhile
+                break
+        raise
+    return location
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and its parents that do not exist yet, outermost first."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
+def _publish(stage: str, location: str, meta: dict) -> None:
+    if storage.is_remote(location):
+        for name in sorted(os.listdir(stage)):
+            storage.upload(os.path.join(stage, name), storage.join(location, name))
+        storage.write_json(storage.join(location, META), meta)  # last: the store is complete
+        shutil.rmtree(stage, ignore_errors=True)
+        return
+    with open(os.path.join(stage, META), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+    os.chmod(stage, 0o755)  # mkdtemp's 0700 would keep the store from other users of a shared path
+    if os.path.exists(location) and not is_complete(location):  # not ours: a rename never leaves one
+        shutil.rmtree(location)
+    try:
+        os.rename(stage, location)
+    except OSError:  # another process published the same store first
+        if not is_complete(location):
+            raise
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+class TokenStore:
+    """A complete store, opened: its `meta`, and its arrays as `Mapped` views.
+
+    Pickles as its location, so a dataset that holds it travels without its data; a remote
+    store is read from a local copy made once per node (storage.local_path)."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.dir = storage.local_path(location)
+        with open(os.path.join(self.dir, META)) as f:
+            self.meta = json.load(f)
+
+    def __reduce__(self):
+        return TokenStore, (self.location,)
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    def windows(self, seq_len: int) -> Mapped:
+        """Language modelling: (N, seq_len) non-overlapping windows of the token stream
+        (window i is tokens[i*seq_len:(i+1)*seq_len]; the tail shorter than seq_len is dropped)."""
+        return Mapped(self, "tokens.bin", self.meta["dtype"], (self.meta["tokens"] // seq_len, seq_len))
+
+    def pairs(self) -> tuple[Mapped, Mapped]:
+        """Custom objective: (N, seq_len) inputs and targets."""
+        shape = (self.meta["examples"], self.meta["seq_len"])
+        return Mapped(self, "inputs.bin", self.meta["dtype"], shape), Mapped(self, "targets.bin", "int32", shape)
+
+
+class Mapped:
+    """Rows of a store file: `m[rows]` (an index, slice or array of indices) reads them into
+    a new array. The file is memory-mapped afresh for every read, as nanoGPT does, so no
+    pages of the corpus stay mapped between reads and a reader's RSS does not grow with
+    what it has read (the page cache keeps hot pages either way)."""
+
+    def __init__(self, store: TokenStore, name: str, dtype: str, shape: tuple[int, int]):
+        self.store, self.name, self.dtype, self.shape = store, name, np.dtype(dtype), shape
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        m = np.memmap(os.path.join(self.store.dir, self.name), dtype=self.dtype, mode="r", shape=self.shape)
+        return np.array(m[rows])  # a copy, so the map is dropped here
+
+
+class Progress:
+    """One progress line on stderr for builds that take more than a few seconds: rewritten
+    in place on a terminal, a plain line every PROGRESS_EVERY_S otherwise."""
+
+    def __init__(self, label: str, total: float, unit: str):
+        self.label, self.total = label, total
+        self.unit, self.scale = ("MB", 1e6) if unit == "bytes" else (unit, 1)
+        self.t0 = self.last = time.perf_counter()
+        self.shown = None  # the amount last shown
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: float, final: bool = False) -> None:
+        now = time.perf_counter()
+        if now - self.t0 < PROGRESS_AFTER_S or (not final and not self.tty and now - self.last < PROGRESS_EVERY_S):
+            return
+        self.last, self.shown = now, done
+        d, t = done / self.scale, self.total / self.scale
+        rate = d / max(now - self.t0, 1e-9)
+        line = f"tokenizing {self.label}: {d:,.0f}/{t:,.0f} {self.unit} ({rate:,.1f} {self.unit}/s)"
+        print(("\r" + line) if self.tty else line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
+
+    def close(self, done: float) -> None:
+        """The last line: ends the terminal's line, or says where a long build ended."""
+        if (self.tty and self.shown is not None) or (not self.tty and self.shown != done):
+            self.update(done, final=True)
