@@ -630,16 +630,14 @@ def load_for_command(path: str, storage: str | None, check_data: bool = True,
 
 def _check_against_data(config: StackWiseConfig, load_data: bool) -> None:
     """What validate cannot know: the tokenizer's vocabulary and the number of examples."""
-    from .data import build_datasets, load_tokenizer
+    from .data import load_tokenizer, token_store_location
 
     tokenizer, m = load_tokenizer(config.data.tokenizer), config.model
     if m.vocab_size is not None and m.vocab_size < tokenizer.vocab_size:
         _fail("model.vocab_size", f"must be >= the tokenizer's {tokenizer.vocab_size:,} ids, got {m.vocab_size:,}")
     check_fits(config, m.vocab_size or tokenizer.vocab_size)
-    if load_data:
-        train_ds, _, _ = build_datasets(config, tokenizer)
-        if config.data.batch_size > len(train_ds):
-            _fail("data.batch_size", f"must be <= the {len(train_ds):,} training examples, got {config.data.batch_size:,}")
+    if load_data:  # builds the token store where it is missing; checks the example counts, batch size included
+        token_store_location(config, tokenizer)
 
 
 def load_time_mapping(spec: str, key: str = "training.progressive.custom_time_mapping"):

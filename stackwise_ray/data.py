@@ -414,6 +414,9 @@ def _example_count(meta: dict, d: DataConfig) -> int:
         n = min(n, d.max_examples)
     if n < 2:
         raise ValueError(f"data.source {d.source}: too small for seq_len {d.seq_len}: {n} example(s), need at least 2")
+    n_train = n - validation_size(n, d.val_fraction)
+    if d.batch_size > n_train:  # checked before a new store is published: a refused run writes nothing
+        raise ValueError(f"data.batch_size: must be <= the {n_train:,} training examples, got {d.batch_size:,}")
     return n
 
 
@@ -590,12 +593,16 @@ def open_datasets(config: StackWiseConfig, location: str) -> tuple[TokenDataset,
     return split_dataset(TokenDataset.from_store(store, d.seq_len, torch.arange(n)), d.val_fraction, d.split_seed)
 
 
+def validation_size(n: int, val_fraction: float) -> int:
+    return min(max(1, round(n * val_fraction)), n - 1)
+
+
 def split_dataset(ds: TokenDataset, val_fraction: float, split_seed: int) -> tuple[TokenDataset, TokenDataset]:
     """Seeded permutation split: the first max(1, round(N*val_fraction)) rows, at most
     N-1, are validation. Each part keeps the global example ids, ordered by id."""
     n = len(ds)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    n_val = validation_size(n, val_fraction)
     return ds.subset(perm[n_val:].sort().values), ds.subset(perm[:n_val].sort().values)
 
 

@@ -1,0 +1,60 @@
+"""What the train command shows: our lines on the terminal, Ray's in the run's log file."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+from stackwise_ray.console import Console, progress_text
+
+TINY = """model: {d_model: 32, n_heads: 2, blocks_per_stack: 1, max_seq_len: 32}
+data: {seq_len: 32, batch_size: 8, max_examples: 120}
+training: {steps_per_stack: 400, eval_batches: 2, warmup_steps: 2, log_every: 5,
+           progressive: {time_embedding_dim: 16, max_stacks: 2}}
+"""
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_one_rewritten_line_on_a_terminal_and_plain_lines_elsewhere(monkeypatch):
+    post = {"stack": 1, "step": 120, "steps": 200, "loss": 2.3456, "tokens": 120 * 4096, "at": 12.0,
+            "first": {"time": 2.0, "tokens": 4096}}
+    assert progress_text(post) == "stack 1  step 120/200  loss 2.346  48.7k tok/s  ETA 0:06"
+    monkeypatch.setattr(sys, "stdout", FakeTerminal())
+    console = Console()
+    console.progress("p", "stack 1  step 5/10")
+    console.progress("p", "stack 1  step 6/10")
+    console.line("a row")
+    out = sys.stdout.getvalue()
+    assert out.count("\r") >= 3 and out.endswith("a row\n") and "\n" not in out[:-len("a row\n")]
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # no terminal: plain lines, at most one per 10 s per phase
+    console = Console()
+    console.progress("p", "stack 1  step 5/10")
+    console.progress("p", "stack 1  step 6/10")
+    console.progress("q", "stack 2  step 1/10")
+    assert sys.stdout.getvalue() == "stack 1  step 5/10\nstack 2  step 1/10\n"
+
+
+def test_train_shows_progress_and_rows_and_sends_ray_to_the_log(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-m", "stackwise_ray.train", str(config), "--storage", str(tmp_path / "runs")],
+                            capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, log = result.stdout, (tmp_path / "runs" / "tiny" / "train.log").read_text()
+    lines = out.splitlines()
+    assert lines[0] == f"log: {tmp_path / 'runs' / 'tiny' / 'train.log'}  (Ray's and the libraries' output; --verbose shows it here)"
+    assert re.match(r"Ray dashboard: http://127\.0\.0\.1:\d+ .*ray get-auth-token", lines[1])
+    assert any(re.fullmatch(r"stack 0  step \d+/400  loss \d+\.\d{3}.*", line) for line in lines)  # live progress
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["stack", "precision"])
+    assert [line.split()[0] for line in lines[header + 1:header + 3]] == ["0", "1"]  # one row per phase
+    assert lines[-1].startswith("trained rack: ")
+    for noise in ("RayTrainWorker", "TrainController", "Reporting training result", "Traceback", "kernels-community"):
+        assert noise not in out + result.stderr, noise
+    assert "\r" not in out and "\x1b" not in out and result.stderr == ""
+    assert "RayTrainWorker" in log and "Reporting training result" in log  # Ray's lines are kept, in the log
