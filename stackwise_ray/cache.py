@@ -60,11 +60,12 @@ class ActivationCache:
 
 @torch.no_grad()
 def compute_cache(rack, ds: TokenDataset, masking, stack_id: int, start: int, end: int,
-                  prev: ActivationCache | None = None, batch_size: int = 64) -> ActivationCache:
+                  prev: ActivationCache | None = None, batch_size: int = 64, on_rows=None) -> ActivationCache:
     """The residual stream entering rack position `end` for every example of `ds`.
 
     With `prev` (the stream entering `start`), only positions [start, end) run; without
-    it, the embedding and positions [0, end) run.
+    it, the embedding and positions [0, end) run. `on_rows(done, total)` is called after
+    every batch (progress).
     """
     if prev is None and start != 0:
         raise ValueError("a cache built from scratch starts at rack position 0")
@@ -77,6 +78,8 @@ def compute_cache(rack, ds: TokenDataset, masking, stack_id: int, start: int, en
         ids.append(batch["example_ids"].numpy())
         inputs.append(x.numpy().astype(np.int32))
         hidden.append(h.float().numpy())
+        if on_rows is not None:
+            on_rows(sum(len(i) for i in ids), len(ds))
     return ActivationCache(np.concatenate(ids), np.concatenate(inputs), np.concatenate(hidden))
 
 

@@ -40,11 +40,15 @@ class ProgressBoard:
 
 
 def progress_text(info: dict) -> str:
-    """`stack 1  step 120/200  loss 2.345  8.1k tok/s  ETA 0:07` from a post."""
+    """`stack 1  step 120/200  loss 2.345  8.1k tok/s  ETA 0:07` from a phase's post;
+    `stack 2  cache 4096/20000 examples  ...` from a cache build's."""
     first, step, steps = info["first"], info["step"], info["steps"]
     rate = (info["tokens"] - first["tokens"]) / max(info["at"] - first["time"], 1e-9)
     eta = (steps - step) * (info["tokens"] / max(step, 1)) / rate if rate > 0 else None
-    parts = [f"stack {info['stack']}", f"step {step}/{steps}", f"loss {info['loss']:.3f}"]
+    if info.get("what") == "cache":
+        parts = [f"stack {info['stack']}", f"cache {step}/{steps} examples"]
+    else:
+        parts = [f"stack {info['stack']}", f"step {step}/{steps}", f"loss {info['loss']:.3f}"]
     if rate > 0:
         parts.append(f"{rate / 1000:.1f}k tok/s" if rate >= 1000 else f"{rate:.0f} tok/s")
     if eta is not None:

@@ -7,7 +7,7 @@ exists. Keys that cannot change the result (target_stacks, cache settings, stora
 left out, so a sweep over later-stack strategies shares its common early phases.
 
 Layout under the store root:
-    <id>/checkpoint_*/   the Ray Train run of the phase (its name is the id)
+    <id>/<run>/checkpoint_*/  the Ray Train run of the phase (named after experiment, trial, stack)
     <id>/done.json       completion record, written atomically after the phase
     <id>.lock            held (flock) by the run training that phase (an object store:
                          a lease in a Ray actor, locks.py)

@@ -205,7 +205,9 @@ def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs:
               name: str, data_ref=None, callbacks=None, train_steps: int | None = None,
               links=None, board=None, labels=None) -> tuple[dict, str] | None:
     """Train the stacks `steps` describes (one, or all for the end-to-end baseline), first
-    id `stack_id`, as one TorchTrainer run named `name` under `store` (a path or URI).
+    id `stack_id`, as the phase `name` (its id) under `store` (a path or URI). The Ray Train
+    run is named after the experiment, trial and stack (run_name), so the dashboard's
+    views read like the experiment; it lives in the phase's directory, `store/name/`.
 
     `inputs` is {"prev_checkpoint", "cache", "handed_at"}; None makes the workers wait for
     `links` to hand them over (a prestarted phase). `train_steps` overrides the configured
@@ -213,17 +215,19 @@ def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs:
     ({"experiment", "trial"}) tag its Ray metrics. Returns
     (metrics, checkpoint path), or None for a cancelled phase."""
     r = config.ray
+    labels = labels or {"experiment": name, "trial": name}
+    run = run_name(labels, "e2e" if len(steps) > 1 else f"s{stack_id:02d}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "stack_id": stack_id, "steps": steps, "train_steps": train_steps,
                            "inputs": inputs, "links": links, "name": name, "data_ref": data_ref, "board": board,
-                           "labels": labels or {"experiment": name, "trial": name},
+                           "labels": labels,
                            "fault_marker": storage.join(store, f"{name}.fault"),
                            "fit_started": time.time()},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=store, callbacks=callbacks,
+            name=run, storage_path=storage.join(store, name), callbacks=callbacks,
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
@@ -233,14 +237,22 @@ def fit_phase(config: StackWiseConfig, stack_id: int, steps: list[dict], inputs:
     if result.checkpoint is None:
         return None
     # Ray's path is on its filesystem (no scheme): name the checkpoint as the store does
-    checkpoint = storage.join(store, name, os.path.basename(result.checkpoint.path))
+    checkpoint = storage.join(store, name, run, os.path.basename(result.checkpoint.path))
     return load_metadata(checkpoint)["metrics"], checkpoint
 
 
+def run_name(labels: dict, part: str) -> str:
+    """`sweep_trunk_mode.t003.s02` (a run of its own: `quickstart.s02`)."""
+    names = [labels["experiment"]] + ([labels["trial"]] if labels["trial"] != labels["experiment"] else [])
+    return ".".join(names + [part])
+
+
 def finished_checkpoint(store: str, name: str) -> str | None:
-    """A checkpoint that the phase run `name` already wrote (e.g. before a crash)."""
-    run = storage.join(store, name)
-    for path in [storage.join(run, d) for d in reversed(storage.listdir(run)) if d.startswith("checkpoint_")]:
+    """A checkpoint that a run of the phase `name` already wrote (e.g. before a crash)."""
+    phase = storage.join(store, name)
+    runs = [storage.join(phase, d) for d in storage.listdir(phase)]
+    checkpoints = sorted((c, run) for run in runs for c in storage.listdir(run) if c.startswith("checkpoint_"))
+    for path in [storage.join(run, c) for c, run in reversed(checkpoints)]:
         try:
             verify_checkpoint(path)
             if "metrics" in load_metadata(path):
@@ -252,9 +264,10 @@ def finished_checkpoint(store: str, name: str) -> str | None:
 
 @ray.remote(num_returns=2)
 def build_cache(config: dict, checkpoint: str, stack_id: int, start: int, end: int, prev, backend: str,
-                path: str | None, data_ref):
+                path: str | None, data_ref, board=None):
     """Ray task: the stream entering rack position `end` for the training split, from the
-    rack in `checkpoint` (the trial owns the result, so it outlives phase workers).
+    rack in `checkpoint` (the trial owns the result, so it outlives phase workers). Its
+    progress goes to `board` (console.ProgressBoard), at most once a second.
 
     Returns (arrays or None, info)."""
     t0 = time.perf_counter()
@@ -265,7 +278,16 @@ def build_cache(config: dict, checkpoint: str, stack_id: int, start: int, end: i
         prev = read_parquet(prev, config.model.d_model)
     elif prev is not None:
         prev = ActivationCache(**prev)
-    cache = compute_cache(builder.build_rack(), train_ds, TimeStepMasking(config, tokenizer), stack_id, start, end, prev)
+    posted = [0.0]
+
+    def on_rows(done: int, total: int) -> None:
+        if board is not None and (time.time() - posted[0] >= 1.0 or done == total):
+            posted[0] = time.time()
+            board.post.remote(f"cache-{stack_id}", {"stack": stack_id, "step": done, "steps": total,
+                                                     "what": "cache", "tokens": done * config.data.seq_len})
+
+    cache = compute_cache(builder.build_rack(), train_ds, TimeStepMasking(config, tokenizer), stack_id, start, end, prev,
+                          on_rows=on_rows)
     rack, T = builder.build_rack(), config.data.seq_len
     run_flops = sum(forward_flops_per_token(s, T, rack.embed.embedding_dim) for s in rack.stacks[start:end])
     info = {"rows": len(cache), "bytes": cache.nbytes, "incremental": prev is not None,

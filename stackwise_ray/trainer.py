@@ -1,7 +1,8 @@
 """ProgressiveTrainer: one Ray Train phase per stack, caches between them, resume.
 
 Run directory (`storage_path/name/`, a local path or a storage URI: storage.py):
-    phases/<phase id>/checkpoint_*/  Ray Train's checkpoint of a phase (rack.json, model.safetensors)
+    phases/<phase id>/<run>/checkpoint_*/  Ray Train's checkpoint of a phase (rack.json,
+                                     model.safetensors); <run> is e.g. sweep.t003.s02
     phases/<phase id>/done.json      completion record, written atomically after the phase
     phases/<phase id>/cache_*.parquet  Arrow caches built from that phase's rack
     final/                           the trained rack (a copy of the last phase's checkpoint)
@@ -50,8 +51,9 @@ class ProgressiveTrainer:
         tracker: where phase metrics are tracked (tracking.py); default: the config's
             tracking section, one tracked run named after this run.
         console: a console.Console that shows the phases' live progress (the train command).
-        experiment: the experiment this run belongs to (a sweep's name), for its Ray
-            metrics' tags (ray_metrics.py); default: the run's name.
+        labels: {"experiment", "trial"} naming this run in its Ray metrics' tags
+            (ray_metrics.py) and its phases' Ray Train runs (a sweep's name and the trial's
+            name); default: the run's name for both.
         prestart: start each phase's worker group while the phase before it trains
             (prestart.py); default: where the cluster has room for two phases.
         concurrent_runs: runs sharing the cluster (a sweep's concurrent trials), for that rule.
@@ -60,7 +62,7 @@ class ProgressiveTrainer:
     def __init__(self, config: StackWiseConfig, storage_path: str | None = None, name: str | None = None,
                  resume: bool = False, callbacks=None, phase_store: str | None = None, on_phase=None,
                  prestart: bool | None = None, concurrent_runs: int = 1, tracker=None, console=None,
-                 experiment: str | None = None):
+                 labels: dict | None = None):
         self.config = config.validate()
         self.run_dir = storage.join(storage_dir(storage_path or config.ray.storage_path),
                                     name or time.strftime("run-%Y%m%d-%H%M%S"))
@@ -68,7 +70,7 @@ class ProgressiveTrainer:
         self.resume, self.callbacks, self.on_phase = resume, callbacks, on_phase
         self.console, self._board = console, None
         run_name = storage.basename(self.run_dir)
-        self.labels = {"experiment": experiment or run_name, "trial": run_name}
+        self.labels = labels or {"experiment": run_name, "trial": run_name}
         self.tracker = tracker or Tracker(self.config.tracking, self.run_dir, storage.basename(self.run_dir),
                                           storage.basename(self.run_dir), flat(self.config.to_dict()))
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
@@ -287,7 +289,7 @@ class ProgressiveTrainer:
             # outside any placement group: a Tune trial's group holds only its trial slot
             outside = PlacementGroupSchedulingStrategy(placement_group=None)
             ref, info_ref = build_cache.options(scheduling_strategy=outside).remote(config.to_dict(), prev_checkpoint, stack_id, plan.position - 1 if incremental else 0,
-                                               plan.position, prev, backend, path, data_ref)
+                                               plan.position, prev, backend, path, data_ref, self._board)
             cache = {"position": plan.position, "path": path, "ref": ref, "info": ray.get(info_ref)}
             info.update(cache["info"], built=True)
         spec = {"backend": backend, "position": plan.position, "kind": plan.kind,

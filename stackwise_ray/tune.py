@@ -125,7 +125,8 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
                                  resume=True,
                                  phase_store=storage.join(experiment_dir, "phases") if sweep.share_phases else None,
                                  on_phase=report, concurrent_runs=sweep.max_concurrent_trials, tracker=tracker,
-                                 experiment=storage.basename(experiment_dir))
+                                 labels={"experiment": storage.basename(experiment_dir),
+                                         "trial": ray.tune.get_context().get_trial_name()})
     if kind == "baseline":
         trainer.train_end_to_end(baseline_steps(config, baseline_budget))
     else:
@@ -159,12 +160,19 @@ def build_tuner(config: StackWiseConfig, storage_path: str | None = None, name: 
     t = config.tune
     tune_config = dict(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
                        max_concurrent_trials=t.max_concurrent_trials, scheduler=scheduler(config),
-                       search_alg=searcher(config))
+                       search_alg=searcher(config), trial_name_creator=trial_name)
     tune_config.update(tune_config_overrides)
     return tune.Tuner(trainable(config, experiment_dir), param_space=param_space(config),
                       tune_config=tune.TuneConfig(**tune_config),
                       run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks,
                                                 failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def trial_name(trial) -> str:
+    """`t003`: the trial's index in the sweep (its id ends with it). Tune's table, the
+    trial's phases' Ray Train runs (`sweep.t003.s02`) and its metrics' tags use it."""
+    index = trial.trial_id.rsplit("_", 1)[-1]
+    return f"t{int(index):03d}" if index.isdigit() else trial.trial_id
 
 
 def scheduler(config: StackWiseConfig):

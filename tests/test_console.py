@@ -24,6 +24,9 @@ def test_progress_is_one_rewritten_line_on_a_terminal_and_plain_lines_elsewhere(
     post = {"stack": 1, "step": 120, "steps": 200, "loss": 2.3456, "tokens": 120 * 4096, "at": 12.0,
             "first": {"time": 2.0, "tokens": 4096}}
     assert progress_text(post) == "stack 1  step 120/200  loss 2.346  48.7k tok/s  ETA 0:06"
+    cache = {"stack": 2, "step": 4096, "steps": 20000, "what": "cache", "tokens": 4096 * 64, "at": 3.0,
+             "first": {"time": 1.0, "tokens": 0}}
+    assert progress_text(cache) == "stack 2  cache 4096/20000 examples  131.1k tok/s  ETA 0:07"
     monkeypatch.setattr(sys, "stdout", FakeTerminal())
     console = Console()
     console.progress("p", "stack 1  step 5/10")

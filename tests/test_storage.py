@@ -111,8 +111,8 @@ def test_a_run_on_object_storage_caches_there_resumes_from_there_and_loads_back(
     assert {f"phases/{i}/done.json" for i in ids} <= files
     assert {f"phases/{ids[0]}/cache_position_001.parquet", f"phases/{ids[0]}/cache_position_001.parquet.sha256",
             "final/rack.json", "final/model.safetensors", "summary.json"} <= files
-    assert all(h["checkpoint"].startswith(f"s3://swr-test/runs/s3run/phases/{i}/checkpoint_")
-               for h, i in zip(history, ids))
+    assert all(h["checkpoint"].startswith(f"s3://swr-test/runs/s3run/phases/{i}/s3run.s{k:02d}/checkpoint_")
+               for k, (h, i) in enumerate(zip(history, ids)))  # the Ray Train run is named after run and stack
 
     again = ProgressiveTrainer(config, storage_path=root, name="s3run", resume=True)
     assert [h["status"] for h in again.train_progressively()] == ["reused", "reused"]
