@@ -76,8 +76,9 @@ class Console:
 
     # ------------------------------------------------------------------ redirection
     def start(self) -> "Console":
-        """Send file descriptors 1 and 2, Python's stderr and the warnings of other
-        libraries to the log file; keep our own streams on the terminal."""
+        """Send file descriptors 1 and 2 (C libraries, subprocesses, and the logging handlers
+        Ray made at import) and the warnings of other libraries to the log file; Python's
+        sys.stdout and sys.stderr stay on the terminal (our lines, Tune's table, errors)."""
         if self.log_path is None:
             return self
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
@@ -90,7 +91,7 @@ class Console:
         os.dup2(log.fileno(), 1)  # C libraries and subprocesses write here
         os.dup2(log.fileno(), 2)
         self._saved = (saved_fds, sys.stdout, sys.stderr, warnings.showwarning, log)
-        sys.stdout, sys.stderr = self.out, log  # print() stays ours (Tune's table too); logging goes to the log
+        sys.stdout, sys.stderr = self.out, self.err
         warnings.showwarning = self._showwarning
         self.line(f"log: {self.log_path}  (Ray's and the libraries' output; --verbose shows it here)")
         return self
