@@ -613,6 +613,11 @@ def load_for_command(path: str, storage: str | None, check_data: bool = True,
         config = load_config(path)
         if storage:
             config.ray.storage_path = storage_dir(storage)
+        from .ray_runtime import probe, resolve_address
+
+        ray_address, source = resolve_address(config, address)
+        if ray_address is not None and check_data:  # a run, not a dry run: before anything is written
+            probe(ray_address, source)
         if config.ray.use_gpu and not (address or config.ray.address or os.environ.get("RAY_ADDRESS")):
             import torch
 
@@ -637,7 +642,7 @@ def _check_against_data(config: StackWiseConfig, load_data: bool) -> None:
         _fail("model.vocab_size", f"must be >= the tokenizer's {tokenizer.vocab_size:,} ids, got {m.vocab_size:,}")
     check_fits(config, m.vocab_size or tokenizer.vocab_size)
     if load_data:  # builds the token store where it is missing; checks the example counts, batch size included
-        token_store_location(config, tokenizer)
+        token_store_location(config, tokenizer, for_training=True)
 
 
 def load_time_mapping(spec: str, key: str = "training.progressive.custom_time_mapping"):

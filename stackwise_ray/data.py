@@ -397,15 +397,24 @@ def store_identity(data_cfg: DataConfig, tokenizer) -> dict:
     return identity
 
 
-def token_store_location(config: StackWiseConfig, tokenizer=None) -> str:
+def token_store_location(config: StackWiseConfig, tokenizer=None, for_training: bool = False) -> str:
     """The token store of config.data (`<ray.storage_path>/tokens/<key>`), built first
-    where it is missing. A data error (one line naming the file) leaves nothing there."""
+    where it is missing. A data error (one line naming the file) leaves nothing there;
+    `for_training` also refuses a batch larger than the training split before a new store
+    is published (a refused run writes nothing)."""
     d = config.data
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(d.tokenizer)
     root = storage.join(storage_dir(config.ray.storage_path), "tokens")
     location = storage.join(root, token_store.store_key(store_identity(d, tokenizer)))
-    return token_store.ensure(location, lambda stage: _write_store(stage, d, tokenizer),
-                              check=lambda meta: _example_count(meta, d))
+
+    def check(meta: dict) -> int:
+        n = _example_count(meta, d)
+        n_train = n - validation_size(n, d.val_fraction)
+        if for_training and d.batch_size > n_train:
+            raise ValueError(f"data.batch_size: must be <= the {n_train:,} training examples, got {d.batch_size:,}")
+        return n
+
+    return token_store.ensure(location, lambda stage: _write_store(stage, d, tokenizer), check=check)
 
 
 def _example_count(meta: dict, d: DataConfig) -> int:
@@ -414,9 +423,6 @@ def _example_count(meta: dict, d: DataConfig) -> int:
         n = min(n, d.max_examples)
     if n < 2:
         raise ValueError(f"data.source {d.source}: too small for seq_len {d.seq_len}: {n} example(s), need at least 2")
-    n_train = n - validation_size(n, d.val_fraction)
-    if d.batch_size > n_train:  # checked before a new store is published: a refused run writes nothing
-        raise ValueError(f"data.batch_size: must be <= the {n_train:,} training examples, got {d.batch_size:,}")
     return n
 
 

@@ -96,7 +96,7 @@ class PhaseStore:
         write or a missing key make it no record)."""
         try:
             record = storage.read_json(path)
-        except (FileNotFoundError, ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+        except (OSError, ValueError, RecursionError):  # missing, not a directory (a lock file); garbled
             return None
         if not isinstance(record, dict) or not isinstance(record.get("checkpoint"), str) \
                 or not isinstance(record.get("metrics"), dict):
@@ -131,4 +131,4 @@ class PhaseStore:
         return self._read(self._record_path(phase_id)) is not None
 
     def finished_count(self) -> int:
-        return sum(1 for d in storage.listdir(self.root) if self.has_record(d))
+        return sum(1 for d in storage.listdir(self.root) if "." not in d and self.has_record(d))  # not locks, markers

@@ -11,7 +11,7 @@ import os
 import sys
 
 from .config import load_for_command
-from .ray_runtime import RayAddressError, dashboard_line, probe, resolve_address, run_in_thread, start, stop_on_signals
+from .ray_runtime import RayAddressError, dashboard_line, run_in_thread, start, stop_on_signals
 
 
 COLUMNS = [("stack", "stack", "{}"), ("precision", "precision", "{}"), ("t", "time_step", "{}"),
@@ -64,9 +64,6 @@ def main(argv=None) -> int:
     console = trainer.console = Console(log_path(trainer.run_dir, "train.log"), verbose=args.verbose)
     try:
         trainer.check_run_dir()
-        address, source = resolve_address(config)
-        if address is not None:
-            probe(address, source)  # before the log file is written
         console.start()
         # Ray starts here: ray.init in another thread than the main one warns about its SIGTERM handler
         console.line(dashboard_line(start(config, dashboard_host="127.0.0.1")))

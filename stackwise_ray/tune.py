@@ -302,13 +302,9 @@ def main(argv=None) -> int:
         print(f"error: {experiment_dir}: a sweep is already there; pass --resume or another --name", file=sys.stderr)
         return 2
     from .console import Console, log_path
-    from .ray_runtime import probe, resolve_address
 
     console = Console(log_path(experiment_dir, "tune.log"), verbose=args.verbose)
     try:
-        address, source = resolve_address(config, args.address)
-        if address is not None:
-            probe(address, source)  # before the log file is written
         console.start()
         console.line(start_ray(config, args.address))
         console.capture_ray_worker_logs()

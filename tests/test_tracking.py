@@ -97,7 +97,7 @@ def test_unknown_mlflow_store_is_a_config_error():
     from stackwise_ray.config import ConfigError
 
     with pytest.raises(ConfigError, match="tracking.mlflow: must be local or a tracking URI"):
-        StackWiseConfig.from_dict({"tracking": {"mlflow": "somewhere"}}).validate(check_files=False)
+        StackWiseConfig.from_dict({"tracking": {"mlflow": "somewhere"}}).validate()
 
 
 def test_grafana_dashboard_is_valid_json_over_metrics_that_exist():

@@ -214,8 +214,8 @@ def test_phases_show_as_ray_metrics_on_the_nodes_endpoint(arrow_run, ray_session
 
     trainer, history = arrow_run
     port = ray_session.nodes()[0]["MetricsExportPort"]
-    deadline, samples = time.time() + 30, {}
-    while time.time() < deadline and len(samples) < 3:
+    deadline, samples = time.time() + 60, {}
+    while time.time() < deadline and len(samples.get("ray_stackwise_val_loss", {})) < 3:  # exported every few seconds
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         samples = {}
         for line in body.splitlines():
