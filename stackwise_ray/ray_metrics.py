@@ -11,6 +11,7 @@ sets the phase-end numbers and counts phases trained and reused.
 from __future__ import annotations
 
 import functools
+import threading
 
 TAGS = ("experiment", "trial", "phase", "stack")
 PREFIX = "stackwise_"
@@ -41,17 +42,43 @@ def _instruments() -> dict:
     return out
 
 
+HOLD_EVERY_S = 1.0
+_held: dict[tuple, tuple] = {}  # (name, tags) -> (gauge, tags, value)
+_lock = threading.Lock()
+
+
+def _set(name: str, t: dict, value: float) -> None:
+    """Set a gauge and keep setting it while this process lives: Ray exports a gauge value
+    that is not set again once, then drops it (two export intervals later), so a phase's
+    last numbers would vanish from Prometheus before anyone scraped them."""
+    gauge = _instruments()[name]
+    gauge.set(value, tags=t)
+    with _lock:
+        _held[(name, tuple(sorted(t.items())))] = (gauge, t, value)
+        if len(_held) == 1:
+            threading.Thread(target=_hold, daemon=True, name="stackwise-metrics").start()
+
+
+def _hold() -> None:
+    while True:
+        threading.Event().wait(HOLD_EVERY_S)
+        with _lock:
+            held = list(_held.values())
+        for gauge, t, value in held:
+            try:
+                gauge.set(value, tags=t)
+            except Exception:  # noqa: BLE001 - Ray shut down under this process: nothing to hold for
+                return
+
+
 def tags(labels: dict, phase: str, stack: int) -> dict:
     return {"experiment": labels["experiment"], "trial": labels["trial"], "phase": phase, "stack": str(stack)}
 
 
 def phase_progress(t: dict, step: int, steps: int, loss: float, tokens_per_s: float) -> None:
     """From the rank-0 worker while it trains."""
-    m = _instruments()
-    m["step"].set(step, tags=t)
-    m["steps"].set(steps, tags=t)
-    m["train_loss"].set(loss, tags=t)
-    m["tokens_per_s"].set(tokens_per_s, tags=t)
+    for name, value in (("step", step), ("steps", steps), ("train_loss", loss), ("tokens_per_s", tokens_per_s)):
+        _set(name, t, float(value))
 
 
 def phase_finished(t: dict, metrics: dict) -> None:
@@ -59,8 +86,8 @@ def phase_finished(t: dict, metrics: dict) -> None:
     m = _instruments()
     reused = metrics.get("status") == "reused"
     m["phases_reused" if reused else "phases_trained"].inc(1, tags=t)
-    m["val_loss"].set(metrics["val_loss"], tags=t)
     cache = metrics.get("cache", {})
-    m["cache_bytes"].set(float(cache.get("bytes") or 0), tags=t)
-    m["cache_build_s"].set(float(cache.get("build_s") or 0.0) if cache.get("built") else 0.0, tags=t)
-    m["phase_wall_s"].set(0.0 if reused else float(metrics.get("phase_wall_s", 0.0)), tags=t)
+    _set("val_loss", t, float(metrics["val_loss"]))
+    _set("cache_bytes", t, float(cache.get("bytes") or 0))
+    _set("cache_build_s", t, float(cache.get("build_s") or 0.0) if cache.get("built") else 0.0)
+    _set("phase_wall_s", t, 0.0 if reused else float(metrics.get("phase_wall_s", 0.0)))
