@@ -108,6 +108,12 @@ def test_sweep_on_two_nodes_uses_both_and_reads_shared_storage_across_nodes(tmp_
                                 "--storage", str(shared), "--name", "mn"], env=env, cwd=ROOT,
                                capture_output=True, text=True, timeout=420)
         assert sweep.returncode == 0, sweep.stderr[-3000:]
+        # the console: Tune's table with short columns and our lines; Ray's internals in the sweep's log
+        assert "Ray dashboard:" in sweep.stdout and "Trial t000 config" in sweep.stdout  # t000: our trial names
+        assert "seed" in sweep.stdout and "variant={" not in sweep.stdout  # one short column per swept key
+        for noise in ("RayTrainWorker", "TrainController", "Reporting training result"):
+            assert noise not in sweep.stdout + sweep.stderr, noise
+        assert "RayTrainWorker" in (shared / "mn" / "tune.log").read_text()
         results = pd.read_csv(shared / "mn" / "results.csv")
         assert list(results["status"]) == ["TERMINATED", "TERMINATED"]
         phases = pd.read_csv(shared / "mn" / "phases.csv")
