@@ -135,7 +135,8 @@ def test_launcher_config_matches_rays_schema(name):
     import ray.autoscaler
 
     with open(os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")) as f:
-        jsonschema.validate(load(name), json.load(f))
+        schema = json.load(f)
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(load(name))) == []
 
 
 @pytest.mark.parametrize("name", LAUNCHER)

@@ -245,9 +245,10 @@ def test_largest_seeds_stay_inside_what_torch_accepts():
 
     from stackwise_ray.config import MAX_SEED
 
-    torch.manual_seed(MAX_SEED * 100_003 + 10**6)  # data.py's per-epoch seed after a million epochs
-    torch.manual_seed(MAX_SEED * 1009 + 1023)  # ray_phase.py's per-stack seed
-    StackWiseConfig.from_dict({"training": {"seed": MAX_SEED}, "data": {"split_seed": MAX_SEED}}).validate()
+    for seed in (MAX_SEED * 100_003 + 10**6, MAX_SEED * 1009 + 1023):  # per-epoch (a million epochs), per-stack
+        assert torch.manual_seed(seed).initial_seed() == seed  # raises past what torch accepts
+    config = StackWiseConfig.from_dict({"training": {"seed": MAX_SEED}, "data": {"split_seed": MAX_SEED}}).validate()
+    assert (config.training.seed, config.data.split_seed) == (MAX_SEED, MAX_SEED)
 
 
 def test_the_memory_estimate_is_a_lower_bound_of_a_built_rack():
