@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import config, median, table, write_section  # noqa: E402
 
 from stackwise_ray.builder import ProgressiveRackBuilder  # noqa: E402
-from stackwise_ray.cache import ActivationCache, compute_cache, from_arrow, write_parquet  # noqa: E402
+from stackwise_ray.cache import ActivationCache, compute_cache, read_shard, write_shard  # noqa: E402
 from stackwise_ray.data import GlobalBatches, ProgressiveDataLoader, build_datasets  # noqa: E402
 from stackwise_ray.masking import TimeStepMasking  # noqa: E402
 from stackwise_ray.phase import train_stack  # noqa: E402
@@ -61,10 +60,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "cache.parquet")
             t0 = time.perf_counter()
-            write_parquet(cache, path)
+            write_shard(cache, path)
             write.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            back = from_arrow(pq.read_table(path, memory_map=True), cfg.model.d_model)
+            back = read_shard(path)
             read.append(time.perf_counter() - t0)
             assert np.array_equal(back.hidden, cache.hidden)
     ray.shutdown()

@@ -8,7 +8,7 @@ import time
 import torch
 
 from stackwise_ray.builder import ProgressiveRackBuilder
-from stackwise_ray.cache import compute_cache, plan_cache
+from stackwise_ray.cache import cache_dtype, compute_cache, plan_cache, plan_layout
 from stackwise_ray.config import StackWiseConfig
 from stackwise_ray.data import GlobalBatches, ProgressiveDataLoader, build_datasets
 from stackwise_ray.masking import TimeStepMasking
@@ -30,7 +30,11 @@ def run_plain(config: StackWiseConfig, threads: int) -> list[dict]:
         if plan.kind != "none":
             start = cache[0] if cache is not None and cache[0] == plan.position - 1 else 0
             prev = cache[1] if start else None
-            cache = (plan.position, compute_cache(builder.build_rack(), train_ds, masking, k, start, plan.position, prev))
+            steps = phase_steps(config.training, len(train_ds) // B)
+            dtype = cache_dtype(config, plan, [config.stack_precision(j) for j in range(config.target_stacks)])
+            rows = plan_layout(config, train_ds, steps, dtype).positions  # the examples the phase reads, as on Ray
+            cache = (plan.position, compute_cache(builder.build_rack(), train_ds, masking, k, start, plan.position,
+                                                  prev, positions=rows, dtype=dtype))
         t1 = time.perf_counter()
         torch.manual_seed(seed * 1009 + k)
         builder.append_stack(n_blocks=config.blocks_per_stack, precision=config.stack_precision(k))

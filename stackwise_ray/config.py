@@ -135,6 +135,8 @@ class RayConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS or a local Ray
     max_failures: int = 2  # worker failures a phase survives (it restarts from its last in-phase checkpoint)
     cache_max_bytes: Optional[int] = None  # None: half the object store, or half the free disk for arrow
+    cache_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # None: the cached stack's compute dtype
+    cache_shard_mb: int = 64  # a cache is built, stored and read in shards of about this size
     inject_worker_failure: Optional[str] = None  # testing aid: "stack:step" makes a worker exit once there
 
 
@@ -256,6 +258,7 @@ class StackWiseConfig:
         _within(t, "training", "seed", 0, MAX_SEED)
         _within(d, "data", "split_seed", 0, MAX_SEED)
         _within(p, "training.progressive", "max_stacks", 1, MAX_STACKS)
+        _within(self.ray, "ray", "cache_shard_mb", 1, 16_384)
         if m.vocab_size is not None and d.tokenizer == "byte" and m.vocab_size < BYTE_VOCAB_SIZE:
             _fail("model.vocab_size", f"must be >= the byte tokenizer's {BYTE_VOCAB_SIZE} ids, got {_show(m.vocab_size)}")
         storage_dir(self.ray.storage_path)

@@ -587,6 +587,21 @@ def build_datasets(config: StackWiseConfig, tokenizer=None):
     return (*open_datasets(config, token_store_location(config, tokenizer)), tokenizer)
 
 
+def load_data(config: StackWiseConfig, data_ref):
+    """(train, val, tokenizer) in a Ray worker or task: the user's data passed through the
+    object store (an object ref), config.data's token store opened at its location (a
+    string), or config.data."""
+    if data_ref is None:
+        return build_datasets(config)
+    if isinstance(data_ref, str):
+        train_ds, val_ds = open_datasets(config, data_ref)
+    else:
+        import ray
+
+        train_ds, val_ds = ray.get(data_ref)
+    return train_ds, val_ds, load_tokenizer(config.data.tokenizer)
+
+
 def open_datasets(config: StackWiseConfig, location: str) -> tuple[TokenDataset, TokenDataset]:
     """(train, val) over the complete token store at `location`, split as build_datasets does.
 
@@ -664,12 +679,25 @@ class GlobalBatches:
     def __len__(self) -> int:
         return len(self.ds) // self.batch_size
 
+    def order(self, epoch: int) -> torch.Tensor:
+        """The positions of epoch `epoch`, in the order its batches read them."""
+        n = len(self.ds)
+        if not self.shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def first_reads(self, steps: int) -> np.ndarray:
+        """The positions the first `steps` global batches read, each once, in the order of
+        its first read (what a cache for those steps holds, in its row order)."""
+        B, per_epoch = self.batch_size, len(self)
+        epochs = [self.order(e)[:per_epoch * B] for e in range(-(-steps // per_epoch))]
+        reads = torch.cat(epochs)[:steps * B].numpy() if epochs else np.zeros(0, dtype=np.int64)
+        _, first = np.unique(reads, return_index=True)
+        return reads[np.sort(first)]
+
     def __iter__(self):
         n, B = len(self.ds), self.batch_size
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        else:
-            order = torch.arange(n)
+        order = self.order(self.epoch)
         self.epoch += 1
         for i in range(n // B):
             rows = order[i * B:(i + 1) * B][self.rank::self.world]

@@ -20,22 +20,14 @@ from ray.train.torch import TorchTrainer
 
 from . import ray_metrics, storage
 from .builder import ProgressiveRackBuilder
-from .cache import ActivationCache, compute_cache, read_parquet, write_parquet
+from .cache import plan_layout
 from .checkpoint import load_metadata, load_rack, load_weights, save_rack, verify_checkpoint
 from .config import StackWiseConfig
-from .data import GlobalBatches, ProgressiveDataLoader, build_datasets, load_tokenizer, open_datasets
-from .flops import end_to_end_flops, forward_flops_per_token, phase_flops, trunk_mode
+from .data import GlobalBatches, ProgressiveDataLoader, load_data
+from .flops import end_to_end_flops, phase_flops, trunk_mode
 from .masking import TimeStepMasking
 from .phase import evaluate, phase_steps, train_stack
-
-
-def load_data(config: StackWiseConfig, data_ref):
-    """(train, val, tokenizer): the user's data passed through the object store (an object
-    ref), config.data's token store opened at its location (a string), or config.data."""
-    if data_ref is None:
-        return build_datasets(config)
-    train_ds, val_ds = open_datasets(config, data_ref) if isinstance(data_ref, str) else ray.get(data_ref)
-    return train_ds, val_ds, load_tokenizer(config.data.tokenizer)
+from .ray_cache import open_reader
 
 
 def start_builder(config: StackWiseConfig, prev_checkpoint: str | None, stack_id: int, steps: list[dict]):
@@ -57,16 +49,6 @@ def start_builder(config: StackWiseConfig, prev_checkpoint: str | None, stack_id
     return builder
 
 
-def read_worker_cache(spec: dict | None, d_model: int) -> ActivationCache | None:
-    """The phase's cache: from the object store, or the Parquet file under the shared
-    storage path (memory-mapped; every worker reads the whole cache)."""
-    if spec is None:
-        return None
-    if spec["backend"] == "object_store":
-        return ActivationCache(**ray.get(spec["ref"]))
-    return read_parquet(spec["path"], d_model)
-
-
 def train_loop_per_worker(cfg: dict) -> dict:
     t_enter = time.time()
     config = StackWiseConfig.from_dict(cfg["config"])
@@ -82,7 +64,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
     cache_spec, steps_to_add = inputs["cache"], cfg["steps"]
     builder = start_builder(config, inputs["prev_checkpoint"], cfg["stack_id"], steps_to_add)
     stack_id = builder.num_stacks - 1  # the newest stack: the one this phase trains
-    cache = read_worker_cache(cache_spec, config.model.d_model)
+    # read shard by shard: the layout comes from the same steps, batches and seed as the driver's
+    cache = open_reader(cache_spec, plan_layout(config, train_ds, cache_spec["steps"], cache_spec["dtype"])) \
+        if cache_spec else None
     position = cache_spec["position"] if cache_spec else 0
 
     device = ray.train.torch.get_device()
@@ -124,6 +108,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
                           on_step_end=on_step_end, resume=resume)
     for h in hooks:
         h.remove()
+    if cache is not None:
+        cache.close()
     train_s = time.time() - t_train
     # the full rack from tokens, no cache: the numbers a reloaded checkpoint reproduces
     metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device))
@@ -142,6 +128,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
         "precision": builder.stack(stack_id).precision,
         "time_step": builder.stack(stack_id).time_step if p.time_interpretation == "depth" else "per example",
         "trunk_forwards": len(trunk_calls),
+        "cache_shards_loaded": cache.loads if cache is not None else 0,
         "cold_start_s": t_enter - cfg["fit_started"],  # TorchTrainer start to the loop's first line
         "startup_s": t_train - max(cfg["fit_started"], inputs["handed_at"]),  # inputs ready to first step
         "train_s": train_s,
@@ -260,42 +247,3 @@ def finished_checkpoint(store: str, name: str) -> str | None:
         except (OSError, KeyError, ValueError):  # incomplete, corrupt or in-phase: not a finished phase
             continue
     return None
-
-
-@ray.remote(num_returns=2)
-def build_cache(config: dict, checkpoint: str, stack_id: int, start: int, end: int, prev, backend: str,
-                path: str | None, data_ref, board=None):
-    """Ray task: the stream entering rack position `end` for the training split, from the
-    rack in `checkpoint` (the trial owns the result, so it outlives phase workers). Its
-    progress goes to `board` (console.ProgressBoard), at most once a second.
-
-    Returns (arrays or None, info)."""
-    t0 = time.perf_counter()
-    config = StackWiseConfig.from_dict(config)  # this run's corruption, not the checkpoint's run's
-    builder = load_rack(checkpoint, config=config)
-    train_ds, _, tokenizer = load_data(config, data_ref)
-    if isinstance(prev, str):
-        prev = read_parquet(prev, config.model.d_model)
-    elif prev is not None:
-        prev = ActivationCache(**prev)
-    posted = [0.0]
-
-    def on_rows(done: int, total: int) -> None:
-        if board is not None and (time.time() - posted[0] >= 1.0 or done == total):
-            posted[0] = time.time()
-            board.post.remote(f"cache-{stack_id}", {"stack": stack_id, "step": done, "steps": total,
-                                                     "what": "cache", "tokens": done * config.data.seq_len})
-
-    cache = compute_cache(builder.build_rack(), train_ds, TimeStepMasking(config, tokenizer), stack_id, start, end, prev,
-                          on_rows=on_rows)
-    rack, T = builder.build_rack(), config.data.seq_len
-    run_flops = sum(forward_flops_per_token(s, T, rack.embed.embedding_dim) for s in rack.stacks[start:end])
-    info = {"rows": len(cache), "bytes": cache.nbytes, "incremental": prev is not None,
-            "stacks_run": end - start, "build_s": 0.0, "flops": run_flops * len(cache) * T,
-            "node_id": ray.get_runtime_context().get_node_id()}
-    if backend == "arrow":
-        write_parquet(cache, path)
-        info["build_s"] = time.perf_counter() - t0
-        return None, info
-    info["build_s"] = time.perf_counter() - t0
-    return cache.arrays(), info

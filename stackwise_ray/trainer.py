@@ -4,7 +4,8 @@ Run directory (`storage_path/name/`, a local path or a storage URI: storage.py):
     phases/<phase id>/<run>/checkpoint_*/  Ray Train's checkpoint of a phase (rack.json,
                                      model.safetensors); <run> is e.g. sweep.t003.s02
     phases/<phase id>/done.json      completion record, written atomically after the phase
-    phases/<phase id>/cache_*.parquet  Arrow caches built from that phase's rack
+    phases/<phase id>/cache_position_*/  Arrow caches built from that phase's rack: Parquet
+                                     shards, manifest.json written last
     final/                           the trained rack (a copy of the last phase's checkpoint)
     summary.json                     per-stack history
 Phases are content-addressed (phase_store.py): a phase with a completion record is reused,
@@ -18,17 +19,17 @@ import time
 import warnings
 
 import ray
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from . import ray_metrics, storage
+from . import ray_cache, ray_metrics, storage
 from .builder import ProgressiveRackBuilder
-from .cache import cache_bytes, parquet_intact, plan_cache
+from .cache import cache_dtype, plan_cache, plan_layout
 from .checkpoint import load_metadata, load_rack
 from .config import StackWiseConfig, storage_dir
 from .data import dataset_from_user, open_datasets, token_store_location
 from .phase_store import PhaseStore, phase_identity
 from .prestart import Prestarter
-from .ray_phase import build_cache, finished_checkpoint, fit_phase
+from .phase import phase_steps
+from .ray_phase import finished_checkpoint, fit_phase
 from .ray_runtime import ensure_ray
 from .tracking import Tracker, flat
 
@@ -74,7 +75,7 @@ class ProgressiveTrainer:
         self.tracker = tracker or Tracker(self.config.tracking, self.run_dir, storage.basename(self.run_dir),
                                           storage.basename(self.run_dir), flat(self.config.to_dict()))
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
-        self._config_rows = None  # training examples of config.data, counted on first need
+        self._train_ds = None  # config.data's training split, opened on first need
         self._store_location = None  # config.data's token store, found or built on first need
 
     def train_progressively(self, rack_builder: ProgressiveRackBuilder | None = None, dataloader=None,
@@ -130,7 +131,7 @@ class ProgressiveTrainer:
 
     def _run_phase(self, config, plan, stack_id, prev, cache, ids, data_ref, prestarter, pre):
         t0 = time.time()
-        cache_spec, cache, cache_info = self._cache_for(config, stack_id, prev, cache, ids, data_ref)
+        cache_spec, cache, cache_info = self._cache_for(config, plan, stack_id, prev, cache, ids, data_ref)
         t1 = time.time()
         checkpoint = finished_checkpoint(self.store.root, ids[stack_id])
         if checkpoint is not None:  # trained before a crash that came before its record
@@ -261,40 +262,57 @@ class ProgressiveTrainer:
         if not self.resume and own_store and self.store.finished_count():
             raise RunDirError(f"{self.run_dir}: a run with finished phases is already there; resume it or choose another name")
 
-    def _cache_for(self, config, stack_id, prev_checkpoint, cache, ids, data_ref):
+    def _cache_for(self, config, plan, stack_id, prev_checkpoint, cache, ids, data_ref):
         """(spec for the phase's workers, the cache kept for later phases, info for metrics)."""
-        plan = plan_cache(config, stack_id)
-        info = {"kind": plan.kind, "reason": plan.reason}
-        if plan.kind == "none":
+        use = plan_cache(config, stack_id)
+        info = {"kind": use.kind, "reason": use.reason}
+        if use.kind == "none":
             return None, cache, info
-        backend = config.ray.cache_backend
-        size, budget = cache_bytes(self._train_rows(data_ref), config.data.seq_len, config.model.d_model), self._budget(config)
-        if size > budget:  # said before the phase starts, instead of failing in the middle of it
-            reason = (f"a {size / 2**20:.0f} MiB cache exceeds the {budget / 2**20:.0f} MiB budget "
-                      "(ray.cache_max_bytes): the trunk is recomputed instead")
-            warnings.warn(f"phase {stack_id}: {reason}")
-            return None, None, {"kind": "none", "reason": reason, "over_budget": True}
-        # the cache is determined by the phases before the position it feeds
-        source = ids[plan.position - 1] if plan.position > 0 else ids[0]
-        path = storage.join(self.store.root, source, f"cache_position_{plan.position:03d}.parquet")
-        if cache is not None and cache["position"] == plan.position:
-            info.update(cache["info"], built=False)
-        elif backend == "arrow" and cache is None and parquet_intact(path):  # written before a restart
-            cache = {"position": plan.position, "path": path, "ref": None,
-                     "info": {"rows": None, "bytes": storage.size(path), "build_s": 0.0, "incremental": False}}
-            info.update(cache["info"], built=False)
-        else:
-            incremental = cache is not None and cache["position"] == plan.position - 1
-            prev = (cache["ref"] if backend == "object_store" else cache["path"]) if incremental else None
-            # outside any placement group: a Tune trial's group holds only its trial slot
-            outside = PlacementGroupSchedulingStrategy(placement_group=None)
-            ref, info_ref = build_cache.options(scheduling_strategy=outside).remote(config.to_dict(), prev_checkpoint, stack_id, plan.position - 1 if incremental else 0,
-                                               plan.position, prev, backend, path, data_ref, self._board)
-            cache = {"position": plan.position, "path": path, "ref": ref, "info": ray.get(info_ref)}
-            info.update(cache["info"], built=True)
-        spec = {"backend": backend, "position": plan.position, "kind": plan.kind,
-                "ref": cache["ref"], "path": cache["path"]}
-        return spec, cache, {**info, "backend": backend, "position": plan.position}
+        train_ds = self._train_split(data_ref)
+        steps = phase_steps(config.training, len(train_ds) // config.data.batch_size)
+        layout = plan_layout(config, train_ds, steps, cache_dtype(config, use, [s["precision"] for s in plan]))
+        incremental = cache is not None and cache.position == use.position - 1 and cache.layout.key == layout.key
+        reused = cache is not None and cache.position == use.position and cache.layout.key == layout.key \
+            and cache.layout.dtype == layout.dtype
+        refusal = None if reused else self._memory_refusal(config, layout, prev_checkpoint, incremental)
+        if refusal is None and not reused:
+            # the cache is determined by the phases before the position it feeds
+            source = ids[use.position - 1] if use.position > 0 else ids[0]
+            directory = storage.join(self.store.root, source,
+                                     f"cache_position_{use.position:03d}_{layout.key}_{layout.dtype}")
+            room = ray.available_resources()
+            try:
+                cache = ray_cache.build(config, prev_checkpoint, stack_id, use.position - 1 if incremental else 0,
+                                        use.position, layout, cache if incremental else None, directory, data_ref,
+                                        tasks=max(1, min(4, int(room.get("CPU", 1)))), board=self._board)
+            except ray_cache.CacheMemoryError as e:
+                refusal = f"{e}: the trunk is recomputed instead"
+        if refusal is not None:  # said before the phase trains, and kept in its metrics
+            warnings.warn(f"phase {stack_id}: {refusal}")
+            return None, None, {"kind": "none", "reason": refusal, "over_budget": True}
+        info.update(cache.info, built=cache.info["built"] and not reused)
+        return cache.spec(use.kind, steps), cache, {**info, "backend": cache.backend, "position": use.position}
+
+    def _memory_refusal(self, config, layout, prev_checkpoint: str, incremental: bool) -> str | None:
+        """Why a cache of `layout` cannot be built and read here, or None: its bytes against
+        the object store or disk budget, and the memory of a builder (the rack, one shard,
+        one shard of the previous cache, a batch of activations) and of every reader (arrow
+        shards are decoded: the one read, the next and one in flight; all of them where the
+        phase rereads its examples) against half of Ray's memory."""
+        mib = 2**20
+        budget = self._budget(config)
+        if layout.nbytes > budget:
+            return (f"a {layout.nbytes / mib:.0f} MiB cache ({layout.rows} examples) exceeds the {budget / mib:.0f} MiB "
+                    "budget (ray.cache_max_bytes): the trunk is recomputed instead")
+        weights = storage.size(storage.join(prev_checkpoint, "model.safetensors"))
+        batch = 64 * layout.seq_len * layout.d_model * 4 * 4 * max(1, config.blocks_per_stack)
+        builder = weights + layout.shard_bytes * (2 if incremental else 1) + batch
+        reader = (layout.nbytes if layout.rereads else 3 * layout.shard_bytes) if config.ray.cache_backend == "arrow" else 0
+        need, memory = builder + config.ray.num_workers * reader, ray.available_resources().get("memory", 0) / 2
+        if need > memory:
+            return (f"building and reading a {layout.nbytes / mib:.0f} MiB cache needs about {need / mib:.0f} MiB of "
+                    f"memory, more than half of the {2 * memory / mib:.0f} MiB Ray has free: the trunk is recomputed instead")
+        return None
 
     def _token_store(self) -> str:
         """The location of config.data's token store, built first if missing; phase workers
@@ -303,13 +321,13 @@ class ProgressiveTrainer:
             self._store_location = token_store_location(self.config)
         return self._store_location
 
-    def _train_rows(self, data_ref) -> int:
-        """Training examples (counted once per trainer, over the token store)."""
+    def _train_split(self, data_ref):
+        """The training split (opened once per trainer, over the token store: ids only)."""
         if not isinstance(data_ref, str):
-            return len(ray.get(data_ref)[0])
-        if self._config_rows is None:
-            self._config_rows = len(open_datasets(self.config, data_ref)[0])
-        return self._config_rows
+            return ray.get(data_ref)[0]
+        if self._train_ds is None:
+            self._train_ds = open_datasets(self.config, data_ref)[0]
+        return self._train_ds
 
     def _budget(self, config) -> float:
         if config.ray.cache_max_bytes is not None:

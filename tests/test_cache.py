@@ -2,14 +2,14 @@
 
 import numpy as np
 import pytest
-import pyarrow.parquet as pq
 import torch
 
 from stackwise_ray.builder import ProgressiveRackBuilder
-from stackwise_ray.cache import StaleCacheError, compute_cache, from_arrow, plan_cache, write_parquet
+from stackwise_ray.cache import (ShardReader, StaleCacheError, cache_bytes, cache_dtype, compute_cache, compute_shard,
+                                 plan_cache, plan_layout, read_shard, write_shard)
 from stackwise_ray.data import GlobalBatches, ProgressiveDataLoader, build_datasets
 from stackwise_ray.masking import TimeStepMasking
-from stackwise_ray.phase import train_stack
+from stackwise_ray.phase import forever, train_stack
 
 from .conftest import tiny_config
 
@@ -61,10 +61,13 @@ def test_parquet_round_trip(tmp_path):
     config = tiny_config(data={"max_examples": 20})
     builder, train, masking = grown(config, 1)
     cache = compute_cache(builder.build_rack(), train, masking, 0, 0, 1)
-    write_parquet(cache, str(tmp_path / "c.parquet"))
-    back = from_arrow(pq.read_table(tmp_path / "c.parquet"), 32)
-    for name, array in cache.arrays().items():
-        assert np.array_equal(getattr(back, name), array), name
+    for dtype in ("float32", "bfloat16"):
+        cache = compute_cache(builder.build_rack(), train, masking, 0, 0, 1, dtype=dtype)
+        write_shard(cache, str(tmp_path / f"{dtype}.parquet"))
+        back = read_shard(str(tmp_path / f"{dtype}.parquet"))
+        for name, array in cache.arrays().items():
+            assert np.array_equal(getattr(back, name), array), name
+        assert cache.nbytes == cache_bytes(len(train), 32, 32, dtype)
 
 
 def test_qlora_trunk_streams_from_cached_inputs_like_a_recompute():
@@ -88,3 +91,65 @@ def test_qlora_trunk_streams_from_cached_inputs_like_a_recompute():
     assert any("lora_B" in n for n in trained[True])
     for name, p in trained[False].items():
         torch.testing.assert_close(trained[True][name], p, rtol=1e-5, atol=1e-6)
+
+
+def consumed(train, config, steps):
+    """The example ids the first `steps` global batches of a phase read, in reading order."""
+    batches = forever(GlobalBatches(train, config.data.batch_size, config.training.seed))
+    return torch.cat([next(batches)["example_ids"] for _ in range(steps)]).numpy()
+
+
+def test_a_cache_holds_the_examples_the_phase_reads_once_each_in_first_read_order():
+    config = tiny_config(data={"max_examples": 60})
+    _, train, _ = grown(config, 0)
+    for steps in (3, len(train) // 8 * 2 + 1):  # part of one epoch; into a third epoch
+        layout = plan_layout(config, train, steps, "float32")
+        read = consumed(train, config, steps)
+        _, first = np.unique(read, return_index=True)
+        assert np.array_equal(layout.example_ids, read[np.sort(first)])
+        assert layout.rereads == (steps > len(train) // 8)
+    assert len(plan_layout(config, train, 3, "float32").example_ids) == 3 * 8
+
+
+def test_shard_reader_reads_a_phase_shard_by_shard_and_matches_one_whole_cache():
+    config = tiny_config(data={"max_examples": 200})
+    config.ray.cache_shard_mb = 1  # shards of 3 batches: 7 shards for 20 steps
+    builder, train, masking = grown(config, 2)
+    rack, steps = builder.build_rack(), 20
+    layout = plan_layout(config, train, steps, "float32")
+    layout = type(layout)(**{**layout.__dict__, "shard_rows": 24})
+    whole = compute_cache(rack, train, masking, 2, 0, 2, positions=layout.positions)
+    shards = [compute_shard(rack, train, masking, 2, 0, 2, layout.positions[layout.shard(i)]) for i in range(layout.shards)]
+    held = []
+
+    def load(i):
+        held.append(i)
+        return shards[i]
+
+    reader = ShardReader(layout, load, resident=2)
+    batches = ProgressiveDataLoader(GlobalBatches(train, 8, config.training.seed), masking, 2)
+    it = forever(batches)
+    for _ in range(steps):
+        batch = next(it)
+        got = reader.lookup(batch["example_ids"], batch["input_ids"])
+        assert torch.equal(got, whole.lookup(batch["example_ids"], batch["input_ids"]))
+        assert len(reader._shards) <= 2
+    reader.close()
+    assert layout.shards == 7 and sorted(held) == list(range(7)) and reader.loads == 7  # each shard loaded once
+    wrong = ShardReader(layout, lambda i: shards[(i + 1) % len(shards)])
+    with pytest.raises(StaleCacheError):
+        wrong.lookup(torch.from_numpy(layout.example_ids[:4]))
+
+
+def test_a_bfloat16_cache_of_a_bfloat16_stack_is_lossless_and_half_the_bytes():
+    config = tiny_config(data={"max_examples": 40}, new_stack_precision="bfloat16")
+    builder, train, masking = grown(config, 2)
+    plan = plan_cache(config, 2)
+    assert cache_dtype(config, plan, ["bfloat16", "bfloat16"]) == "bfloat16"
+    assert cache_dtype(config, plan_cache(tiny_config(trunk_strategy="qlora", qlora_enabled=True), 2), ["qlora"] * 2) == "float32"
+    rack = builder.build_rack()
+    full = compute_cache(rack, train, masking, 2, 0, 2)
+    half = compute_cache(rack, train, masking, 2, 0, 2, dtype="bfloat16")
+    ids = train.example_ids[:8]
+    assert torch.equal(half.lookup(ids), full.lookup(ids))
+    assert half.hidden.nbytes * 2 == full.hidden.nbytes

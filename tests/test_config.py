@@ -308,7 +308,7 @@ def test_a_mapping_that_exits_is_a_config_error_and_import_code_false_imports_no
 
     spec = "tests.bad_configs.mapping_exits_at_import:schedule"
     assert error_of(lambda: progressive(stack_time_mapping=spec).validate()) == (
-        f"training.progressive.custom_time_mapping: cannot import module 'tests.bad_configs.mapping_exits_at_import': SystemExit: 0")
+        "training.progressive.custom_time_mapping: cannot import module 'tests.bad_configs.mapping_exits_at_import': SystemExit: 0")
     progressive(stack_time_mapping=spec).validate(import_code=False)
     progressive(stack_time_mapping="os:chown").validate(import_code=False)
     assert "tests.bad_configs.mapping_exits_at_import" not in sys.modules

@@ -2,6 +2,7 @@
 `ray start --address`), a 2-trial sweep run against them with `--address`, and the
 shared storage path read across nodes."""
 
+import glob
 import json
 import os
 import secrets
@@ -61,12 +62,12 @@ ray.init(address=address)
 @ray.remote(num_cpus=0)
 def read_back(checkpoint, cache):
     import pyarrow.parquet as pq
-    from stackwise_ray.cache import from_arrow, parquet_intact
+    from stackwise_ray.cache import shard_intact
     from stackwise_ray.checkpoint import load_rack
     from stackwise_ray.inference import evaluate_rack
     out = {"node": ray.get_runtime_context().get_node_id(), "val_loss": evaluate_rack(load_rack(checkpoint))["val_loss"]}
     if cache:
-        out["cache_intact"] = parquet_intact(cache)
+        out["cache_intact"] = shard_intact(cache)
         out["cache_rows"] = pq.read_table(cache).num_rows
     return out
 
@@ -128,8 +129,8 @@ def test_sweep_on_two_nodes_uses_both_and_reads_shared_storage_across_nodes(tmp_
             last = rows.sort_values("stack").iloc[-1]
             summary = json.loads((shared / "mn" / "trials" / trial_id / "summary.json").read_text())
             phase = summary["history"][-1]
-            cache = os.path.join(shared, "mn", "phases", summary["history"][0]["phase_id"],
-                                 "cache_position_001.parquet")
+            cache = glob.glob(os.path.join(shared, "mn", "phases", summary["history"][0]["phase_id"],
+                                           "cache_position_001_*", "shard_00000.parquet"))[0]
             other = next(n for n in nodes if n != last["phase_node"])
             jobs.append({"node": other, "checkpoint": phase["checkpoint"], "cache": cache,
                          "val_loss": phase["val_loss"]})

@@ -109,7 +109,8 @@ def test_a_run_on_object_storage_caches_there_resumes_from_there_and_loads_back(
     files = listing(storage.join(root, "s3run"))
     ids = [h["phase_id"] for h in history]
     assert {f"phases/{i}/done.json" for i in ids} <= files
-    assert {f"phases/{ids[0]}/cache_position_001.parquet", f"phases/{ids[0]}/cache_position_001.parquet.sha256",
+    cache = next(f.rsplit("/", 1)[0] for f in files if f.startswith(f"phases/{ids[0]}/cache_position_001_"))
+    assert {f"{cache}/shard_00000.parquet", f"{cache}/shard_00000.parquet.sha256", f"{cache}/manifest.json",
             "final/rack.json", "final/model.safetensors", "summary.json"} <= files
     assert all(h["checkpoint"].startswith(f"s3://swr-test/runs/s3run/phases/{i}/s3run.s{k:02d}/checkpoint_")
                for k, (h, i) in enumerate(zip(history, ids)))  # the Ray Train run is named after run and stack

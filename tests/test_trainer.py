@@ -1,5 +1,6 @@
 """Progressive runs on Ray Train: phases, caches, checkpoints, resume, workers."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -7,13 +8,12 @@ import sys
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stackwise_ray.cache import from_arrow
+from stackwise_ray.cache import ActivationCache, read_shard
 from stackwise_ray.checkpoint import load_rack, read_json
-from stackwise_ray.data import build_datasets
+from stackwise_ray.data import GlobalBatches, build_datasets
 from stackwise_ray.inference import evaluate_rack
 from stackwise_ray.phase_store import phase_identity
 from stackwise_ray.trainer import ProgressiveTrainer
@@ -69,14 +69,24 @@ def test_cached_phases_run_no_trunk_forward_and_cache_equals_a_fresh_trunk_forwa
     assert [m["trunk_forwards"] for m in history] == [0, 0, 0]
     assert history[2]["cache"]["incremental"] is True and history[2]["cache"]["stacks_run"] == 1
     rack = load_rack(os.path.join(trainer.run_dir, "final")).build_rack().eval()
-    path = os.path.join(trainer.run_dir, "phases", history[1]["phase_id"], "cache_position_002.parquet")
-    cache = from_arrow(pq.read_table(path), 32)
+    cache = cache_shards(trainer.run_dir, history[1]["phase_id"], 2)
+    # the cache holds exactly the examples phase 2 reads (8 steps of 8: part of one epoch)
     train_ds, _, _ = build_datasets(trainer.config)
-    assert len(cache) == len(train_ds)
+    batches = iter(GlobalBatches(train_ds, 8, trainer.config.training.seed))
+    read = torch.cat([next(batches)["example_ids"] for _ in range(history[2]["steps"])])
+    assert sorted(cache.example_ids.tolist()) == sorted(read.tolist()) and len(cache) == 64 < len(train_ds)
+    assert history[2]["cache"]["rows"] == 64 and history[2]["cache"]["bytes"] == cache.nbytes
     ids = torch.from_numpy(cache.input_ids[:16]).long()
     with torch.no_grad():
         fresh = rack.run_stacks(rack.embed_tokens(ids), ids, end=2)
     torch.testing.assert_close(torch.from_numpy(cache.hidden[:16]), fresh, rtol=1e-5, atol=1e-5)
+
+
+def cache_shards(run_dir, phase_id, position):
+    """The Arrow cache entering `position` built from phase `phase_id`'s rack, its shards joined."""
+    directory = glob.glob(os.path.join(run_dir, "phases", phase_id, f"cache_position_{position:03d}_*"))[0]
+    shards = [read_shard(p) for p in sorted(glob.glob(os.path.join(directory, "shard_*.parquet")))]
+    return ActivationCache(*(np.concatenate([getattr(s, k) for s in shards]) for k in ("example_ids", "input_ids", "hidden")))
 
 
 def test_prestarted_and_serial_phases_with_either_cache_backend_train_the_same_weights(arrow_run, tmp_path):
@@ -182,7 +192,7 @@ def test_corrupt_checkpoint_and_cache_are_detected_and_rebuilt(arrow_run, tmp_pa
     model.write_bytes(model.read_bytes()[:100])  # truncated
     with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
         load_rack(str(model.parent))
-    cache = store / history[1]["phase_id"] / "cache_position_002.parquet"
+    cache = next((store / history[1]["phase_id"]).glob("cache_position_002_*/shard_00000.parquet"))
     cache.write_bytes(cache.read_bytes()[:-10])
     again = ProgressiveTrainer(trainer.config, storage_path=str(tmp_path), name="arrow", resume=True)
     with pytest.warns(UserWarning, match="trained again"):

@@ -1,0 +1,58 @@
+"""Cache builds on Ray: shards from tasks, and the bounded retry of a build killed for memory."""
+
+import os
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from stackwise_ray import ray_cache
+from stackwise_ray.cache import ActivationCache, CacheLayout
+
+from .conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+LAYOUT = CacheLayout(np.arange(40), np.arange(100, 140), shard_rows=8, seq_len=4, d_model=2, dtype="float32",
+                     rereads=False)
+
+
+@ray.remote(num_returns="streaming", max_retries=0)
+def fake_shards(config, checkpoint, stack_id, start, end, layout, shard_ids, prev, backend, directory, data_ref,
+                use_gpu):
+    """Shards of zeros; a shard named in `checkpoint`'s fail list is killed for memory
+    (once each where checkpoint says "once", else every time). Each try leaves a file."""
+    yield {"node_id": ray.get_runtime_context().get_node_id()}
+    mode, fail = checkpoint.split(":")
+    for i in shard_ids:
+        tries = len([f for f in os.listdir(directory) if f.startswith(f"{i}.")])
+        open(os.path.join(directory, f"{i}.{tries}"), "w").close()
+        if str(i) in fail.split(",") and (mode == "always" or tries == 0):
+            raise ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory.")
+        rows = layout.shard(i)
+        yield ActivationCache(layout.example_ids[rows], np.zeros((rows.stop - rows.start, 4), np.int32),
+                              np.zeros((rows.stop - rows.start, 4, 2), np.float32)).arrays()
+
+
+def tries(directory):
+    return sorted(os.listdir(directory))
+
+
+def test_a_build_killed_for_memory_retries_only_its_missing_shards_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_cache, "build_shards", fake_shards)
+    handle = ray_cache.build(tiny_config(), "once:3", 1, 0, 0, LAYOUT, None, str(tmp_path), None, tasks=2)
+    assert handle.info["attempts"] == 2 and len(handle.shards) == 5
+    assert tries(tmp_path) == ["0.0", "1.0", "2.0", "3.0", "3.1", "4.0"]  # the finished shards were kept
+    reader = ray_cache.open_reader(handle.spec("trunk_inputs", 5), LAYOUT)
+    assert torch.equal(reader.lookup(torch.arange(124, 130)), torch.zeros(6, 4, 2))  # rows of shards 3 and 4
+    assert reader.loads == 2
+
+
+def test_a_build_killed_for_memory_again_gives_up_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_cache, "build_shards", fake_shards)
+    with pytest.raises(ray_cache.CacheMemoryError) as error:
+        ray_cache.build(tiny_config(), "always:2", 1, 0, 0, LAYOUT, None, str(tmp_path), None, tasks=1)
+    message = str(error.value)
+    assert "\n" not in message and "killed for memory 2 times" in message and "ray.cache_shard_mb" in message
+    assert [t for t in tries(tmp_path) if t.startswith("2.")] == ["2.0", "2.1"]  # twice, not forever
