@@ -1,12 +1,15 @@
 """Activation caches without Ray: what is cached, incremental builds, staleness, Parquet."""
 
+import subprocess
+import sys
 import numpy as np
 import pytest
 import torch
 
 from stackwise_ray.builder import ProgressiveRackBuilder
-from stackwise_ray.cache import (ShardReader, StaleCacheError, cache_bytes, cache_dtype, compute_cache, compute_shard,
-                                 plan_cache, plan_layout, read_shard, write_shard)
+from stackwise_ray.cache import (ShardReader, StaleCacheError, cache_bytes, cache_complete, cache_dtype, compute_cache,
+                                 compute_shard, plan_cache, plan_layout, read_shard, shard_intact, shard_path,
+                                 write_manifest, write_shard)
 from stackwise_ray.data import GlobalBatches, ProgressiveDataLoader, build_datasets
 from stackwise_ray.masking import TimeStepMasking
 from stackwise_ray.phase import forever, train_stack
@@ -153,3 +156,81 @@ def test_a_bfloat16_cache_of_a_bfloat16_stack_is_lossless_and_half_the_bytes():
     ids = train.example_ids[:8]
     assert torch.equal(half.lookup(ids), full.lookup(ids))
     assert half.hidden.nbytes * 2 == full.hidden.nbytes
+
+
+# What building a phase's cache (Parquet shards, one at a time) and reading it through a
+# ShardReader for the phase's steps add to RSS at their peak, in one process
+CACHE_RSS = """
+import sys, tempfile
+from stackwise_ray.builder import ProgressiveRackBuilder
+from stackwise_ray.cache import ShardReader, compute_shard, plan_layout, read_shard, shard_path, write_shard
+from stackwise_ray.config import StackWiseConfig
+from stackwise_ray.data import GlobalBatches, ProgressiveDataLoader, build_datasets
+from stackwise_ray.masking import TimeStepMasking
+from stackwise_ray.phase import forever
+def status_mb(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024
+for source, storage in zip(*[iter(sys.argv[1:])] * 2):
+    config = StackWiseConfig.from_dict({"model": {"d_model": 32, "n_heads": 2, "max_seq_len": 128},
+                                        "data": {"source": source, "seq_len": 128, "batch_size": 16},
+                                        "ray": {"storage_path": storage, "cache_shard_mb": 1}}).validate()
+    train, _, tokenizer = build_datasets(config)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = status_mb("VmRSS")
+    builder = ProgressiveRackBuilder(config)
+    builder.add_stack()
+    rack, masking, steps = builder.build_rack(), TimeStepMasking(config, tokenizer), 60
+    layout = plan_layout(config, train, steps, "float32")
+    directory = tempfile.mkdtemp(dir=storage)
+    for i in range(layout.shards):
+        write_shard(compute_shard(rack, train, masking, 1, 0, 1, layout.positions[layout.shard(i)]), shard_path(directory, i))
+    reader = ShardReader(layout, lambda i: read_shard(shard_path(directory, i)))
+    batches = forever(ProgressiveDataLoader(GlobalBatches(train, 16, config.training.seed), masking, 1, reader, True))
+    for _ in range(steps):
+        next(batches)
+    reader.close()
+    print(len(train), layout.rows, layout.shards, reader.loads, round(status_mb("VmHWM") - start))
+"""
+
+
+def test_building_and_reading_a_cache_costs_the_same_memory_on_a_corpus_70x_larger(tmp_path):
+    """A phase's cache and its reads follow its steps, not the corpus (the whole-corpus
+    cache of the stdlib corpus at this d_model would be ~4 GB)."""
+    from .test_token_store import ROOT, stdlib_jsonl
+
+    corpus = tmp_path / "stdlib.jsonl"
+    stdlib_jsonl(corpus)
+    # pydoc twice: the first pass also pays one-time costs (imports, allocator arenas)
+    runs = ["pydoc", str(tmp_path / "a"), "pydoc", str(tmp_path / "a"), str(corpus), str(tmp_path / "b")]
+    out = subprocess.run([sys.executable, "-c", CACHE_RSS, *runs], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, check=True)
+    (n_small, rows, shards, loads, small), (n_big, rows_big, _, loads_big, big) = (
+        [int(x) for x in line.split()] for line in out.stdout.split("\n")[1:3])
+    print(f"cache build + read peak RSS added: pydoc {small} MB ({n_small} examples), stdlib {big} MB ({n_big})")
+    assert n_big > 60 * n_small and rows == rows_big == 60 * 16 and shards > 1 and loads == loads_big == shards
+    assert big - small < 32
+
+
+def test_a_cache_build_stopped_midway_is_not_taken_as_complete(tmp_path):
+    config = tiny_config(data={"max_examples": 100})
+    builder, train, masking = grown(config, 1)
+    layout = plan_layout(config, train, 6, "float32")
+    layout = type(layout)(**{**layout.__dict__, "shard_rows": 16})  # 3 shards of the 48 rows
+    directory = str(tmp_path / "cache")
+    shards = [compute_shard(builder.build_rack(), train, masking, 1, 0, 1, layout.positions[layout.shard(i)])
+              for i in range(layout.shards)]
+    for i in (0, 1):
+        write_shard(shards[i], shard_path(directory, i))
+    (tmp_path / "cache" / "shard_00002.parquet.tmp123").write_bytes(b"PAR1 half a shard")  # killed while writing
+    assert [shard_intact(shard_path(directory, i)) for i in range(3)] == [True, True, False]
+    assert not cache_complete(directory, layout)
+    write_shard(shards[2], shard_path(directory, 2))
+    assert not cache_complete(directory, layout)  # every shard, but no manifest yet
+    write_manifest(directory, layout)
+    assert cache_complete(directory, layout)
+    other = type(layout)(**{**layout.__dict__, "dtype": "bfloat16"})
+    assert not cache_complete(directory, other)  # a manifest of another dtype
+    path = tmp_path / "cache" / "shard_00001.parquet"
+    path.write_bytes(path.read_bytes()[:-10])
+    assert not cache_complete(directory, layout)

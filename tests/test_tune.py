@@ -77,12 +77,16 @@ def test_grid_sweep_shares_stack_zero_and_resumes_after_a_kill(ray_session, tmp_
     proc.wait()
     finished = {p: p.stat().st_mtime_ns for p in store.glob("*/done.json")}
     assert len(finished) >= 2
+    [tokens] = tmp_path.glob("**/tokens/*/meta.json")  # one token store, built before any trial
+    tokens_built = tokens.stat().st_mtime_ns
+    assert tokens_built < min(finished.values())
 
     proc = run_sweep(path, tmp_path, env, resume=True)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     for marker, mtime in finished.items():  # nothing finished before the kill was trained again
         assert marker.stat().st_mtime_ns == mtime
+    assert list(tmp_path.glob("**/tokens/*/meta.json")) == [tokens] and tokens.stat().st_mtime_ns == tokens_built
     results = pd.read_csv(tmp_path / "grid" / "results.csv")
     assert len(results) == 3 and set(results["status"]) == {"TERMINATED"}
     progressive = results[results["kind"] == "progressive"]
