@@ -35,7 +35,10 @@ IRRELEVANT_KEYS = {"enabled", "cache_activations", "target_stacks", "stack_preci
                    "stack_time_mapping", "custom_time_mapping", "time_per_stack", "max_stacks", *TRUNK_KEYS}
 
 
-def phase_identity(config: StackWiseConfig, plan: list[dict], k: int) -> str:
+def phase_identity(config: StackWiseConfig, plan: list[dict], k: int, data_key: str | None = None) -> str:
+    """The id of phase k of `plan`: a hash of everything that determines its weights. The
+    data enters as config.data and `data_key` (the token store's key, a hash of the
+    source's content), so an edited file at the same path never reuses a phase."""
     p = config.training.progressive
     training = {f.name: getattr(config.training, f.name) for f in dataclasses.fields(config.training)
                 if f.name != "progressive"}
@@ -55,6 +58,7 @@ def phase_identity(config: StackWiseConfig, plan: list[dict], k: int) -> str:
         "trunk": {key: getattr(p, key) for key in TRUNK_KEYS} if k > 0 else None,
         "num_workers": config.ray.num_workers,
         "stacks": stacks,
+        **({"data_content": data_key} if data_key is not None else {}),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return f"s{k:02d}-{digest[:16]}"

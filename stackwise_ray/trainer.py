@@ -97,7 +97,8 @@ class ProgressiveTrainer:
         storage.makedirs(self.run_dir)
         self._watch()
         data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else self._token_store()
-        ids = [phase_identity(config, plan, k) for k in range(len(plan))]
+        data_key = storage.basename(data_ref) if isinstance(data_ref, str) else None
+        ids = [phase_identity(config, plan, k, data_key) for k in range(len(plan))]
         prestarter = Prestarter(self._room_for_two_phases(config) if self.prestart is None else self.prestart)
         history, prev, cache = [], None, None
         try:
@@ -193,7 +194,8 @@ class ProgressiveTrainer:
         self.check_run_dir()
         ensure_ray(config)
         storage.makedirs(self.run_dir)
-        phase_id = f"e2e-{phase_identity(config, plan, len(plan) - 1)[4:]}-{train_steps}"
+        data_key = storage.basename(self._token_store())
+        phase_id = f"e2e-{phase_identity(config, plan, len(plan) - 1, data_key)[4:]}-{train_steps}"
         record, status = self.store.record(phase_id), "reused"
         if record is None:
             with self.store.claim(phase_id):

@@ -47,3 +47,21 @@ def test_an_unreadable_record_is_a_phase_to_train_again(store, data):
     assert store.record("s01-bad") is None
     record = store.record("s00-good")
     assert store.has_record("s00-good") and record["metrics"] == {"val_loss": 1.0}
+
+
+def test_an_edited_data_file_at_the_same_path_gets_new_phase_ids(tmp_path):
+    from stackwise_ray.data import token_store_location
+    from stackwise_ray.phase_store import phase_identity
+
+    path = tmp_path / "d.txt"
+    path.write_text("x")
+    config = tiny_config(data={"source": str(path)})
+    config.ray.storage_path = str(tmp_path)
+    plan = [{"n_blocks": 1, "precision": "full", "at_input_side": False}] * 2
+    keys = []
+    for text in ("first version " * 400, "second version " * 400):
+        path.write_text(text)
+        keys.append(pathlib.Path(token_store_location(config)).name)
+    assert keys[0] != keys[1]
+    ids = [[phase_identity(config, plan, k, key) for k in range(2)] for key in keys]
+    assert ids[0][0] != ids[1][0] and ids[0][1] != ids[1][1]

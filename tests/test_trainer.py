@@ -172,7 +172,8 @@ def test_a_failed_phase_cancels_the_prestarted_next_phase_and_frees_its_lock(ray
     assert time.time() - t0 < 240  # no wait for a phase that will never get its inputs
     store = tmp_path / "failing" / "phases"
     assert [p.parent.name[:3] for p in store.glob("*/done.json")] == ["s00"]  # phases 1 and 2 left no record
-    ids = [phase_identity(trainer.config, trainer._plan(trainer.config, None, None), k) for k in range(3)]
+    key = os.path.basename(trainer._token_store())
+    ids = [phase_identity(trainer.config, trainer._plan(trainer.config, None, None), k, key) for k in range(3)]
     assert (store / f"{ids[2]}.lock").exists()  # phase 2 was prestarted (it took its lock)...
     assert not list(store.glob(f"{ids[2]}/*/checkpoint_*"))  # ...and never trained
     claim = trainer.store.try_claim(ids[2])
