@@ -47,3 +47,13 @@ def test_an_unreadable_record_is_a_phase_to_train_again(store, data):
     assert store.record("s01-bad") is None
     record = store.record("s00-good")
     assert store.has_record("s00-good") and record["metrics"] == {"val_loss": 1.0}
+
+
+def test_a_copy_initialised_phase_is_never_reused_for_a_random_one():
+    from stackwise_ray.phase_store import phase_identity
+
+    plan = [{"n_blocks": 1, "precision": "full", "at_input_side": False}] * 2
+    random, copy = tiny_config(), tiny_config(new_stack_init="copy")
+    assert phase_identity(random, plan, 0) == phase_identity(copy, plan, 0)  # stack 0 has nothing to copy
+    assert phase_identity(random, plan, 1) != phase_identity(copy, plan, 1)
+    assert phase_identity(random, plan, 1) != phase_identity(tiny_config(trunk_strategy="full"), plan, 1)
