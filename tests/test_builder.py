@@ -168,6 +168,8 @@ def test_rack_info_counts_trainable_parameters_of_the_phase():
 @pytest.mark.parametrize("mode, settings", [
     ("append", {}),
     ("prepend", {"qlora_enabled": True, "qlora_rank": 4, "new_stack_precision": "nvfp4"}),
+    ("append", {"qlora_enabled": True, "qlora_rank": 4, "new_stack_precision": "qlora",  # NF4 needs 64 inputs
+                "model": {"d_model": 64, "n_heads": 2}, "time_embedding_dim": 64}),
 ])
 def test_copy_init_starts_equal_to_the_adjacent_trained_stack(mode, settings):
     builder = ProgressiveRackBuilder(tiny_config(new_stack_init="copy", building_mode=mode, **settings))
@@ -180,7 +182,7 @@ def test_copy_init_starts_equal_to_the_adjacent_trained_stack(mode, settings):
     mine, theirs = snapshot(new), snapshot(source)
     assert set(mine) == set(theirs) == set(trained) and all(torch.equal(mine[n], theirs[n]) for n in mine)
     assert (new.stack_id, new.time_step, source.time_step) == (1, 100, 0)  # its own depth time
-    x, t = torch.randn(2, 8, 32), torch.full((2,), 100)
+    x, t = torch.randn(2, 8, builder.config.model.d_model), torch.full((2,), 100)
     cos, sin = builder.build_rack().rope_cos[:8], builder.build_rack().rope_sin[:8]
     assert torch.equal(new(x, t, cos, sin, None), source(x, t, cos, sin, None))
     run_phase(builder)
