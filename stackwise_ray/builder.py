@@ -5,14 +5,23 @@ the input side to the head. In append mode they agree; in prepend mode stack k s
 position 0 and the trunk between it and the head.
 
 Rack-level parameters: the token embedding (and the head tied to it) trains in phase 0
-only, because from phase 1 on it feeds the trunk whose outputs may be cached. The final
-norm, and an untied head, train in every phase.
+only, because from phase 1 on it feeds the trunk whose outputs may be cached; under
+trunk_strategy full (the whole rack trains, nothing is cached) it trains in every phase.
+The final norm, and an untied head, train in every phase.
+
+new_stack_init copy starts a new stack as a copy of the trained stack it sits next to
+(the last one in append mode, the first one in prepend mode: always stack k-1): its
+weights, norms, time conditioning and stack LoRA, cast to its own precision. The new
+stack keeps its own stack_id and depth time step, so its copied time conditioning is
+applied to its own time.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
+import torch
 import torch.nn as nn
 
 from . import adapters
@@ -58,6 +67,39 @@ def create_stack_from_config(stack_id: int, n_blocks: int, config: StackWiseConf
         rank, alpha = adapters.stack_lora_params(stack_id, p)
         adapters.add_adapter(stack, adapters.STACK_ADAPTER, rank, alpha, p.qlora_dropout)
     return stack
+
+
+def embedding_trains(config: StackWiseConfig, stack_id: int) -> bool:
+    """Whether the token embedding (and a head tied to it) trains in phase `stack_id`."""
+    return stack_id == 0 or config.training.progressive.trunk_strategy == "full"
+
+
+def head_trains(config: StackWiseConfig, stack_id: int) -> bool:
+    return embedding_trains(config, stack_id) or not config.model.tie_embeddings
+
+
+@torch.no_grad()
+def copy_stack_weights(source: Stack, stack: Stack) -> None:
+    """Give `stack` the values of every parameter and buffer of `source` (cast to its
+    dtypes), trunk adapters excepted: a stack being copied has none yet, and a new stack
+    never has one. 4-bit weights are copied with their quantization state."""
+    if source.precision != stack.precision and (source.precision in QUANTIZED_PRECISIONS
+                                               or stack.precision in QUANTIZED_PRECISIONS):
+        raise ValueError(f"new_stack_init copy: a 4-bit stack copies only from a stack of its own precision, "
+                         f"not {source.precision} into {stack.precision}")
+    theirs = {n: t for n, t in [*source.named_parameters(), *source.named_buffers()]
+              if f".{adapters.TRUNK_ADAPTER}." not in n}
+    mine = dict([*stack.named_parameters(), *stack.named_buffers()])
+    bad = sorted(n for n in set(mine) | set(theirs) if n not in mine or n not in theirs or mine[n].shape != theirs[n].shape)
+    if bad:  # copy_ would broadcast a mismatch silently
+        raise ValueError(f"new_stack_init copy: stack {stack.stack_id} and stack {source.stack_id} differ in shape "
+                         f"at {bad[:3]} (blocks, sizes or LoRA ranks)")
+    for name, tensor in mine.items():
+        if hasattr(tensor, "quant_state"):  # bitsandbytes 4-bit: codes and their scales go together
+            module_name, attr = name.rsplit(".", 1)
+            setattr(stack.get_submodule(module_name), attr, copy.deepcopy(theirs[name]))
+        else:
+            tensor.copy_(theirs[name])
 
 
 class ProgressiveRackBuilder:
@@ -144,6 +186,8 @@ class ProgressiveRackBuilder:
             precision = self.default_precision
         stack = create_stack_from_config(stack_id, n_blocks or self.config.blocks_per_stack, self.config, precision,
                                          time_step)
+        if p.new_stack_init == "copy" and self.rack.stacks:  # before the source gets a trunk adapter
+            copy_stack_weights(self.rack.stacks[0 if at_input_side else -1], stack)
         if p.progressive_qlora:
             for trunk_stack in self.rack.stacks:
                 if adapters.TRUNK_ADAPTER not in adapters.adapter_params(trunk_stack):
@@ -173,15 +217,17 @@ class ProgressiveRackBuilder:
         """Set requires_grad for the phase that trains `stack_id` (default: the newest)."""
         stack_id = self.num_stacks - 1 if stack_id is None else stack_id
         trunk = [i for i in self.stack_ids if i != stack_id]
-        for name, param in self.stack(stack_id).named_parameters():
-            param.requires_grad_(param.is_floating_point())  # 4-bit base weights cannot train
-        if self.config.training.progressive.trunk_strategy == "qlora":
+        strategy = self.config.training.progressive.trunk_strategy
+        for i in [stack_id, *trunk] if strategy == "full" else [stack_id]:
+            for param in self.stack(i).parameters():
+                param.requires_grad_(param.is_floating_point())  # 4-bit base weights cannot train
+        if strategy == "qlora":
             self.freeze_all_but_qlora(trunk)
-        else:
+        elif strategy == "frozen":
             self.freeze_trunk(trunk)
-        first_phase = not trunk
-        self.rack.embed.weight.requires_grad_(first_phase)
-        self.rack.head.weight.requires_grad_(first_phase or self.rack.head.weight is not self.rack.embed.weight)
+        phase = len(trunk)  # the phase a rack of these stacks is in (stack ids are creation order)
+        self.rack.embed.weight.requires_grad_(embedding_trains(self.config, phase))
+        self.rack.head.weight.requires_grad_(head_trains(self.config, phase))
         for param in self.rack.norm.parameters():
             param.requires_grad_(True)
 

@@ -107,6 +107,8 @@ def plan_cache(config: StackWiseConfig, stack_id: int) -> CachePlan:
     p = config.training.progressive
     if stack_id == 0:
         return CachePlan("none", 0, "no trunk yet")
+    if p.trunk_strategy == "full":
+        return CachePlan("none", 0, "trunk_strategy full: the whole rack trains, so no trunk activation stays fixed")
     if not p.cache_activations:
         return CachePlan("none", 0, "cache_activations is false: the trunk is recomputed every step")
     if p.building_mode == "prepend":

@@ -72,7 +72,8 @@ class DataConfig:
 @dataclass
 class ProgressiveConfig:
     enabled: bool = True
-    trunk_strategy: Literal["frozen", "qlora"] = "frozen"
+    trunk_strategy: Literal["frozen", "qlora", "full"] = "frozen"  # full: the whole rack trains after growth
+    new_stack_init: Literal["random", "copy"] = "random"  # copy: from the adjacent trained stack (G_stack)
     new_stack_precision: Literal["full", "half", "bfloat16", "nvfp4", "qlora"] = "full"
     cache_activations: bool = True
     # stack LoRA: one adapter per stack, added when the stack is created
@@ -314,6 +315,7 @@ class StackWiseConfig:
         if check_files:  # a run here; a rack loaded for sampling needs no training batch
             check_fits(self, m.vocab_size or BYTE_VOCAB_SIZE)
         self._validate_lora()
+        self._validate_growth()
         self._validate_time(import_code)
         self._validate_tune(check_files, import_code)
         if check_files:  # what this machine must have for a run: data, tokenizer, tracking packages
@@ -357,6 +359,21 @@ class StackWiseConfig:
             missing = [k for k in range(self.target_stacks) if k not in p.qlora_configs]
             if missing:
                 _fail("training.progressive.qlora_configs", f"qlora_strategy variable needs an entry for every stack that will be built (0..{self.target_stacks - 1}); missing {missing}")
+
+    def _validate_growth(self) -> None:
+        p = self.training.progressive
+        if p.trunk_strategy == "full" and p.progressive_qlora:
+            _fail("training.progressive.progressive_qlora", "trunk_strategy full trains the trunk's own weights, so a trunk adapter would only be a redundant low-rank copy of their update: set it to false, or use trunk_strategy qlora")
+        if p.new_stack_init != "copy":
+            return
+        from .adapters import stack_lora_params  # adapters imports this module
+
+        for k in range(1, self.target_stacks):
+            source, new = self.stack_precision(k - 1), self.stack_precision(k)
+            if source != new and (source in QUANTIZED_PRECISIONS or new in QUANTIZED_PRECISIONS):
+                _fail("training.progressive.new_stack_init", f"copy gives stack {k} ({new}) the weights of stack {k - 1} ({source}); a 4-bit stack copies only from a stack of its own precision")
+            if p.qlora_enabled and stack_lora_params(k, p) != stack_lora_params(k - 1, p):
+                _fail("training.progressive.new_stack_init", f"copy gives stack {k} the LoRA adapter of stack {k - 1}, but qlora_strategy {p.qlora_strategy} gives them different (rank, alpha): {stack_lora_params(k - 1, p)} and {stack_lora_params(k, p)}")
 
     def _validate_time(self, import_code: bool) -> None:
         p = self.training.progressive

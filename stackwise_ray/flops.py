@@ -5,12 +5,18 @@ baseline are compared at equal compute.
 Per token: a module that trains costs 3x its forward (forward, input and weight
 gradients); a frozen module that gradients pass through costs 2x; a frozen module whose
 output is not differentiated costs 1x; a cached one costs nothing in the steps, and its
-cache costs one forward over the training set when it is built.
+cache costs one forward over the examples the phase reads when it is built.
+
+`phase_flops` is the one count: a phase's workers call it on their rack, and the budget
+of the compute-matched baseline calls it on the same rack, grown phase by phase.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
+
+# what one trunk stack costs per token, in forwards: by how the phase treats the trunk
+TRUNK_FACTORS = {"cached": 0, "forward": 1, "backward": 2, "trained": 3}
 
 
 def matmul_params(module: nn.Module) -> int:
@@ -27,31 +33,12 @@ def forward_flops_per_token(stack, seq_len: int, d_model: int) -> float:
     return 2.0 * matmul_params(stack) + 4.0 * seq_len * d_model * len(stack.blocks)
 
 
-def phase_flops(rack, new_stack_id: int, trunk_mode: str, tokens: int, seq_len: int, head_trains: bool) -> float:
-    """FLOPs of one phase's training steps.
-
-    Args:
-        trunk_mode: "cached" (not run), "forward" (run, no gradient), "backward" (gradients
-            pass through it, or its adapters train).
-        tokens: tokens processed by the steps (steps x global batch x seq_len).
-    """
-    d_model = rack.embed.embedding_dim
-    per_token = 2.0 * rack.head.in_features * rack.head.out_features * (3 if head_trains else 2)
-    factor = {"cached": 0, "forward": 1, "backward": 2}[trunk_mode]
-    for stack in rack.stacks:
-        f = forward_flops_per_token(stack, seq_len, d_model)
-        per_token += 3 * f if stack.stack_id == new_stack_id else factor * f
-    return per_token * tokens
-
-
-def end_to_end_flops(rack, tokens: int, seq_len: int) -> float:
-    """Every stack and the head train."""
-    per_token = 6.0 * rack.head.in_features * rack.head.out_features
-    per_token += sum(3 * forward_flops_per_token(s, seq_len, rack.embed.embedding_dim) for s in rack.stacks)
-    return per_token * tokens
-
-
 def trunk_mode(cache_kind: str, building_mode: str, trunk_strategy: str) -> str:
+    """How a phase treats its trunk: "cached" (not run), "forward" (run, no gradient),
+    "backward" (gradients pass through it, or its adapters train), "trained" (its weights
+    train: trunk_strategy full)."""
+    if trunk_strategy == "full":
+        return "trained"
     if cache_kind == "trunk_outputs":
         return "cached"
     if cache_kind == "trunk_inputs" or building_mode == "prepend" or trunk_strategy == "qlora":
@@ -59,30 +46,58 @@ def trunk_mode(cache_kind: str, building_mode: str, trunk_strategy: str) -> str:
     return "forward"
 
 
+def phase_flops(rack, new_stack_id: int, trunk_mode: str, tokens: int, seq_len: int, head_trains: bool) -> float:
+    """FLOPs of one phase's training steps on `rack` as it is in that phase.
+
+    Args:
+        trunk_mode: a key of TRUNK_FACTORS (see trunk_mode()).
+        tokens: tokens processed by the steps (steps x global batch x seq_len).
+        head_trains: the head's weight trains (3x its forward), else gradients only pass
+            through it (2x).
+    """
+    d_model = rack.embed.embedding_dim
+    per_token = 2.0 * rack.head.in_features * rack.head.out_features * (3 if head_trains else 2)
+    for stack in rack.stacks:
+        f = forward_flops_per_token(stack, seq_len, d_model)
+        per_token += 3 * f if stack.stack_id == new_stack_id else TRUNK_FACTORS[trunk_mode] * f
+    return per_token * tokens
+
+
+def end_to_end_flops(rack, tokens: int, seq_len: int) -> float:
+    """Every stack and the head train."""
+    return phase_flops(rack, -1, "trained", tokens, seq_len, head_trains=True)
+
+
+def progressive_phase_flops(config, rack, stack_id: int, cache_kind: str, steps: int) -> float:
+    """FLOPs of the `steps` training steps of phase `stack_id` of `config` on `rack` (the
+    phase's rack), whose trunk is read from a cache of `cache_kind` ("none" when recomputed)."""
+    from .builder import head_trains
+
+    p, T = config.training.progressive, config.data.seq_len
+    mode = trunk_mode(cache_kind, p.building_mode, p.trunk_strategy)
+    return phase_flops(rack, stack_id, mode, steps * config.data.batch_size * T, T, head_trains(config, stack_id))
+
+
 def progressive_budget(config, n_train: int) -> float:
-    """FLOPs a progressive run of `config` spends (training steps and cache builds), from
-    the rack it will build: the budget of the compute-matched end-to-end baseline."""
+    """FLOPs a progressive run of `config` over `n_train` training examples spends (training
+    steps and cache builds), counted on its rack grown phase by phase as the phases grow it
+    (a stack gets its trunk adapter only when the next stack is added): the budget of the
+    compute-matched end-to-end baseline."""
     from .builder import ProgressiveRackBuilder
     from .cache import plan_cache
     from .phase import phase_steps
 
-    builder = ProgressiveRackBuilder(config)
-    for _ in range(config.target_stacks):
-        builder.add_stack()
-    rack, p = builder.build_rack(), config.training.progressive
-    T, B, d = config.data.seq_len, config.data.batch_size, rack.embed.embedding_dim
-    tokens = phase_steps(config.training, n_train // B) * B * T
-    head = 2.0 * rack.head.in_features * rack.head.out_features
-    forward = {s.stack_id: forward_flops_per_token(s, T, d) for s in rack.stacks}
-    total = 0.0
+    B, T = config.data.batch_size, config.data.seq_len
+    steps = phase_steps(config.training, n_train // B)
+    rows = min(n_train, steps * B)  # a cache holds the examples its phase reads, each once
+    builder, total = ProgressiveRackBuilder(config), 0.0
     for k in range(config.target_stacks):
         kind = plan_cache(config, k).kind
-        factor = {"cached": 0, "forward": 1, "backward": 2}[trunk_mode(kind, p.building_mode, p.trunk_strategy)]
-        head_factor = 3 if k == 0 or not config.model.tie_embeddings else 2
-        per_token = head * head_factor + 3 * forward[k] + factor * sum(forward[j] for j in range(k))
-        total += per_token * tokens
-        if kind == "trunk_outputs":
-            total += forward[k - 1] * n_train * T  # the incremental cache build
+        if kind == "trunk_outputs":  # built from the previous phase's rack: its newest stack over the rows
+            newest = builder.stack(k - 1)
+            total += forward_flops_per_token(newest, T, config.model.d_model) * rows * T
+        builder.add_stack()
+        total += progressive_phase_flops(config, builder.build_rack(), k, kind, steps)
     return total
 
 

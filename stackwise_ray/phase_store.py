@@ -32,7 +32,8 @@ TRUNK_KEYS = ("trunk_strategy", "building_mode", "progressive_qlora", "progressi
               "progressive_qlora_alpha")
 IRRELEVANT_KEYS = {"enabled", "cache_activations", "target_stacks", "stack_precisions", "qlora_configs",
                    "qlora_strategy", "qlora_rank_pattern", "qlora_alpha_pattern", "qlora_rank", "qlora_alpha",
-                   "stack_time_mapping", "custom_time_mapping", "time_per_stack", "max_stacks", *TRUNK_KEYS}
+                   "stack_time_mapping", "custom_time_mapping", "time_per_stack", "max_stacks", "new_stack_init",
+                   *TRUNK_KEYS}
 
 
 def phase_identity(config: StackWiseConfig, plan: list[dict], k: int, data_key: str | None = None) -> str:
@@ -56,6 +57,8 @@ def phase_identity(config: StackWiseConfig, plan: list[dict], k: int, data_key: 
         "training": training,
         "progressive": {key: v for key, v in dataclasses.asdict(p).items() if key not in IRRELEVANT_KEYS},
         "trunk": {key: getattr(p, key) for key in TRUNK_KEYS} if k > 0 else None,
+        # stack 0 has nothing to copy; absent when random, so stores from before the key stay valid
+        **({"new_stack_init": p.new_stack_init} if k > 0 and p.new_stack_init != "random" else {}),
         "num_workers": config.ray.num_workers,
         "stacks": stacks,
         **({"data_content": data_key} if data_key is not None else {}),

@@ -24,7 +24,7 @@ from .cache import plan_layout
 from .checkpoint import load_metadata, load_rack, load_weights, save_rack, verify_checkpoint
 from .config import StackWiseConfig
 from .data import GlobalBatches, ProgressiveDataLoader, load_data
-from .flops import end_to_end_flops, phase_flops, trunk_mode
+from .flops import end_to_end_flops, progressive_phase_flops
 from .masking import TimeStepMasking
 from .phase import evaluate, phase_steps, train_stack
 from .ray_cache import open_reader
@@ -114,13 +114,10 @@ def train_loop_per_worker(cfg: dict) -> dict:
     # the full rack from tokens, no cache: the numbers a reloaded checkpoint reproduces
     metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device))
     p = config.training.progressive
-    tokens = steps * B * config.data.seq_len
     if len(steps_to_add) > 1:
-        flops = end_to_end_flops(rack, tokens, config.data.seq_len)
+        flops = end_to_end_flops(rack, steps * B * config.data.seq_len, config.data.seq_len)
     else:
-        mode = trunk_mode(cache_spec["kind"] if cache_spec else "none", p.building_mode, p.trunk_strategy)
-        head_trains = stack_id == 0 or not config.model.tie_embeddings
-        flops = phase_flops(rack, stack_id, mode, tokens, config.data.seq_len, head_trains)
+        flops = progressive_phase_flops(config, rack, stack_id, cache_spec["kind"] if cache_spec else "none", steps)
     metrics.update({
         "resumed_from_step": resume["step"] if resume else 0,
         "train_flops": flops,

@@ -163,3 +163,76 @@ def test_rack_info_counts_trainable_parameters_of_the_phase():
     assert info["trainable_params"] == new + norm
     assert [s["trainable_params"] for s in info["stacks"]] == [0, new]
     assert info["stack_order"] == [0, 1] and [s["time_step"] for s in info["stacks"]] == [0, 100]
+
+
+@pytest.mark.parametrize("mode, settings", [
+    ("append", {}),
+    ("prepend", {"qlora_enabled": True, "qlora_rank": 4, "new_stack_precision": "nvfp4"}),
+    ("append", {"qlora_enabled": True, "qlora_rank": 4, "new_stack_precision": "qlora",  # NF4 needs 64 inputs
+                "model": {"d_model": 64, "n_heads": 2}, "time_embedding_dim": 64}),
+])
+def test_copy_init_starts_equal_to_the_adjacent_trained_stack(mode, settings):
+    builder = ProgressiveRackBuilder(tiny_config(new_stack_init="copy", building_mode=mode, **settings))
+    builder.add_stack()
+    run_phase(builder)  # a trained source: its LoRA B is no longer zero
+    source = builder.stack(0)
+    trained = snapshot(source)
+    new = builder.add_stack()
+    assert builder.build_rack().stacks[0 if mode == "prepend" else -1] is new
+    mine, theirs = snapshot(new), snapshot(source)
+    assert set(mine) == set(theirs) == set(trained) and all(torch.equal(mine[n], theirs[n]) for n in mine)
+    assert (new.stack_id, new.time_step, source.time_step) == (1, 100, 0)  # its own depth time
+    x, t = torch.randn(2, 8, builder.config.model.d_model), torch.full((2,), 100)
+    cos, sin = builder.build_rack().rope_cos[:8], builder.build_rack().rope_sin[:8]
+    assert torch.equal(new(x, t, cos, sin, None), source(x, t, cos, sin, None))
+    run_phase(builder)
+    assert changed(mine, new)  # a copy, not the same tensors
+
+
+def test_random_init_is_unchanged():
+    """The seeded weights of 3 stacks as the builder made them before new_stack_init
+    existed (sha256 of the state dict, computed at commit 7a3554e with torch 2.13's CPU
+    generator)."""
+    import hashlib
+
+    def digest(**settings):
+        torch.manual_seed(0)
+        builder = ProgressiveRackBuilder(tiny_config(**settings))
+        for k in range(3):
+            torch.manual_seed(1009 + k)
+            builder.add_stack()
+        h = hashlib.sha256()
+        for name, t in builder.build_rack().state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    assert digest() == digest(new_stack_init="random") == "9088eb53f568e6af"
+    assert digest(building_mode="prepend", qlora_enabled=True, qlora_rank=2, progressive_qlora=True) == "2300f560284e1b40"
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "full"])
+def test_full_trunk_strategy_trains_the_whole_rack(strategy):
+    builder = ProgressiveRackBuilder(tiny_config(trunk_strategy=strategy, qlora_enabled=True, qlora_rank=4))
+    builder.add_stack()
+    run_phase(builder)
+    builder.add_stack()
+    trunk, embed = builder.stack(0), builder.build_rack().embed.weight
+    before, embed_before = snapshot(trunk), embed.detach().clone()
+    run_phase(builder)
+    if strategy == "frozen":
+        assert changed(before, trunk) == set() and torch.equal(embed, embed_before)
+    else:  # every trunk weight, its LoRA and norms included, and the embedding train
+        assert changed(before, trunk) == set(before) and not torch.equal(embed, embed_before)
+
+
+def test_full_trunk_strategy_trains_a_4bit_trunk_through_its_adapter():
+    builder = ProgressiveRackBuilder(tiny_config(trunk_strategy="full", qlora_enabled=True, qlora_rank=4,
+                                                 new_stack_precision="nvfp4"))
+    builder.add_stack()
+    builder.add_stack()
+    builder.prepare_phase()
+    trainable = {n for n, p in builder.stack(0).named_parameters() if p.requires_grad}
+    assert any(".lora_B.stack." in n for n in trainable) and any("norm" in n for n in trainable)
+    assert all(adapters.is_lora_param(n) or "norm" in n or n.startswith("time.") for n in trainable)
+    assert all(not b.requires_grad for b in builder.stack(0).buffers())  # the 4-bit codes and scales

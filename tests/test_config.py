@@ -350,3 +350,18 @@ def test_vocab_size_below_a_tokenizer_files_is_refused_once_it_is_loaded(tmp_pat
     assert load_for_command(str(path), str(tmp_path / "runs"), check_data=False) is None
     assert capsys.readouterr().err == f"error: {path}: model.vocab_size: must be >= the tokenizer's 7 ids, got 6\n"
     assert not (tmp_path / "runs").exists()
+
+
+def test_growth_operator_combinations():
+    progressive(trunk_strategy="full", qlora_enabled=True, new_stack_init="copy").validate()
+    progressive(new_stack_init="copy", target_stacks=3, stack_precisions={0: "full", 1: "bfloat16", 2: "half"}).validate()
+    progressive(new_stack_init="copy", qlora_enabled=True, target_stacks=2, new_stack_precision="qlora").validate()
+    msg = error_of(lambda: progressive(trunk_strategy="full", progressive_qlora=True).validate())
+    assert msg.startswith("training.progressive.progressive_qlora: trunk_strategy full trains the trunk's own weights")
+    msg = error_of(lambda: progressive(new_stack_init="copy", qlora_enabled=True, target_stacks=3,
+                                       stack_precisions={2: "nvfp4"}).validate())
+    assert msg.startswith("training.progressive.new_stack_init: copy gives stack 2 (nvfp4) the weights of stack 1 (full)")
+    msg = error_of(lambda: progressive(new_stack_init="copy", qlora_enabled=True, target_stacks=2,
+                                       qlora_strategy="progressive", qlora_rank_pattern="increasing").validate())
+    assert msg.startswith("training.progressive.new_stack_init: copy gives stack 1 the LoRA adapter of stack 0")
+    assert error_of(lambda: progressive(new_stack_init="clone")).startswith("training.progressive.new_stack_init:")

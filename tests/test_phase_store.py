@@ -65,3 +65,13 @@ def test_an_edited_data_file_at_the_same_path_gets_new_phase_ids(tmp_path):
     assert keys[0] != keys[1]
     ids = [[phase_identity(config, plan, k, key) for k in range(2)] for key in keys]
     assert ids[0][0] != ids[1][0] and ids[0][1] != ids[1][1]
+
+
+def test_a_copy_initialised_phase_is_never_reused_for_a_random_one():
+    from stackwise_ray.phase_store import phase_identity
+
+    plan = [{"n_blocks": 1, "precision": "full", "at_input_side": False}] * 2
+    random, copy = tiny_config(), tiny_config(new_stack_init="copy")
+    assert phase_identity(random, plan, 0) == phase_identity(copy, plan, 0)  # stack 0 has nothing to copy
+    assert phase_identity(random, plan, 1) != phase_identity(copy, plan, 1)
+    assert phase_identity(random, plan, 1) != phase_identity(tiny_config(trunk_strategy="full"), plan, 1)
