@@ -122,6 +122,7 @@ class TrainingConfig:
     eval_batches: int = 8
     log_every: int = 10
     checkpoint_every: int = 100  # in-phase checkpoint every N steps (0: only at the end), for worker restarts
+    eval_every: int = 0  # 0: off; N: the whole validation split every N steps (a learning curve), and at the end
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
@@ -155,6 +156,11 @@ class TuneConfig:
     reduction_factor: float = 2
     searcher: Literal["none", "optuna"] = "none"
     baseline: Literal["none", "end_to_end"] = "none"
+    # flops: the baseline keeps data.batch_size and trains as many steps as the budget pays for;
+    # flops_and_steps: it trains as many steps as a progressive run, its batch set to fit the budget
+    baseline_match: Literal["flops", "flops_and_steps"] = "flops"
+    lrs: list = field(default_factory=list)  # a learning-rate grid every arm (and the baseline) runs; []: training.lr
+    seeds: list = field(default_factory=list)  # training seeds every arm runs; []: training.seed
     share_phases: bool = True  # trials reuse each other's finished phases (false: every trial trains its own)
 
 
@@ -264,8 +270,9 @@ class StackWiseConfig:
         storage_dir(self.ray.storage_path)
         if self.ray.max_failures < 0:
             _fail("ray.max_failures", f"must be >= 0, got {_show(self.ray.max_failures)}")
-        if t.checkpoint_every < 0:
-            _fail("training.checkpoint_every", f"must be >= 0, got {_show(t.checkpoint_every)}")
+        for key in ("checkpoint_every", "eval_every"):
+            if getattr(t, key) < 0:
+                _fail(f"training.{key}", f"must be >= 0, got {_show(getattr(t, key))}")
         if self.ray.cache_max_bytes is not None and self.ray.cache_max_bytes < 0:
             _fail("ray.cache_max_bytes", f"must be >= 0, got {_show(self.ray.cache_max_bytes)}")
         fault = self.ray.inject_worker_failure
@@ -790,6 +797,7 @@ def _check_value(tp, value, path):
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v),
         str: lambda v: isinstance(v, str),
         dict: lambda v: isinstance(v, dict),
+        list: lambda v: isinstance(v, list),
     }[tp](value)
     if not ok:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -809,7 +817,7 @@ def _check_types(obj, path):
 
 
 def _type_name(tp):
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}[tp]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping", list: "a list"}[tp]
 
 
 def _choice_msg(value, choices):
