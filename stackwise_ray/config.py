@@ -397,6 +397,17 @@ class StackWiseConfig:
         if t.mlflow is not None and t.mlflow != "local" and "://" not in t.mlflow and t.mlflow != "databricks":
             _fail("tracking.mlflow", f"must be local or a tracking URI (http://..., sqlite:///..., databricks), got {_show(t.mlflow)}")
 
+    def _validate_protocol(self) -> None:
+        """tune.lrs, seeds and baseline_match: the comparison protocol."""
+        t = self.tune
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)  # noqa: E731
+        _validate_protocol_list(t, "lrs", "training.lr", lambda v: number(v) and v > 0, "a number > 0")
+        _validate_protocol_list(t, "seeds", "training.seed",
+                                lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED,
+                                f"an integer in [0, {MAX_SEED}]")
+        if t.baseline_match != "flops" and t.baseline != "end_to_end":
+            _fail("tune.baseline_match", "matches the end-to-end baseline: set tune.baseline: end_to_end")
+
     def _validate_tune(self, check_files: bool, import_code: bool) -> None:
         t = self.tune
         _positive(t, "tune", "num_samples", "max_concurrent_trials", "grace_period")
@@ -404,10 +415,12 @@ class StackWiseConfig:
             _fail("tune.reduction_factor", f"must be > 1, got {_show(t.reduction_factor)}")
         if t.searcher != "none" and (t.baseline != "none" or any("grid" in s for s in t.search_space.values() if isinstance(s, dict))):
             _fail("tune.searcher", "a searcher picks its own points: use choice instead of grid, and baseline: none")
+        self._validate_protocol()
         lists = [v for s in t.search_space.values() if isinstance(s, dict) for v in s.values() if isinstance(v, list)]
         if sum(map(len, lists)) > MAX_GRID_POINTS:
             _fail("tune.search_space", f"lists {sum(map(len, lists)):,} grid and choice values; at most {MAX_GRID_POINTS:,}")
         points = math.prod(len(s["grid"]) for s in t.search_space.values() if isinstance(s, dict) and isinstance(s.get("grid"), list))
+        points *= max(1, len(t.lrs)) * max(1, len(t.seeds))
         if points > MAX_GRID_POINTS:
             _fail("tune.search_space", f"the grid has {points:,} points; at most {MAX_GRID_POINTS:,} trials")
         for path, spec in t.search_space.items():
@@ -440,6 +453,19 @@ class StackWiseConfig:
                         apply_overrides(self, {path: bound}).validate(check_files, import_code)
                     except ConfigError as e:
                         _fail(f"{key}.{kind}", f"bound {_show(bound)}: {e}")
+
+
+def _validate_protocol_list(t, key: str, path: str, ok, what: str) -> None:
+    values = getattr(t, key)
+    for i, v in enumerate(values):
+        if not ok(v):
+            _fail(f"tune.{key}.{i}", f"must be {what}, got {_show(v)}")
+    if len(set(values)) != len(values):
+        _fail(f"tune.{key}", f"lists a value twice: {_show(values)}")
+    if values and path in t.search_space:
+        _fail(f"tune.{key}", f"{path} is in tune.search_space too; set it in one place")
+    if values and t.searcher != "none":
+        _fail(f"tune.{key}", "a searcher picks its own points; tune.lrs and tune.seeds need searcher: none")
 
 
 def _field_type(config, path: str, key: str):
