@@ -340,13 +340,26 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
     storage.write_frame_csv(storage.join(experiment_dir, "results.csv"), table)
     storage.write_frame_parquet(storage.join(experiment_dir, "results.parquet"), table.astype({c: str for c in swept}))
     storage.write_frame_csv(storage.join(experiment_dir, "phases.csv"), pd.DataFrame(phases))
-    storage.write_frame_csv(storage.join(experiment_dir, "curves.csv"), pd.DataFrame(curves))
+    storage.write_frame_csv(storage.join(experiment_dir, "curves.csv"), pd.DataFrame(curves, columns=CURVE_FIELDS))
+    storage.write_frame_csv(storage.join(experiment_dir, "comparison.csv"), pd.DataFrame(compare(experiment_dir)))
     scored = [r for r in rows if r["val_loss"] is not None and r["status"] != "ERROR"]
     if scored:
         best = (min if config.tune.mode == "min" else max)(scored, key=lambda r: r[config.tune.metric])
         storage.write_bytes(storage.join(experiment_dir, "best_config.yaml"),
                             yaml.safe_dump(best["_config"].to_dict(), sort_keys=False).encode())
     return rows
+
+
+CURVE_FIELDS = ["trial_id", "kind", "arm", *PROTOCOL_KEYS.values(), "stack", "global_step", "flops", "val_loss"]
+
+
+def compare(experiment_dir: str) -> list[dict]:
+    """report.comparison of the results.csv and curves.csv just written (read back as the
+    report reads them)."""
+    from .report import CURVE_COLUMNS, RESULT_COLUMNS, comparison, read_table
+
+    return comparison(read_table(storage.join(experiment_dir, "results.csv"), RESULT_COLUMNS),
+                      read_table(storage.join(experiment_dir, "curves.csv"), CURVE_COLUMNS))
 
 
 def trial_curve(history: list[dict]) -> list[dict]:
@@ -388,6 +401,13 @@ def dry_run_text(config: StackWiseConfig, baseline: dict | None) -> str:
     return "\n".join(lines)
 
 
+def comparison_text(compared: list[dict]) -> str:
+    """The report's comparison table, as console text."""
+    from .report import COMPARE_HEADER, comparison_rows
+
+    return aligned([COMPARE_HEADER, *comparison_rows(compared)])
+
+
 def results_table(rows: list[dict], swept: list[str]) -> str:
     cols = ["trial_id", "kind", *swept, "val_loss", "flops", "wall_s", "phases_trained", "phases_reused", "status"]
 
@@ -396,8 +416,11 @@ def results_table(rows: list[dict], swept: list[str]) -> str:
             return f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.3f}"
         return "-" if v is None else str(v)
 
-    cells = [[c.split(".")[-1] for c in cols]] + [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return aligned([[c.split(".")[-1] for c in cols]] + [[fmt(r.get(c)) for c in cols] for r in rows])
+
+
+def aligned(cells: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
@@ -445,6 +468,9 @@ def main(argv=None) -> int:
         grid = run_in_thread(tuner.fit)
         rows = write_results(grid, config, experiment_dir)
         console.line(results_table(rows, swept_paths(config)))
+        compared = compare(experiment_dir)
+        if compared:
+            console.line("\n" + comparison_text(compared))
         console.line(f"\nresults: {storage.join(experiment_dir, 'results.csv')}  "
                      f"best config: {storage.join(experiment_dir, 'best_config.yaml')}")
     except ConfigError as e:

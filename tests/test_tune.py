@@ -24,7 +24,7 @@ training:
   warmup_steps: 2
   progressive: {time_embedding_dim: 16, max_stacks: 2, qlora_enabled: true, qlora_rank: 4}
 """
-GRID = TINY + """\
+GRID = TINY.replace("  eval_batches: 2\n", "  eval_batches: 2\n  eval_every: 4\n") + """\
 tune:
   search_space:
     training.progressive.building_mode: {grid: [append, prepend]}
@@ -96,6 +96,15 @@ def test_grid_sweep_shares_stack_zero_and_resumes_after_a_kill(ray_session, tmp_
     baseline = results[results["kind"] == "baseline"].iloc[0]
     assert abs(baseline["flops"] / progressive["flops"].max() - 1) < 0.5  # the same budget, in whole steps
     assert (tmp_path / "grid" / "best_config.yaml").exists() and (tmp_path / "grid" / "results.parquet").exists()
+    # eval_every 4 in 8-step phases: 2 whole-split points a phase, the last one the phase's result
+    curves = pd.read_csv(tmp_path / "grid" / "curves.csv")
+    for trial_id, row in results.set_index("trial_id").iterrows():
+        curve = curves[curves["trial_id"] == trial_id].sort_values("global_step")
+        assert len(curve) == (2 * 2 if row["kind"] == "progressive" else baseline["steps"] // 4 + (baseline["steps"] % 4 > 0))
+        assert curve["flops"].is_monotonic_increasing and curve["flops"].iloc[-1] == pytest.approx(row["flops"])
+        assert curve["val_loss"].iloc[-1] == pytest.approx(row["val_loss"])
+    assert set(pd.read_csv(tmp_path / "grid" / "comparison.csv")["arm"]) == {
+        "building_mode=append", "building_mode=prepend", "baseline"}
 
 
 class Recorder(tune.Callback):
