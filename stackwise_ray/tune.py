@@ -133,9 +133,9 @@ def arm_label(config: StackWiseConfig, kind: str, values: dict) -> str:
 def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
     """The end-to-end baseline's {batch_size, steps} and the FLOP `budget` it matches: what
     a progressive run of the base config spends (flops.progressive_budget), cache builds
-    included.
+    included. Neither rule spends more than the budget (but for a budget below one step).
 
-    tune.baseline_match flops: batch = data.batch_size; steps = round(budget / FLOPs of
+    tune.baseline_match flops: batch = data.batch_size; steps = floor(budget / FLOPs of
     one step), at least 1.
     flops_and_steps: steps = the progressive run's optimizer steps (target_stacks x the
     steps of one phase); batch = the largest multiple of ray.num_workers that keeps those
@@ -143,19 +143,19 @@ def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
     num_workers. Raises ConfigError where that is 0 (a budget too small for one example
     per worker per step)."""
     from .builder import ProgressiveRackBuilder
-    from .flops import baseline_steps, end_to_end_flops, progressive_budget
+    from .flops import end_to_end_flops, progressive_budget
     from .phase import phase_steps
 
     match = config.tune.baseline_match
     config = apply_overrides(config, {})  # the base config as a run sees it (its tune section apart)
     budget = progressive_budget(config, n_train)
     B, T, W = config.data.batch_size, config.data.seq_len, config.ray.num_workers
-    if match == "flops":
-        return {"batch_size": B, "steps": baseline_steps(config, budget), "budget": budget}
     builder = ProgressiveRackBuilder(config)
     for _ in range(config.target_stacks):
         builder.add_stack()
     per_example = end_to_end_flops(builder.build_rack(), T, T)  # one example (T tokens) through one step
+    if match == "flops":
+        return {"batch_size": B, "steps": max(1, int(budget // (B * per_example))), "budget": budget}
     steps = config.target_stacks * phase_steps(config.training, n_train // B)
     batch = int(budget // (steps * per_example)) // W * W
     if batch < W:

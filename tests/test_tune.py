@@ -223,8 +223,8 @@ def test_dry_run_expands_arms_lrs_and_seeds_and_matches_the_baseline(tmp_path, c
     out = capsys.readouterr().out.splitlines()
     # 3 arms (append, prepend, baseline) x 2 LRs x 3 seeds
     assert out[0].startswith("18 trials (18 grid points: 3 arms x 2 lrs x 3 seeds")
-    # flops: batch 8, round(670,171,136 / (240,384 * 8 * 32)) = round(10.89) = 11 steps
-    assert out[1] == "baseline (end to end, baseline_match flops): batch 8, 11 steps, budget 6.702e+08 FLOPs"
+    # flops: batch 8, floor(670,171,136 / (240,384 * 8 * 32)) = floor(10.89) = 10 steps
+    assert out[1] == "baseline (end to end, baseline_match flops): batch 8, 10 steps, budget 6.702e+08 FLOPs"
     trials = [line.split(": ", 1)[1] for line in out[2:]]
     assert len(trials) == 18 and len(set(trials)) == 18
     assert trials[0] == "{'training.progressive.building_mode': 'append', 'training.lr': 0.001, 'training.seed': 0}"
@@ -238,7 +238,7 @@ def test_dry_run_expands_arms_lrs_and_seeds_and_matches_the_baseline(tmp_path, c
     config = StackWiseConfig.from_yaml(compare_config(tmp_path, "flops_and_steps")).validate()
     assert baseline_plan(config, 108) == {"batch_size": 5, "steps": 16, "budget": BUDGET}
     config.tune.baseline_match = "flops"
-    assert baseline_plan(config, 108) == {"batch_size": 8, "steps": 11, "budget": BUDGET}
+    assert baseline_plan(config, 108) == {"batch_size": 8, "steps": 10, "budget": BUDGET}
 
 
 def test_a_step_matched_baseline_without_a_batch_per_worker_is_refused_before_ray(tmp_path):
