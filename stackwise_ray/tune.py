@@ -165,10 +165,11 @@ def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
     return {"batch_size": batch, "steps": steps, "budget": budget}
 
 
-def run_trial(params: dict, base: dict, experiment_dir: str, n_train: int, baseline: dict | None = None) -> None:
+def run_trial(params: dict, base: dict, experiment_dir: str, baseline: dict | None = None) -> None:
     """The function trainable: one progressive run (or the baseline), reported per stack."""
     import ray.tune
 
+    from .data import build_datasets
     from .tracking import Tracker, flat
     from .trainer import ProgressiveTrainer
 
@@ -177,9 +178,10 @@ def run_trial(params: dict, base: dict, experiment_dir: str, n_train: int, basel
     kind, config = trial_config(base_config, params, baseline)
     t0, counts = time.time(), {"trained": 0, "reused": 0, "recovered": 0}
     spent = {"flops": 0.0, "steps": 0, "examples": 0}
-    B = config.data.batch_size
+    B, n_train = config.data.batch_size, []  # the trial's own training split, counted once its data has loaded
 
     def report(m: dict) -> None:
+        n_train[:] = n_train or [len(build_datasets(config)[0])]
         counts[m["status"]] += 1
         spent.update(flops=spent["flops"] + m["flops"], steps=spent["steps"] + m["steps"],
                      examples=spent["examples"] + m["steps"] * B)
@@ -193,7 +195,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str, n_train: int, basel
             "peak_memory_mb": m["peak_memory_mb"], "wall_s": time.time() - t0,
             # what the comparison table counts: steps, tokens and passes over the training split
             "batch_size": B, "steps": spent["steps"], "tokens": spent["examples"] * config.data.seq_len,
-            "epochs": spent["examples"] / n_train, **({"budget": baseline["budget"]} if baseline else {}),
+            "epochs": spent["examples"] / n_train[0], **({"budget": baseline["budget"]} if baseline else {}),
             # where things ran: the trial, the phase's rank-0 worker, the task that built its cache
             "trial_node": ray.get_runtime_context().get_node_id(), "phase_node": m.get("node_id", ""),
             "cache_node": m.get("cache", {}).get("node_id", "")})
@@ -220,12 +222,8 @@ def trainable(config: StackWiseConfig, experiment_dir: str):
     ConfigError where the baseline cannot be matched (baseline_plan)."""
     from ray import tune
 
-    from .data import build_datasets
-
-    n_train = len(build_datasets(config)[0])
-    baseline = baseline_plan(config, n_train) if config.tune.baseline == "end_to_end" else None
-    fn = tune.with_parameters(run_trial, base=config.to_dict(), experiment_dir=experiment_dir, n_train=n_train,
-                              baseline=baseline)
+    baseline = planned_baseline(config)
+    fn = tune.with_parameters(run_trial, base=config.to_dict(), experiment_dir=experiment_dir, baseline=baseline)
     return tune.with_resources(fn, {TRIAL_RESOURCE: 1})
 
 
