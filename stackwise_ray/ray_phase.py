@@ -78,7 +78,12 @@ def train_loop_per_worker(cfg: dict) -> dict:
     val_batches = ProgressiveDataLoader(GlobalBatches(val_ds, min(B, len(val_ds)), seed, shuffle=False), masking, stack_id)
 
     trunk_calls = []
-    hooks = [s.register_forward_hook(lambda *a: trunk_calls.append(1)) for s in rack.stacks if s.stack_id != stack_id]
+
+    def count_trunk_call(*_) -> None:
+        if torch.is_grad_enabled():  # evaluations between steps (eval_every) run without grad: not steps
+            trunk_calls.append(1)
+
+    hooks = [s.register_forward_hook(count_trunk_call) for s in rack.stacks if s.stack_id != stack_id]
     steps = cfg["train_steps"] or phase_steps(config.training, len(train_batches.base_dataloader))
     resume = read_in_phase_checkpoint(rack)
 
