@@ -197,7 +197,8 @@ OVER_BUDGET = 1 + 1e-9  # FLOPs are sums of floats: an arm at exactly the budget
 COMPARE_HEADER = ["arm", "best LR", "seeds", "final val_loss (mean ± std)", "vs baseline [95% CI]", "FLOPs",
                   "steps", "tokens", "epochs", "FLOPs to reach baseline", "compute-matched"]
 COMPARE_NOTES = [
-    "Each arm at its best LR: the lowest mean final val_loss over seeds. std: sample standard deviation over seeds. "
+    "Each arm at its best LR: the lowest mean final val_loss over seeds (trials that errored or were stopped "
+    "early left out). std: sample standard deviation over seeds. "
     "vs baseline: the arm's mean final val_loss minus the baseline's (both at their best LR), with a 95% confidence "
     "interval from Welch's t-test over seeds (unequal variances); an interval that contains 0 is no significant "
     "difference. FLOPs, steps, tokens and epochs: means over seeds; epochs: examples seen / training examples.",
@@ -210,10 +211,12 @@ COMPARE_NOTES = [
 
 def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
     """One row per arm (results' `arm` column) at its best learning rate; the numbers of the
-    comparison table. Trials that errored or have no val_loss are left out."""
+    comparison table. Trials that errored, that a scheduler stopped early or that have no
+    val_loss are left out: their last loss is not a final one."""
     if "arm" not in results:
         return []
-    done = results[(results["status"] != "ERROR") & results["val_loss"].notna() & results["arm"].notna()]
+    done = finished(results)
+    done = done[done["arm"].notna()]
     chosen = {arm: best_lr(rows) for arm, rows in done.groupby("arm", sort=False)}
     base = chosen.get("baseline")
     base_loss = base[1]["val_loss"].mean() if base is not None else float("nan")
@@ -232,6 +235,10 @@ def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
                     "flops_to_reach": reach, "reach_ratio": reach / base_flops if reach is not None else None,
                     "budget": budget, "over_budget": bool(flops > OVER_BUDGET * budget) if pd.notna(budget) else None})
     return out
+
+
+def finished(results: pd.DataFrame) -> pd.DataFrame:
+    return results[~results["status"].isin(["ERROR", "STOPPED"]) & results["val_loss"].notna()]
 
 
 def best_lr(rows: pd.DataFrame):
@@ -297,7 +304,7 @@ def comparison_rows(rows: list[dict]) -> list[list[str]]:
 def plot_comparison(rows: list[dict], results: pd.DataFrame, curves: pd.DataFrame, path: str) -> None:
     """Each arm's mean validation curve at its best LR, ± one std over seeds (shaded)."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    done = results[(results["status"] != "ERROR") & results["val_loss"].notna()]
+    done = finished(results)
     for r in rows:
         ids = best_lr(done[done["arm"] == r["arm"]])[1]["trial_id"]
         curve = mean_curve(curves, ids)
