@@ -1,10 +1,12 @@
 """python -m stackwise_ray.tune experiments/x.yaml [--address ADDR] [--resume] [--storage PATH] [--name NAME] [--dry-run]
 
 A Ray Tune sweep of progressive runs: the search space is the YAML's `tune:` section.
+Trials are arms (grid points, and the end-to-end baseline) x tune.lrs x tune.seeds.
 Each trial is a function trainable that runs one TorchTrainer per stack and reports after
 every stack (`stacks_done` is the schedulers' time axis). Trials share finished phases
 through the experiment's phase store. Results land in EXPERIMENT_DIR (storage/name):
 results.csv/.parquet (one row per trial), phases.csv (one row per trial and stack),
+curves.csv (validation curves against FLOPs), comparison.csv (report.comparison),
 best_config.yaml, phases/ (shared phases), trials/<trial id>/final (each trial's rack).
 
 From Python: `trainable(config, experiment_dir)` and `build_tuner(config, ...)`.
