@@ -123,6 +123,7 @@ class TrainingConfig:
     eval_batches: int = 8
     log_every: int = 10
     checkpoint_every: int = 100  # in-phase checkpoint every N steps (0: only at the end), for worker restarts
+    eval_every: int = 0  # 0: off; N: the whole validation split every N steps (a learning curve), and at the end
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
@@ -156,6 +157,11 @@ class TuneConfig:
     reduction_factor: float = 2
     searcher: Literal["none", "optuna"] = "none"
     baseline: Literal["none", "end_to_end"] = "none"
+    # flops: the baseline keeps data.batch_size and trains as many steps as the budget pays for;
+    # flops_and_steps: it trains as many steps as a progressive run, its batch set to fit the budget
+    baseline_match: Literal["flops", "flops_and_steps"] = "flops"
+    lrs: list = field(default_factory=list)  # a learning-rate grid every arm (and the baseline) runs; []: training.lr
+    seeds: list = field(default_factory=list)  # training seeds every arm runs; []: training.seed
     share_phases: bool = True  # trials reuse each other's finished phases (false: every trial trains its own)
 
 
@@ -265,8 +271,9 @@ class StackWiseConfig:
         storage_dir(self.ray.storage_path)
         if self.ray.max_failures < 0:
             _fail("ray.max_failures", f"must be >= 0, got {_show(self.ray.max_failures)}")
-        if t.checkpoint_every < 0:
-            _fail("training.checkpoint_every", f"must be >= 0, got {_show(t.checkpoint_every)}")
+        for key in ("checkpoint_every", "eval_every"):
+            if getattr(t, key) < 0:
+                _fail(f"training.{key}", f"must be >= 0, got {_show(getattr(t, key))}")
         if self.ray.cache_max_bytes is not None and self.ray.cache_max_bytes < 0:
             _fail("ray.cache_max_bytes", f"must be >= 0, got {_show(self.ray.cache_max_bytes)}")
         fault = self.ray.inject_worker_failure
@@ -407,6 +414,17 @@ class StackWiseConfig:
         if t.mlflow is not None and t.mlflow != "local" and "://" not in t.mlflow and t.mlflow != "databricks":
             _fail("tracking.mlflow", f"must be local or a tracking URI (http://..., sqlite:///..., databricks), got {_show(t.mlflow)}")
 
+    def _validate_protocol(self) -> None:
+        """tune.lrs, seeds and baseline_match: the comparison protocol."""
+        t = self.tune
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)  # noqa: E731
+        _validate_protocol_list(t, "lrs", "training.lr", lambda v: number(v) and v > 0, "a number > 0")
+        _validate_protocol_list(t, "seeds", "training.seed",
+                                lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED,
+                                f"an integer in [0, {MAX_SEED}]")
+        if t.baseline_match != "flops" and t.baseline != "end_to_end":
+            _fail("tune.baseline_match", "matches the end-to-end baseline: set tune.baseline: end_to_end")
+
     def _validate_tune(self, check_files: bool, import_code: bool) -> None:
         t = self.tune
         _positive(t, "tune", "num_samples", "max_concurrent_trials", "grace_period")
@@ -414,10 +432,12 @@ class StackWiseConfig:
             _fail("tune.reduction_factor", f"must be > 1, got {_show(t.reduction_factor)}")
         if t.searcher != "none" and (t.baseline != "none" or any("grid" in s for s in t.search_space.values() if isinstance(s, dict))):
             _fail("tune.searcher", "a searcher picks its own points: use choice instead of grid, and baseline: none")
+        self._validate_protocol()
         lists = [v for s in t.search_space.values() if isinstance(s, dict) for v in s.values() if isinstance(v, list)]
         if sum(map(len, lists)) > MAX_GRID_POINTS:
             _fail("tune.search_space", f"lists {sum(map(len, lists)):,} grid and choice values; at most {MAX_GRID_POINTS:,}")
         points = math.prod(len(s["grid"]) for s in t.search_space.values() if isinstance(s, dict) and isinstance(s.get("grid"), list))
+        points *= max(1, len(t.lrs)) * max(1, len(t.seeds))
         if points > MAX_GRID_POINTS:
             _fail("tune.search_space", f"the grid has {points:,} points; at most {MAX_GRID_POINTS:,} trials")
         for path, spec in t.search_space.items():
@@ -450,6 +470,19 @@ class StackWiseConfig:
                         apply_overrides(self, {path: bound}).validate(check_files, import_code)
                     except ConfigError as e:
                         _fail(f"{key}.{kind}", f"bound {_show(bound)}: {e}")
+
+
+def _validate_protocol_list(t, key: str, path: str, ok, what: str) -> None:
+    values = getattr(t, key)
+    for i, v in enumerate(values):
+        if not ok(v):
+            _fail(f"tune.{key}.{i}", f"must be {what}, got {_show(v)}")
+    if len(set(values)) != len(values):
+        _fail(f"tune.{key}", f"lists a value twice: {_show(values)}")
+    if values and path in t.search_space:
+        _fail(f"tune.{key}", f"{path} is in tune.search_space too; set it in one place")
+    if values and t.searcher != "none":
+        _fail(f"tune.{key}", "a searcher picks its own points; tune.lrs and tune.seeds need searcher: none")
 
 
 def _field_type(config, path: str, key: str):
@@ -807,6 +840,7 @@ def _check_value(tp, value, path):
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v),
         str: lambda v: isinstance(v, str),
         dict: lambda v: isinstance(v, dict),
+        list: lambda v: isinstance(v, list),
     }[tp](value)
     if not ok:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -826,7 +860,7 @@ def _check_types(obj, path):
 
 
 def _type_name(tp):
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}[tp]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping", list: "a list"}[tp]
 
 
 def _choice_msg(value, choices):

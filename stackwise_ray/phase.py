@@ -52,7 +52,7 @@ def rack_loss(rack: Rack, batch: dict, start: int = 0, device: torch.device | st
 def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps: int,
                 val_batches: Iterable[dict] | None = None, start: int = 0,
                 device: torch.device | str = "cpu",
-                on_step_end: Callable[[int, torch.optim.Optimizer, list], None] | None = None,
+                on_step_end: Callable[[int, torch.optim.Optimizer, list, list], None] | None = None,
                 resume: dict | None = None) -> dict:
     """Train every parameter of `rack` with requires_grad on `steps` prepared batches.
 
@@ -61,24 +61,29 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         batches: prepared batches (a ProgressiveDataLoader), iterated epoch after epoch.
         tcfg: learning rate schedule, clipping, logging and evaluation settings.
         steps: optimizer steps in this phase.
-        val_batches: prepared validation batches; evaluated once at the end.
+        val_batches: prepared validation batches, evaluated at the end on tcfg.eval_batches of
+            them; with tcfg.eval_every, on all of them every eval_every steps and at the end
+            (the validation curve, whose last point is the final result).
         start: rack position where cached trunk activations enter (see rack_loss).
         device: where the batches go.
-        on_step_end: called with (steps done, optimizer, loss curve) after every step
-            (in-phase checkpoints).
-        resume: {"step", "optimizer", "loss_curve"} of an in-phase checkpoint to continue from.
+        on_step_end: called with (steps done, optimizer, loss curve, validation curve) after
+            every step (in-phase checkpoints).
+        resume: {"step", "optimizer", "loss_curve", "val_curve"} of an in-phase checkpoint to
+            continue from.
     Returns:
-        metrics: loss curve, final validation numbers, parameter counts, wall time.
+        metrics: loss curve, validation curve (with eval_every), final validation numbers,
+            parameter counts, wall time.
     """
     params = [p for p in rack.parameters() if p.requires_grad]
     if not params:
         raise ValueError("this phase has no trainable parameter")
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     data = forever(batches)
-    curve, first = [], 0
+    curve, val_curve, first = [], [], 0
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         curve, first = list(resume["loss_curve"]), resume["step"]
+        val_curve = list(resume.get("val_curve", []))
         for _ in range(first):  # the same batches as an uninterrupted phase from here on
             next(data)
     rack.train()
@@ -96,8 +101,10 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         opt.step()
         if it % tcfg.log_every == 0 or it == steps - 1:
             curve.append({"step": it, "loss": loss.item(), "lr": lr})
+        if val_batches is not None and tcfg.eval_every and (it + 1) % tcfg.eval_every == 0 and it + 1 < steps:
+            val_curve.append({"step": it + 1, "val_loss": curve_point(rack, val_batches, start, device)["val_loss"]})
         if on_step_end is not None:
-            on_step_end(it + 1, opt, curve)
+            on_step_end(it + 1, opt, curve, val_curve)
     opt.zero_grad(set_to_none=True)  # frees gradient memory before the rack is evaluated or saved
     metrics = {
         "steps": steps,
@@ -107,9 +114,23 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in rack.parameters()),
     }
-    if val_batches is not None:
+    if val_batches is not None and tcfg.eval_every:
+        metrics.update(curve_point(rack, val_batches, start, device))
+        metrics["val_curve"] = val_curve + [{"step": steps, "val_loss": metrics["val_loss"]}]
+    elif val_batches is not None:
         metrics.update(evaluate(rack, val_batches, tcfg.eval_batches, start, device))
     return metrics
+
+
+def curve_point(rack, val_batches, start, device) -> dict:
+    """Validation loss on the whole split, mid-phase, leaving training exactly as it was:
+    the RNG state is restored (the next step draws what it would have drawn) and a DDP
+    rack is evaluated through its module (DDP's forward on one rank alone would wait for
+    the others)."""
+    model = getattr(rack, "module", rack)
+    cuda = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return evaluate(model, val_batches, None, start, device)
 
 
 def token_share(mask: torch.Tensor, device) -> float:

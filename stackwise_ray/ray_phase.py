@@ -78,14 +78,19 @@ def train_loop_per_worker(cfg: dict) -> dict:
     val_batches = ProgressiveDataLoader(GlobalBatches(val_ds, min(B, len(val_ds)), seed, shuffle=False), masking, stack_id)
 
     trunk_calls = []
-    hooks = [s.register_forward_hook(lambda *a: trunk_calls.append(1)) for s in rack.stacks if s.stack_id != stack_id]
+
+    def count_trunk_call(*_) -> None:
+        if torch.is_grad_enabled():  # evaluations between steps (eval_every) run without grad: not steps
+            trunk_calls.append(1)
+
+    hooks = [s.register_forward_hook(count_trunk_call) for s in rack.stacks if s.stack_id != stack_id]
     steps = cfg["train_steps"] or phase_steps(config.training, len(train_batches.base_dataloader))
     resume = read_in_phase_checkpoint(rack)
 
     first_step = []  # (time, steps done) at the first step end: the speed is measured from there
     metric_tags = ray_metrics.tags(cfg["labels"], cfg["name"], stack_id)
 
-    def on_step_end(done: int, opt, curve: list) -> None:
+    def on_step_end(done: int, opt, curve: list, val_curve: list) -> None:
         if rank == 0 and curve and (done % config.training.log_every == 0 or done == steps or not first_step):
             first_step[:] = first_step or [(time.time(), done)]
             tokens = done * B * config.data.seq_len
@@ -96,7 +101,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
                                                        "loss": curve[-1]["loss"], "tokens": tokens})
         every = config.training.checkpoint_every
         if every and done % every == 0 and done < steps:
-            report_in_phase_checkpoint(builder, stack_id, done, opt, curve, rank)
+            report_in_phase_checkpoint(builder, stack_id, done, opt, curve, val_curve, rank)
         if config.ray.inject_worker_failure == f"{stack_id}:{done}" and not storage.exists(cfg["fault_marker"]):
             storage.write_bytes(cfg["fault_marker"], b"")
             os._exit(1)  # a worker dying mid-phase, once (testing aid)
@@ -104,20 +109,27 @@ def train_loop_per_worker(cfg: dict) -> dict:
     if cfg["links"] is not None and rank == 0:
         cfg["links"].training.remote(cfg["name"])  # time to prestart the next phase
     t_train = time.time()
-    metrics = train_stack(model, train_batches, config.training, steps, start=position, device=device,
+    # the validation curve: rank 0 alone evaluates, between steps
+    curve_batches = val_batches if rank == 0 and config.training.eval_every else None
+    metrics = train_stack(model, train_batches, config.training, steps, curve_batches, start=position, device=device,
                           on_step_end=on_step_end, resume=resume)
     for h in hooks:
         h.remove()
     if cache is not None:
         cache.close()
     train_s = time.time() - t_train
-    # the full rack from tokens, no cache: the numbers a reloaded checkpoint reproduces
-    metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device))
+    # the full rack from tokens, no cache: the numbers a reloaded checkpoint reproduces (with
+    # eval_every, rank 0 has them already, from the whole split)
+    if "val_curve" not in metrics:
+        metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device))
     p = config.training.progressive
     if len(steps_to_add) > 1:
         flops = end_to_end_flops(rack, steps * B * config.data.seq_len, config.data.seq_len)
     else:
         flops = progressive_phase_flops(config, rack, stack_id, cache_spec["kind"] if cache_spec else "none", steps)
+    before = stack_id * steps if len(steps_to_add) == 1 else 0  # earlier phases ran as many steps (same config)
+    for point in metrics.get("val_curve", []):
+        point.update(global_step=before + point["step"], phase_flops=flops * point["step"] / steps)
     metrics.update({
         "resumed_from_step": resume["step"] if resume else 0,
         "train_flops": flops,
@@ -144,15 +156,17 @@ def train_loop_per_worker(cfg: dict) -> dict:
     return metrics
 
 
-def report_in_phase_checkpoint(builder, stack_id: int, done: int, opt, curve: list, rank: int) -> None:
-    """Every worker reports; rank 0 attaches the rack, optimizer state and loss curve so a
-    restarted worker group continues at step `done`."""
+def report_in_phase_checkpoint(builder, stack_id: int, done: int, opt, curve: list, val_curve: list,
+                               rank: int) -> None:
+    """Every worker reports; rank 0 attaches the rack, optimizer state and loss and
+    validation curves so a restarted worker group continues at step `done`."""
     progress = {"stack": stack_id, "step": done, **({"loss": curve[-1]["loss"]} if curve else {})}
     if rank != 0:
         ray.train.report(progress)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_rack(builder, d, extra={"in_phase": {"stack": stack_id, "step": done, "loss_curve": curve}})
+        save_rack(builder, d, extra={"in_phase": {"stack": stack_id, "step": done, "loss_curve": curve,
+                                                  "val_curve": val_curve}})
         torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
         ray.train.report(progress, checkpoint=Checkpoint.from_directory(d))
 
@@ -169,7 +183,8 @@ def read_in_phase_checkpoint(rack) -> dict | None:
             return None
         load_weights(rack, os.path.join(d, "model.safetensors"))
         optimizer = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
-    return {"step": meta["in_phase"]["step"], "optimizer": optimizer, "loss_curve": meta["in_phase"]["loss_curve"]}
+    return {"step": meta["in_phase"]["step"], "optimizer": optimizer, "loss_curve": meta["in_phase"]["loss_curve"],
+            "val_curve": meta["in_phase"].get("val_curve", [])}
 
 
 def summary(metrics: dict) -> dict:

@@ -1,8 +1,11 @@
 """python -m stackwise_ray.report EXPERIMENT_DIR [--out DIR]
 
-Plots and a summary of a sweep (`python -m stackwise_ray.tune`) from the results.csv and
-phases.csv it left in EXPERIMENT_DIR: val_loss_per_stack.png, phase_time_memory.png,
-loss_vs_flops.png, summary.md and summary.html in DIR (default EXPERIMENT_DIR/report).
+Plots and a summary of a sweep (`python -m stackwise_ray.tune`) from the results.csv,
+phases.csv and curves.csv it left in EXPERIMENT_DIR: val_loss_per_stack.png,
+phase_time_memory.png, loss_vs_flops.png, summary.md and summary.html in DIR (default
+EXPERIMENT_DIR/report); for a sweep that names its arms (results' `arm` column), a
+comparison table (each arm at its best LR against the baseline, over seeds) and
+compare_loss_vs_flops.png.
 
 From Python: `write_report(experiment_dir, out_dir)` returns the paths it wrote.
 """
@@ -23,19 +26,23 @@ import matplotlib
 matplotlib.use("Agg")  # reports are made on headless machines; no display backend
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from . import storage  # noqa: E402
 
 # Older sweeps or partial runs may lack some columns; they are added empty so the report still renders.
 RESULT_COLUMNS = ["trial_id", "kind", "status", "val_loss", "flops", "wall_s", "phases_trained", "phases_reused",
-                  "error"]
+                  "error", "arm", "budget", "steps", "tokens", "epochs"]
 PHASE_COLUMNS = ["trial_id", "kind", "stack", "val_loss", "cum_flops", "wall_s", "peak_memory_mb", "status"]
+CURVE_COLUMNS = ["trial_id", "kind", "arm", "global_step", "flops", "val_loss"]
+COMPARE_PLOT = "compare_loss_vs_flops.png"  # with an `arm` column (a sweep by this version)
 PLOTS = {"val_loss_per_stack": "val_loss_per_stack.png", "phase_time_memory": "phase_time_memory.png",
          "loss_vs_flops": "loss_vs_flops.png"}
 
 
 NUMERIC_COLUMNS = {"val_loss", "flops", "wall_s", "phases_trained", "phases_reused", "stack", "cum_flops",
-                   "peak_memory_mb"}
+                   "peak_memory_mb", "budget", "steps", "tokens", "epochs", "global_step"}
+TEXT_COLUMNS = ("trial_id", "kind", "status", "error", "arm")
 
 
 class BadTableError(ValueError):
@@ -59,7 +66,7 @@ def read_table(path: str, columns: list[str]) -> pd.DataFrame:
         raise BadTableError(f"{path}: no trial_id column (not a table written by python -m stackwise_ray.tune)")
     for c in columns:
         if c not in table:
-            table[c] = pd.Series(dtype=object if c in ("trial_id", "kind", "status", "error") else float)
+            table[c] = pd.Series(dtype=object if c in TEXT_COLUMNS else float)
         elif c in NUMERIC_COLUMNS:
             table[c] = numeric(table[c], path)
     return table
@@ -183,25 +190,170 @@ def table_rows(results: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown(title, command, header, rows, lines) -> str:
+# ---------------------------------------------------------------- the comparison protocol
+
+LR, SEED = "training.lr", "training.seed"
+OVER_BUDGET = 1 + 1e-9  # FLOPs are sums of floats: an arm at exactly the budget must not be marked
+COMPARE_HEADER = ["arm", "best LR", "seeds", "final val_loss (mean ± std)", "vs baseline [95% CI]", "FLOPs",
+                  "steps", "tokens", "epochs", "FLOPs to reach baseline", "compute-matched"]
+COMPARE_NOTES = [
+    "Each arm at its best LR: the lowest mean final val_loss over seeds (trials that errored or were stopped "
+    "early left out). std: sample standard deviation over seeds. "
+    "vs baseline: the arm's mean final val_loss minus the baseline's (both at their best LR), with a 95% confidence "
+    "interval from Welch's t-test over seeds (unequal variances); an interval that contains 0 is no significant "
+    "difference. FLOPs, steps, tokens and epochs: means over seeds; epochs: examples seen / training examples.",
+    "FLOPs to reach baseline: where the arm's mean validation curve (over seeds, against FLOPs from the run's start) "
+    "first reaches the baseline's mean final val_loss, linearly interpolated between evaluations "
+    "(training.eval_every sets how often), and its ratio to the baseline's FLOPs. compute-matched: NO where the "
+    "arm spends more than the budget (the FLOPs of the base config's progressive run, which the baseline matches).",
+]
+
+
+def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
+    """One row per arm (results' `arm` column) at its best learning rate; the numbers of the
+    comparison table. Trials that errored, that a scheduler stopped early or that have no
+    val_loss are left out: their last loss is not a final one."""
+    if "arm" not in results:
+        return []
+    done = finished(results)
+    done = done[done["arm"].notna()]
+    chosen = {arm: best_lr(rows) for arm, rows in done.groupby("arm", sort=False)}
+    base = chosen.get("baseline")
+    base_loss = base[1]["val_loss"].mean() if base is not None else float("nan")
+    base_flops = base[1]["flops"].mean() if base is not None else float("nan")
+    out = []
+    for arm, (lr, rows) in chosen.items():
+        losses = rows["val_loss"]
+        diff, low, high = welch(losses, base[1]["val_loss"]) if base is not None and arm != "baseline" else (float("nan"),) * 3
+        curve = mean_curve(curves, rows["trial_id"])
+        reach = flops_to_reach(curve["flops"].tolist(), curve["val_loss"].tolist(), base_loss) if len(curve) else None
+        flops, budget = rows["flops"].mean(), rows["budget"].max() if "budget" in rows else float("nan")
+        out.append({"arm": arm, "lr": lr, "seeds": len(rows), "val_loss_mean": losses.mean(),
+                    "val_loss_std": losses.std(ddof=1) if len(rows) > 1 else float("nan"),
+                    "diff": diff, "ci_low": low, "ci_high": high, "flops": flops,
+                    **{k: rows[k].mean() if k in rows else float("nan") for k in ("steps", "tokens", "epochs")},
+                    "flops_to_reach": reach, "reach_ratio": reach / base_flops if reach is not None else None,
+                    "budget": budget, "over_budget": bool(flops > OVER_BUDGET * budget) if pd.notna(budget) else None})
+    return out
+
+
+def finished(results: pd.DataFrame) -> pd.DataFrame:
+    return results[~results["status"].isin(["ERROR", "STOPPED"]) & results["val_loss"].notna()]
+
+
+def best_lr(rows: pd.DataFrame):
+    """(the LR with the lowest mean final val_loss over seeds, its trials); (None, all of
+    them) for a sweep without an LR grid."""
+    if LR not in rows or rows[LR].isna().all():
+        return None, rows
+    lr = rows.groupby(LR)["val_loss"].mean().idxmin()
+    return lr, rows[rows[LR] == lr]
+
+
+def welch(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its 95% confidence interval (Welch's t; NaN with fewer than 2 of either)."""
+    diff = a.mean() - b.mean()
+    if len(a) < 2 or len(b) < 2:
+        return diff, float("nan"), float("nan")
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return diff, float(ci.low), float(ci.high)
+
+
+def mean_curve(curves: pd.DataFrame, trial_ids) -> pd.DataFrame:
+    """The trials' validation curves averaged point by point (their points share global steps):
+    flops, val_loss (mean) and spread (std over seeds), by global step."""
+    rows = curves[curves["trial_id"].isin(set(trial_ids))]
+    if rows.empty:
+        return pd.DataFrame(columns=["flops", "val_loss", "spread"])
+    grouped = rows.groupby("global_step")
+    return pd.DataFrame({"flops": grouped["flops"].mean(), "val_loss": grouped["val_loss"].mean(),
+                         "spread": grouped["val_loss"].std(ddof=1)}).sort_index()
+
+
+def flops_to_reach(flops: list[float], losses: list[float], target: float) -> float | None:
+    """FLOPs where the curve first gets to `target` (linear between points), or None."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return flops[0]
+            f0, f1, l0 = flops[i - 1], flops[i], losses[i - 1]
+            return f0 + (f1 - f0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+def comparison_rows(rows: list[dict]) -> list[list[str]]:
+    def pm(r):
+        return f"{r['val_loss_mean']:.4f} ± {fmt(r['val_loss_std'], '.4f')}"
+
+    def versus(r):
+        if pd.isna(r["diff"]):
+            return "-"
+        return f"{r['diff']:+.4f} [{fmt(r['ci_low'], '+.4f')}, {fmt(r['ci_high'], '+.4f')}]"
+
+    def reach(r):
+        return "not reached" if r["flops_to_reach"] is None else f"{r['flops_to_reach']:.3g} ({r['reach_ratio']:.2f}x)"
+
+    def matched(r):
+        return "-" if r["over_budget"] is None else (f"NO ({r['flops'] / r['budget']:.2f}x budget)" if r["over_budget"] else "yes")
+
+    return [[r["arm"], fmt(r["lr"], ".3g"), str(r["seeds"]), pm(r), versus(r), fmt(r["flops"], ".3g"),
+             fmt(r["steps"], ".0f"), fmt(r["tokens"], ".3g"), fmt(r["epochs"], ".2f"), reach(r), matched(r)]
+            for r in rows]
+
+
+def plot_comparison(rows: list[dict], results: pd.DataFrame, curves: pd.DataFrame, path: str) -> None:
+    """Each arm's mean validation curve at its best LR, ± one std over seeds (shaded)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    done = finished(results)
+    for r in rows:
+        ids = best_lr(done[done["arm"] == r["arm"]])[1]["trial_id"]
+        curve = mean_curve(curves, ids)
+        style = dict(color="black", linestyle="--") if r["arm"] == "baseline" else {}
+        (line,) = ax.plot(curve["flops"], curve["val_loss"], marker=".", label=f"{r['arm']} (lr {fmt(r['lr'], '.3g')})",
+                          **style)
+        spread = curve["spread"].fillna(0)
+        ax.fill_between(curve["flops"], curve["val_loss"] - spread, curve["val_loss"] + spread,
+                        color=line.get_color(), alpha=0.2)
+        if r["arm"] == "baseline":
+            ax.axhline(r["val_loss_mean"], color="black", linestyle=":", linewidth=0.8)
+    ax.set(xlabel="training FLOPs from the run's start", ylabel="validation loss",
+           title="Validation loss vs FLOPs: mean over seeds at each arm's best LR (band: ± 1 std)")
+    finish(fig, ax, path)
+
+
+def markdown(title, command, header, rows, lines, compare=None) -> str:
+    """`compare`: (header, rows, notes) of the comparison table, or None."""
     def cells(row):
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in row) + " |"
 
-    table = [cells(header), "|" + "---|" * len(header), *(cells(r) for r in rows)]
+    def table(head, body):
+        return "\n".join([cells(head), "|" + "---|" * len(head), *(cells(r) for r in body)])
+
     images = [f"![{name}]({file})" for name, file in PLOTS.items()]
-    return "\n\n".join([f"# {title}", f"Made by `{command}`", "\n".join(table), *lines, *images]) + "\n"
+    parts = [f"# {title}", f"Made by `{command}`"]
+    if compare is not None:
+        parts += ["## Comparison", table(compare[0], compare[1]), *compare[2], f"![comparison]({COMPARE_PLOT})",
+                  "## Trials"]
+    return "\n\n".join([*parts, table(header, rows), *lines, *images]) + "\n"
 
 
-def html_page(title, command, header, rows, lines) -> str:
+def html_page(title, command, header, rows, lines, compare=None) -> str:
     e = html.escape
-    head = "".join(f"<th>{e(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>\n" for r in rows)
+
+    def table(head, body):
+        cells = "".join(f"<th>{e(c)}</th>" for c in head)
+        trs = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>\n" for r in body)
+        return f"<table><tr>{cells}</tr>\n{trs}</table>\n"
+
     paragraphs = "".join(f"<p>{e(line)}</p>\n" for line in lines)
     images = "".join(f'<p><img src="{e(file)}" alt="{e(name)}"></p>\n' for name, file in PLOTS.items())
+    comparison = "" if compare is None else (
+        "<h2>Comparison</h2>\n" + table(compare[0], compare[1]) + "".join(f"<p>{e(n)}</p>\n" for n in compare[2])
+        + f'<p><img src="{COMPARE_PLOT}" alt="comparison"></p>\n<h2>Trials</h2>\n')
     return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
             "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style></head>\n"
             f"<body><h1>{e(title)}</h1>\n<p>Made by <code>{e(command)}</code></p>\n"
-            f"<table><tr>{head}</tr>\n{body}</table>\n{paragraphs}{images}</body></html>\n")
+            f"{comparison}{table(header, rows)}{paragraphs}{images}</body></html>\n")
 
 
 def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
@@ -210,6 +362,7 @@ def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     upload_to = storage.join(experiment_dir, "report") if out_dir is None and storage.is_remote(experiment_dir) else None
     results = read_table(storage.join(experiment_dir, "results.csv"), RESULT_COLUMNS)  # before anything is written
     phases = read_table(storage.join(experiment_dir, "phases.csv"), PHASE_COLUMNS)
+    curves = read_table(storage.join(experiment_dir, "curves.csv"), CURVE_COLUMNS)
     out_dir = tempfile.mkdtemp(prefix="report-") if upload_to else out_dir or os.path.join(experiment_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
     labels = trial_labels(results)
@@ -220,12 +373,17 @@ def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     title = f"Sweep report: {os.path.basename(storage.resolve(experiment_dir)[1])}"
     header, rows = table_rows(results)
     lines = comparison_lines(results, labels)
+    compared = comparison(results, curves)
+    compare = (COMPARE_HEADER, comparison_rows(compared), COMPARE_NOTES) if compared else None
+    if compared:
+        paths["comparison"] = os.path.join(out_dir, COMPARE_PLOT)
+        plot_comparison(compared, results, curves, paths["comparison"])
     paths["summary_md"] = os.path.join(out_dir, "summary.md")
     paths["summary_html"] = os.path.join(out_dir, "summary.html")
     with open(paths["summary_md"], "w") as f:
-        f.write(markdown(title, command, header, rows, lines))
+        f.write(markdown(title, command, header, rows, lines, compare))
     with open(paths["summary_html"], "w") as f:
-        f.write(html_page(title, command, header, rows, lines))
+        f.write(html_page(title, command, header, rows, lines, compare))
     if upload_to:  # a sweep in object storage gets its report there too
         storage.upload(out_dir, upload_to)
         shutil.rmtree(out_dir)
@@ -253,3 +411,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -1,10 +1,12 @@
 """python -m stackwise_ray.tune experiments/x.yaml [--address ADDR] [--resume] [--storage PATH] [--name NAME] [--dry-run]
 
 A Ray Tune sweep of progressive runs: the search space is the YAML's `tune:` section.
+Trials are arms (grid points, and the end-to-end baseline) x tune.lrs x tune.seeds.
 Each trial is a function trainable that runs one TorchTrainer per stack and reports after
 every stack (`stacks_done` is the schedulers' time axis). Trials share finished phases
 through the experiment's phase store. Results land in EXPERIMENT_DIR (storage/name):
 results.csv/.parquet (one row per trial), phases.csv (one row per trial and stack),
+curves.csv (validation curves against FLOPs), comparison.csv (report.comparison),
 best_config.yaml, phases/ (shared phases), trials/<trial id>/final (each trial's rack).
 
 From Python: `trainable(config, experiment_dir)` and `build_tuner(config, ...)`.
@@ -25,8 +27,12 @@ from .ray_runtime import run_in_thread, stop_on_signals
 TRIAL_RESOURCE = "trial_slot"  # trials hold this instead of CPUs: a trial holding a CPU its phases need can deadlock
 
 
-def grid_variants(config: StackWiseConfig) -> list[dict]:
-    """Every combination of the grid keys, plus the baseline when asked for."""
+PROTOCOL_KEYS = {"lrs": "training.lr", "seeds": "training.seed"}  # tune key: the config key its values set
+
+
+def arms(config: StackWiseConfig) -> list[dict]:
+    """The things compared: every combination of the grid keys, plus the baseline when
+    asked for."""
     grid = {k: v["grid"] for k, v in config.tune.search_space.items() if "grid" in v}
     variants = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     if config.tune.baseline == "end_to_end":
@@ -34,11 +40,32 @@ def grid_variants(config: StackWiseConfig) -> list[dict]:
     return variants
 
 
+def protocol(config: StackWiseConfig) -> list[dict]:
+    """The learning rates and seeds every arm runs: [{}] when the sweep sets neither."""
+    points = [{}]
+    for key, path in PROTOCOL_KEYS.items():
+        values = getattr(config.tune, key)
+        if values:
+            points = [{**p, path: v} for p in points for v in values]
+    return points
+
+
+def grid_variants(config: StackWiseConfig) -> list[dict]:
+    """Every (arm, learning rate, seed): the sweep's grid points, arm by arm."""
+    return [{**arm, **p} for arm in arms(config) for p in protocol(config)]
+
+
+def swept_paths(config: StackWiseConfig) -> list[str]:
+    """The search space's keys, then training.lr / training.seed where tune.lrs / seeds set them."""
+    return [str(p) for p in config.tune.search_space] + [path for key, path in PROTOCOL_KEYS.items()
+                                                        if getattr(config.tune, key)]
+
+
 def column_names(config: StackWiseConfig) -> dict[str, str]:
     """{swept key path: its short name}: the path's last part, or as many trailing parts as
     make it unique. Trials carry their values under these names, so Tune's trial table
     shows one short column per swept key."""
-    paths = [str(p) for p in config.tune.search_space]
+    paths = swept_paths(config)
     names = {}
     for path in paths:
         parts, n = path.split("."), 1
@@ -61,9 +88,9 @@ def param_space(config: StackWiseConfig) -> dict:
     variants = grid_variants(config)
     if variants != [{}]:
         space["variant"] = tune.grid_search(list(range(len(variants))))
-        for path, spec in config.tune.search_space.items():
-            if "grid" in spec:
-                space[names[str(path)]] = tune.sample_from(_grid_value(variants, str(path), "-"))
+        grids = [str(path) for path, spec in config.tune.search_space.items() if "grid" in spec]
+        for path in grids + swept_paths(config)[len(config.tune.search_space):]:
+            space[names[path]] = tune.sample_from(_grid_value(variants, path, "-"))
         if config.tune.baseline == "end_to_end":
             space["kind"] = tune.sample_from(_grid_value(variants, "kind", "progressive"))
     return space
@@ -74,45 +101,103 @@ def _grid_value(variants: list[dict], key: str, default):
 
 
 def trial_values(base: StackWiseConfig, params: dict) -> tuple[str, dict]:
-    """(kind, {key path: value}) of one trial from its Tune config."""
+    """(kind, {key path: value}) of one trial from its Tune config; the baseline takes only
+    the learning rate and seed of its grid point."""
     variant = dict(grid_variants(base)[params["variant"]]) if "variant" in params else {}
     if variant.pop("kind", "progressive") == "baseline":
-        return "baseline", {}
+        return "baseline", variant
     names = column_names(base)
     sampled = {path: params[name] for path, name in names.items() if path not in variant and name in params}
     return "progressive", {**variant, **sampled}
 
 
-def trial_config(base: StackWiseConfig, params: dict) -> tuple[str, StackWiseConfig]:
-    """(kind, config) of one trial: the base with the trial's values applied."""
+def trial_config(base: StackWiseConfig, params: dict, baseline: dict | None = None) -> tuple[str, StackWiseConfig]:
+    """(kind, config) of one trial: the base with the trial's values applied. An LR from
+    tune.lrs keeps the base's min_lr/lr ratio (the cosine ends at the same fraction of its
+    peak); the baseline gets the batch size of `baseline` (baseline_plan)."""
     kind, values = trial_values(base, params)
+    if base.tune.lrs and "training.lr" in values:
+        values["training.min_lr"] = base.training.min_lr * values["training.lr"] / base.training.lr
+    if kind == "baseline" and baseline is not None:
+        values["data.batch_size"] = baseline["batch_size"]
     return kind, apply_overrides(base, values).validate()
 
 
-def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: float | None = None) -> None:
+def arm_label(config: StackWiseConfig, kind: str, values: dict) -> str:
+    """What a trial compares, without its LR and seed: `trunk_strategy=qlora`, `baseline`."""
+    if kind == "baseline":
+        return "baseline"
+    names, protocol_paths = column_names(config), set(PROTOCOL_KEYS.values())
+    parts = [f"{names[p]}={values[p]}" for p in swept_paths(config) if p in values and p not in protocol_paths]
+    return ", ".join(parts) or "progressive"
+
+
+def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
+    """The end-to-end baseline's {batch_size, steps} and the FLOP `budget` it matches: what
+    a progressive run of the base config spends (flops.progressive_budget), cache builds
+    included. Neither rule spends more than the budget (but for a budget below one step).
+
+    tune.baseline_match flops: batch = data.batch_size; steps = floor(budget / FLOPs of
+    one step), at least 1.
+    flops_and_steps: steps = the progressive run's optimizer steps (target_stacks x the
+    steps of one phase); batch = the largest multiple of ray.num_workers that keeps those
+    steps within the budget: floor(budget / (steps x FLOPs per example) / num_workers) x
+    num_workers. Raises ConfigError where that is 0 (a budget too small for one example
+    per worker per step)."""
+    from .builder import ProgressiveRackBuilder
+    from .flops import end_to_end_flops, progressive_budget
+    from .phase import phase_steps
+
+    match = config.tune.baseline_match
+    config = apply_overrides(config, {})  # the base config as a run sees it (its tune section apart)
+    budget = progressive_budget(config, n_train)
+    B, T, W = config.data.batch_size, config.data.seq_len, config.ray.num_workers
+    builder = ProgressiveRackBuilder(config)
+    for _ in range(config.target_stacks):
+        builder.add_stack()
+    per_example = end_to_end_flops(builder.build_rack(), T, T)  # one example (T tokens) through one step
+    if match == "flops":
+        return {"batch_size": B, "steps": max(1, int(budget // (B * per_example))), "budget": budget}
+    steps = config.target_stacks * phase_steps(config.training, n_train // B)
+    batch = int(budget // (steps * per_example)) // W * W
+    if batch < W:
+        raise ConfigError(f"tune.baseline_match: flops_and_steps: {steps} end-to-end steps within the budget of "
+                          f"{budget:.3g} FLOPs leave a batch of {budget / (steps * per_example):.2f} examples, fewer "
+                          f"than ray.num_workers={W}; use baseline_match: flops")
+    return {"batch_size": batch, "steps": steps, "budget": budget}
+
+
+def run_trial(params: dict, base: dict, experiment_dir: str, baseline: dict | None = None) -> None:
     """The function trainable: one progressive run (or the baseline), reported per stack."""
     import ray.tune
 
-    from .flops import baseline_steps
+    from .data import build_datasets
     from .tracking import Tracker, flat
     from .trainer import ProgressiveTrainer
 
     base_config = StackWiseConfig.from_dict(base)
     sweep = base_config.tune  # a trial's config has no tune section
-    kind, config = trial_config(base_config, params)
-    t0, counts, total_flops = time.time(), {"trained": 0, "reused": 0, "recovered": 0}, [0.0]
+    kind, config = trial_config(base_config, params, baseline)
+    t0, counts = time.time(), {"trained": 0, "reused": 0, "recovered": 0}
+    spent = {"flops": 0.0, "steps": 0, "examples": 0}
+    B, n_train = config.data.batch_size, []  # the trial's own training split, counted once its data has loaded
 
     def report(m: dict) -> None:
+        n_train[:] = n_train or [len(build_datasets(config)[0])]
         counts[m["status"]] += 1
-        total_flops[0] += m["flops"]
+        spent.update(flops=spent["flops"] + m["flops"], steps=spent["steps"] + m["steps"],
+                     examples=spent["examples"] + m["steps"] * B)
         ray.tune.report({
             # Tune's trial table shows the first four numbers: what a user watches
             "stacks_done": m["stack"] + 1, "val_loss": m["val_loss"],
             "phases_trained": counts["trained"] + counts["recovered"], "phases_reused": counts["reused"],
             "kind": kind, "stack": m["stack"], "val_ppl": m["val_ppl"], "val_accuracy": m["val_accuracy"],
-            "phase_flops": m["flops"], "flops": total_flops[0], "phase_status": m["status"], "phase_id": m["phase_id"],
+            "phase_flops": m["flops"], "flops": spent["flops"], "phase_status": m["status"], "phase_id": m["phase_id"],
             "phase_wall_s": m["phase_wall_s"] if m["status"] != "reused" else 0.0, "train_s": m["train_s"],
             "peak_memory_mb": m["peak_memory_mb"], "wall_s": time.time() - t0,
+            # what the comparison table counts: steps, tokens and passes over the training split
+            "batch_size": B, "steps": spent["steps"], "tokens": spent["examples"] * config.data.seq_len,
+            "epochs": spent["examples"] / n_train[0], **({"budget": baseline["budget"]} if baseline else {}),
             # where things ran: the trial, the phase's rank-0 worker, the task that built its cache
             "trial_node": ray.get_runtime_context().get_node_id(), "phase_node": m.get("node_id", ""),
             "cache_node": m.get("cache", {}).get("node_id", "")})
@@ -128,23 +213,19 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline_budget: fl
                                  labels={"experiment": storage.basename(experiment_dir),
                                          "trial": ray.tune.get_context().get_trial_name()})
     if kind == "baseline":
-        trainer.train_end_to_end(baseline_steps(config, baseline_budget))
+        trainer.train_end_to_end(baseline["steps"])
     else:
         trainer.train_progressively()
 
 
 def trainable(config: StackWiseConfig, experiment_dir: str):
     """The Tune trainable for sweeps of `config` (resources included): trials get their
-    values under short names (column_names) and a grid point index `variant`."""
+    values under short names (column_names) and a grid point index `variant`. Raises
+    ConfigError where the baseline cannot be matched (baseline_plan)."""
     from ray import tune
 
-    budget = None
-    if config.tune.baseline == "end_to_end":
-        from .data import build_datasets
-        from .flops import progressive_budget
-
-        budget = progressive_budget(apply_overrides(config, {}), len(build_datasets(config)[0]))
-    fn = tune.with_parameters(run_trial, base=config.to_dict(), experiment_dir=experiment_dir, baseline_budget=budget)
+    baseline = planned_baseline(config)
+    fn = tune.with_parameters(run_trial, base=config.to_dict(), experiment_dir=experiment_dir, baseline=baseline)
     return tune.with_resources(fn, {TRIAL_RESOURCE: 1})
 
 
@@ -216,26 +297,31 @@ def start_ray(config: StackWiseConfig, address: str | None) -> str:
 # ---------------------------------------------------------------- results
 
 def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[dict]:
-    """results.csv/.parquet, phases.csv and best_config.yaml from a ResultGrid."""
+    """results.csv/.parquet (one row per trial), phases.csv (per trial and stack),
+    curves.csv (per trial and validation point: report.py's loss-vs-FLOPs curves) and
+    best_config.yaml from a ResultGrid."""
     import pandas as pd
     import yaml
 
-    swept = list(config.tune.search_space)
-    rows, phases = [], []
+    swept = swept_paths(config)
+    rows, phases, curves = [], [], []
     for result in grid:
         params = result.config or {}
-        kind, trial_cfg = trial_config(config, params)
-        given = trial_values(config, params)[1]
-        values = {k: given.get(k) for k in swept}
         m = result.metrics or {}
+        kind, given = trial_values(config, params)
+        _, trial_cfg = trial_config(config, params, {"batch_size": m["batch_size"]} if "batch_size" in m else None)
+        values = {k: given.get(k) for k in swept}
         frame = result.metrics_dataframe
         trial_id = m.get("trial_id") or os.path.basename(result.path)  # a path on the storage filesystem
         done = m.get("stacks_done", 0)
         status = "ERROR" if result.error else ("TERMINATED" if done >= config.target_stacks or kind == "baseline"
                                                  else "STOPPED")
-        rows.append({"trial_id": trial_id, "kind": kind, "status": status, **values,
+        arm = arm_label(config, kind, given)
+        rows.append({"trial_id": trial_id, "kind": kind, "arm": arm, "status": status, **values,
                      "val_loss": m.get("val_loss"), "val_ppl": m.get("val_ppl"), "val_accuracy": m.get("val_accuracy"),
-                     "stacks_done": done, "flops": m.get("flops"), "wall_s": m.get("wall_s"),
+                     "stacks_done": done, "flops": m.get("flops"), "budget": m.get("budget"),
+                     "batch_size": m.get("batch_size"), "steps": m.get("steps"), "tokens": m.get("tokens"),
+                     "epochs": m.get("epochs"), "wall_s": m.get("wall_s"),
                      "phases_trained": m.get("phases_trained", 0), "phases_reused": m.get("phases_reused", 0),
                      "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:300],
                      "_config": trial_cfg})
@@ -246,16 +332,80 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
                                "train_s": r["train_s"], "peak_memory_mb": r["peak_memory_mb"],
                                "status": r["phase_status"], "phase_id": r["phase_id"],
                                **{k: r.get(k, "") for k in ("trial_node", "phase_node", "cache_node")}})
+        summary = storage.join(experiment_dir, "trials", trial_id, "summary.json")
+        if storage.exists(summary):
+            curves += [{"trial_id": trial_id, "kind": kind, "arm": arm, **{k: given.get(k) for k in PROTOCOL_KEYS.values()},
+                        **point} for point in trial_curve(storage.read_json(summary)["history"])]
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "_config"} for r in rows])
     storage.write_frame_csv(storage.join(experiment_dir, "results.csv"), table)
     storage.write_frame_parquet(storage.join(experiment_dir, "results.parquet"), table.astype({c: str for c in swept}))
     storage.write_frame_csv(storage.join(experiment_dir, "phases.csv"), pd.DataFrame(phases))
+    storage.write_frame_csv(storage.join(experiment_dir, "curves.csv"), pd.DataFrame(curves, columns=CURVE_FIELDS))
+    storage.write_frame_csv(storage.join(experiment_dir, "comparison.csv"), pd.DataFrame(compare(experiment_dir)))
     scored = [r for r in rows if r["val_loss"] is not None and r["status"] != "ERROR"]
     if scored:
         best = (min if config.tune.mode == "min" else max)(scored, key=lambda r: r[config.tune.metric])
         storage.write_bytes(storage.join(experiment_dir, "best_config.yaml"),
                             yaml.safe_dump(best["_config"].to_dict(), sort_keys=False).encode())
     return rows
+
+
+CURVE_FIELDS = ["trial_id", "kind", "arm", *PROTOCOL_KEYS.values(), "stack", "global_step", "flops", "val_loss"]
+
+
+def compare(experiment_dir: str) -> list[dict]:
+    """report.comparison of the results.csv and curves.csv just written (read back as the
+    report reads them)."""
+    from .report import CURVE_COLUMNS, RESULT_COLUMNS, comparison, read_table
+
+    return comparison(read_table(storage.join(experiment_dir, "results.csv"), RESULT_COLUMNS),
+                      read_table(storage.join(experiment_dir, "curves.csv"), CURVE_COLUMNS))
+
+
+def trial_curve(history: list[dict]) -> list[dict]:
+    """A run's validation curve over its phases: {stack, global_step, flops, val_loss} per
+    point, FLOPs counted from the run's start (cache builds included, before the steps of
+    the phase they feed). Phases without eval_every give one point, at their end."""
+    points, spent, steps = [], 0.0, 0
+    for phase in history:
+        build = phase["flops"] - phase["train_flops"]
+        curve = phase.get("val_curve") or [{"step": phase["steps"], "global_step": steps + phase["steps"],
+                                            "phase_flops": phase["train_flops"], "val_loss": phase["val_loss"]}]
+        points += [{"stack": phase["stack"], "global_step": p["global_step"], "flops": spent + build + p["phase_flops"],
+                    "val_loss": p["val_loss"]} for p in curve]
+        spent, steps = spent + phase["flops"], steps + phase["steps"]
+    return points
+
+
+def planned_baseline(config: StackWiseConfig) -> dict | None:
+    """baseline_plan over the config's training split (its token store is built where missing)."""
+    if config.tune.baseline != "end_to_end":
+        return None
+    from .data import build_datasets
+
+    return baseline_plan(config, len(build_datasets(config)[0]))
+
+
+def dry_run_text(config: StackWiseConfig, baseline: dict | None) -> str:
+    """The trials a sweep will run: arms x LRs x seeds (x num_samples), one line per grid point."""
+    t, variants = config.tune, grid_variants(config)
+    sampled = [k for k, s in t.search_space.items() if "grid" not in s]
+    factors = [f"{len(arms(config))} arms"] + [f"{len(getattr(t, key))} {key}" for key in PROTOCOL_KEYS
+                                                if getattr(t, key)]
+    lines = [f"{len(variants) * t.num_samples} trials ({len(variants)} grid points: {' x '.join(factors)}; "
+             f"x num_samples {t.num_samples}); sampled per trial: {', '.join(sampled) or 'nothing'}"]
+    if baseline is not None:
+        lines.append(f"baseline (end to end, baseline_match {t.baseline_match}): batch {baseline['batch_size']}, "
+                     f"{baseline['steps']} steps, budget {baseline['budget']:.4g} FLOPs")
+    lines += [f"  {i}: {v or '(the base config)'}" for i, v in enumerate(variants)]
+    return "\n".join(lines)
+
+
+def comparison_text(compared: list[dict]) -> str:
+    """The report's comparison table, as console text."""
+    from .report import COMPARE_HEADER, comparison_rows
+
+    return aligned([COMPARE_HEADER, *comparison_rows(compared)])
 
 
 def results_table(rows: list[dict], swept: list[str]) -> str:
@@ -266,8 +416,11 @@ def results_table(rows: list[dict], swept: list[str]) -> str:
             return f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.3f}"
         return "-" if v is None else str(v)
 
-    cells = [[c.split(".")[-1] for c in cols]] + [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return aligned([[c.split(".")[-1] for c in cols]] + [[fmt(r.get(c)) for c in cols] for r in rows])
+
+
+def aligned(cells: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
@@ -285,13 +438,13 @@ def main(argv=None) -> int:
     config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address, name=args.name)
     if config is None:
         return 2
+    try:  # a baseline that cannot be matched is refused before Ray starts
+        baseline = planned_baseline(config)
+    except ConfigError as e:
+        print(f"error: {args.config}: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
-        variants = grid_variants(config)
-        sampled = [k for k, s in config.tune.search_space.items() if "grid" not in s]
-        print(f"{len(variants) * config.tune.num_samples} trials ({len(variants)} grid points x num_samples "
-              f"{config.tune.num_samples}); sampled per trial: {', '.join(sampled) or 'nothing'}")
-        for i, v in enumerate(variants):
-            print(f"  {i}: {v or '(the base config)'}")
+        print(dry_run_text(config, baseline))
         return 0
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
     root = storage_dir(args.storage or config.ray.storage_path)
@@ -314,7 +467,10 @@ def main(argv=None) -> int:
             tuner = build_tuner(config, root, name)
         grid = run_in_thread(tuner.fit)
         rows = write_results(grid, config, experiment_dir)
-        console.line(results_table(rows, list(config.tune.search_space)))
+        console.line(results_table(rows, swept_paths(config)))
+        compared = compare(experiment_dir)
+        if compared:
+            console.line("\n" + comparison_text(compared))
         console.line(f"\nresults: {storage.join(experiment_dir, 'results.csv')}  "
                      f"best config: {storage.join(experiment_dir, 'best_config.yaml')}")
     except ConfigError as e:

@@ -93,3 +93,29 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert get_lr(9, 100, 1.0, 0.1, 10) == 1.0
     assert abs(get_lr(99, 100, 1.0, 0.1, 10) - 0.1) < 1e-3
     assert get_lr(50, 100, 1.0, 0.1, 10) < get_lr(20, 100, 1.0, 0.1, 10)
+
+
+def test_eval_every_draws_a_whole_split_curve_and_leaves_training_bit_identical():
+    # LoRA dropout draws from the global RNG in training mode: an evaluation that moved the
+    # RNG, left the rack in eval mode or consumed training batches would change the weights
+    config = tiny_config(data={"max_examples": 200}, training={"steps_per_stack": 10},
+                         qlora_enabled=True, qlora_rank=4, qlora_dropout=0.1)
+    trained = {}
+    for every in (0, 3):
+        config.training.eval_every = every
+        builder, masking, train_loader, val_loader = setup(config)
+        builder.add_stack()
+        builder.prepare_phase()
+        val = ProgressiveDataLoader(val_loader, masking, 0)
+        metrics = train_stack(builder.build_rack(), ProgressiveDataLoader(train_loader, masking, 0), config.training,
+                              10, val)
+        trained[every] = (builder.build_rack().state_dict(), metrics)
+    (plain, m0), (curved, m3) = trained[0], trained[3]
+    for name, p in plain.items():
+        assert torch.equal(p, curved[name]), name
+    assert "val_curve" not in m0
+    assert [p["step"] for p in m3["val_curve"]] == [3, 6, 9, 10]  # the last point is the final result
+    whole = evaluate(builder.build_rack(), val)
+    assert m3["val_curve"][-1]["val_loss"] == m3["val_loss"] == whole["val_loss"]
+    assert whole["val_tokens"] > evaluate(builder.build_rack(), val, config.training.eval_batches)["val_tokens"]
+    assert m3["val_curve"][0]["val_loss"] > m3["val_curve"][-1]["val_loss"]

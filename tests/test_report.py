@@ -92,3 +92,70 @@ def test_a_table_that_is_not_a_sweeps_is_one_line(tmp_path, capsys, table, conte
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path}/") and err.count("\n") == 1 and expected in err
     assert not (tmp_path / "report").exists()
+
+
+def write_comparison(directory) -> None:
+    """Two progressive arms and the baseline, 2 LRs x 3 seeds (prepend: one trial, one errored)."""
+    finals = {("building_mode=append", 1e-3): [1.70, 1.74, 1.72], ("building_mode=append", 3e-3): [1.56, 1.64, 1.60],
+              ("baseline", 1e-3): [1.60, 1.75, 1.70], ("baseline", 3e-3): [2.58, 2.90, 2.70]}
+    curves = {("building_mode=append", 3e-3): [[3.0, 2.1, 1.60, 1.56], [3.0, 2.3, 1.70, 1.64], [3.0, 2.2, 1.65, 1.60]],
+              ("building_mode=append", 1e-3): [[3.2, 2.5, 1.9, f] for f in finals[("building_mode=append", 1e-3)]],
+              ("baseline", 1e-3): [[2.5, 1.9, f] for f in finals[("baseline", 1e-3)]],
+              ("baseline", 3e-3): [[2.9, 2.7, f] for f in finals[("baseline", 3e-3)]]}
+    results, points = [], []
+    for (arm, lr), losses in finals.items():
+        base = arm == "baseline"
+        for seed, loss in enumerate(losses):
+            trial_id = f"{arm[:4]}-{lr:g}-{seed}"
+            results.append({"trial_id": trial_id, "kind": "baseline" if base else "progressive", "arm": arm,
+                            "status": "TERMINATED", "training.lr": lr, "training.seed": seed, "val_loss": loss,
+                            "flops": 0.99e9 if base else 1e9, "budget": 1e9, "steps": 30 if base else 40,
+                            "tokens": 30 * 5 * 32 if base else 40 * 8 * 32, "epochs": 2.5 if base else 4.0})
+            step_flops = 0.33e9 if base else 0.25e9
+            for i, value in enumerate(curves[(arm, lr)][seed]):
+                points.append({"trial_id": trial_id, "kind": results[-1]["kind"], "arm": arm,
+                               "global_step": 10 * (i + 1), "flops": step_flops * (i + 1), "val_loss": value})
+    results += [{"trial_id": "prep-0", "kind": "progressive", "arm": "building_mode=prepend", "status": "TERMINATED",
+                 "training.lr": 1e-3, "training.seed": 0, "val_loss": 1.95, "flops": 1.49e9, "budget": 1e9,
+                 "steps": 40, "tokens": 40 * 8 * 32, "epochs": 4.0},
+                {"trial_id": "prep-1", "kind": "progressive", "arm": "building_mode=prepend", "status": "ERROR",
+                 "training.lr": 1e-3, "training.seed": 1, "val_loss": None, "flops": None, "budget": 1e9,
+                 "error": "RuntimeError: boom"}]
+    points += [{"trial_id": "prep-0", "kind": "progressive", "arm": "building_mode=prepend", "global_step": 40,
+                "flops": 1.49e9, "val_loss": 1.95}]
+    pd.DataFrame(results).to_csv(os.path.join(directory, "results.csv"), index=False)
+    pd.DataFrame(points).to_csv(os.path.join(directory, "curves.csv"), index=False)
+
+
+def test_comparison_table_at_each_arms_best_lr_with_welch_intervals(tmp_path):
+    from stackwise_ray.report import CURVE_COLUMNS, RESULT_COLUMNS, comparison, read_table
+
+    write_comparison(tmp_path)
+    rows = {r["arm"]: r for r in comparison(read_table(str(tmp_path / "results.csv"), RESULT_COLUMNS),
+                                            read_table(str(tmp_path / "curves.csv"), CURVE_COLUMNS))}
+    append, base, prepend = rows["building_mode=append"], rows["baseline"], rows["building_mode=prepend"]
+    # best LR by mean final loss over seeds: 3e-3 (1.60 against 1.72); the baseline's 1e-3 (1.6833 against 2.7267)
+    assert (append["lr"], base["lr"], append["seeds"], prepend["seeds"]) == (3e-3, 1e-3, 3, 1)
+    assert append["val_loss_mean"] == pytest.approx(1.60) and append["val_loss_std"] == pytest.approx(0.04)
+    assert base["val_loss_mean"] == pytest.approx(1.683333, abs=1e-6)
+    assert base["val_loss_std"] == pytest.approx(0.0763763, abs=1e-6)
+    # Welch: se = sqrt(0.04^2/3 + 0.0763763^2/3) = 0.0497773, df = 3.0204, t(0.975, 3.0204) = 3.1698
+    assert append["diff"] == pytest.approx(-0.083333, abs=1e-6)
+    assert (append["ci_low"], append["ci_high"]) == (pytest.approx(-0.241144, abs=1e-5), pytest.approx(0.074477, abs=1e-5))
+    # the mean curve crosses the baseline's 1.68333 between (0.5e9, 2.2) and (0.75e9, 1.65):
+    # 0.5e9 + 0.25e9 * (2.2 - 1.68333) / (2.2 - 1.65) = 0.734848e9, 0.7423x the baseline's 0.99e9
+    assert append["flops_to_reach"] == pytest.approx(0.734848e9, rel=1e-5)
+    assert append["reach_ratio"] == pytest.approx(0.742271, rel=1e-5)
+    assert base["flops_to_reach"] == pytest.approx(0.99e9)  # its own final loss, at its end
+    assert prepend["flops_to_reach"] is None and prepend["over_budget"] and not append["over_budget"]
+    assert (append["steps"], append["tokens"], append["epochs"]) == (40, 40 * 8 * 32, 4.0)
+
+    md = open(write_report(str(tmp_path))["summary_md"]).read()
+    assert "| building_mode=append | 0.003 | 3 | 1.6000 ± 0.0400 | -0.0833 [-0.2411, +0.0745] | 1e+09 | 40 | " \
+           "1.02e+04 | 4.00 | 7.35e+08 (0.74x) | yes |" in md
+    assert "| baseline | 0.001 | 3 | 1.6833 ± 0.0764 | - | 9.9e+08 | 30 |" in md
+    assert "| building_mode=prepend | 0.001 | 1 | 1.9500 ± - | +0.2667 [-, -] | 1.49e+09 | 40 | 1.02e+04 | 4.00 | " \
+           "not reached | NO (1.49x budget) |" in md
+    assert "Welch's t-test" in md
+    with open(tmp_path / "report" / "compare_loss_vs_flops.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"

@@ -146,7 +146,7 @@ def test_killed_run_resumes_at_the_first_unfinished_phase(ray_session, tmp_path)
 
 
 def test_worker_killed_mid_phase_resumes_in_phase_and_an_over_budget_cache_recomputes(arrow_run, tmp_path):
-    config = ray_config(target_stacks=2, training={"checkpoint_every": 2},
+    config = ray_config(target_stacks=2, training={"checkpoint_every": 2, "eval_every": 3},
                         ray={"inject_worker_failure": "1:4", "max_failures": 2, "cache_max_bytes": 1000})
     trainer = ProgressiveTrainer(config, storage_path=str(tmp_path), name="fault")
     with pytest.warns(UserWarning, match="exceeds the 0 MiB budget"):
@@ -157,7 +157,10 @@ def test_worker_killed_mid_phase_resumes_in_phase_and_an_over_budget_cache_recom
     assert history[1]["resumed_from_step"] in (2, 4) and history[0]["resumed_from_step"] == 0
     assert history[1]["cache"]["over_budget"] is True  # recomputed: one trunk forward per step of this attempt
     assert history[1]["trunk_forwards"] == 8 - history[1]["resumed_from_step"]
-    # the interrupted, recomputing phase trains what the uninterrupted, cached one did
+    # the validation curve survives the restart (its point at step 3 is in the step-4 checkpoint)
+    assert [(p["step"], p["global_step"]) for p in history[1]["val_curve"]] == [(3, 11), (6, 14), (8, 16)]
+    assert history[1]["val_curve"][-1]["val_loss"] == history[1]["val_loss"]
+    # the interrupted, recomputing phase (evaluated every 3 steps) trains what the uninterrupted, cached one did
     uninterrupted = weights(arrow_run[1][1]["checkpoint"])
     for name, tensor in weights(history[1]["checkpoint"]).items():
         torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ training:
   warmup_steps: 2
   progressive: {time_embedding_dim: 16, max_stacks: 2, qlora_enabled: true, qlora_rank: 4}
 """
-GRID = TINY + """\
+GRID = TINY.replace("  eval_batches: 2\n", "  eval_batches: 2\n  eval_every: 4\n") + """\
 tune:
   search_space:
     training.progressive.building_mode: {grid: [append, prepend]}
@@ -100,6 +100,15 @@ def test_grid_sweep_shares_stack_zero_and_resumes_after_a_kill(ray_session, tmp_
     baseline = results[results["kind"] == "baseline"].iloc[0]
     assert abs(baseline["flops"] / progressive["flops"].max() - 1) < 0.5  # the same budget, in whole steps
     assert (tmp_path / "grid" / "best_config.yaml").exists() and (tmp_path / "grid" / "results.parquet").exists()
+    # eval_every 4 in 8-step phases: 2 whole-split points a phase, the last one the phase's result
+    curves = pd.read_csv(tmp_path / "grid" / "curves.csv")
+    for trial_id, row in results.set_index("trial_id").iterrows():
+        curve = curves[curves["trial_id"] == trial_id].sort_values("global_step")
+        assert len(curve) == (2 * 2 if row["kind"] == "progressive" else baseline["steps"] // 4 + (baseline["steps"] % 4 > 0))
+        assert curve["flops"].is_monotonic_increasing and curve["flops"].iloc[-1] == pytest.approx(row["flops"])
+        assert curve["val_loss"].iloc[-1] == pytest.approx(row["val_loss"])
+    assert set(pd.read_csv(tmp_path / "grid" / "comparison.csv")["arm"]) == {
+        "building_mode=append", "building_mode=prepend", "baseline"}
 
 
 class Recorder(tune.Callback):
@@ -175,3 +184,118 @@ def test_trials_carry_one_short_column_per_swept_key():
             assert values == {"training.progressive.trunk_strategy": t["trunk_strategy"],
                               "training.progressive.building_mode": t["building_mode"], "training.lr": t["lr"]}
             assert 1e-3 <= t["lr"] <= 1e-2
+
+
+COMPARE = TINY.replace("qlora_enabled: true, qlora_rank: 4", "qlora_enabled: false") + """\
+tune:
+  search_space:
+    training.progressive.building_mode: {grid: [append, prepend]}
+  baseline: end_to_end
+  baseline_match: MATCH
+  lrs: [1.0e-3, 3.0e-3]
+  seeds: [0, 1, 2]
+"""
+
+
+def compare_config(tmp_path, match="flops", **sections):
+    raw = yaml.safe_load(COMPARE.replace("MATCH", match))
+    raw["ray"] = {"storage_path": str(tmp_path / "runs")}
+    for path, value in sections.items():
+        section, key = path.split("__")
+        raw.setdefault(section, {})[key] = value
+    path = tmp_path / f"compare_{match}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# The base run, by hand (flops.py's rules; d=32, T=32, V=260, one block per stack, d_ff 96,
+# a 16->32 time projection per stack; 120 examples: 108 train, 12 validation; batch 8, 8 steps a phase):
+#   a stack's forward per token: 2 x (4*32*32 + 3*32*96 + 16*32) + 4*T*d = 27648 + 4096 = 31744
+#   the head's forward: 2*32*260 = 16640
+#   phase 0 (stack and head train): (3*16640 + 3*31744) * 2048 tokens       = 297,271,296
+#   phase 1 (trunk cached, tied head frozen): (2*16640 + 3*31744) * 2048     = 263,192,576
+#   its cache: one trunk forward over the training split, 31744 * 108 * 32  = 109,707,264
+#   budget                                                                 = 670,171,136
+#   end to end, per token: 3*16640 + 2 * 3*31744 = 240,384
+BUDGET = 670_171_136
+
+
+def test_dry_run_expands_arms_lrs_and_seeds_and_matches_the_baseline(tmp_path, capsys):
+    from stackwise_ray.tune import baseline_plan, main
+
+    assert main([str(compare_config(tmp_path, "flops")), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # 3 arms (append, prepend, baseline) x 2 LRs x 3 seeds
+    assert out[0].startswith("18 trials (18 grid points: 3 arms x 2 lrs x 3 seeds")
+    # flops: batch 8, floor(670,171,136 / (240,384 * 8 * 32)) = floor(10.89) = 10 steps
+    assert out[1] == "baseline (end to end, baseline_match flops): batch 8, 10 steps, budget 6.702e+08 FLOPs"
+    trials = [line.split(": ", 1)[1] for line in out[2:]]
+    assert len(trials) == 18 and len(set(trials)) == 18
+    assert trials[0] == "{'training.progressive.building_mode': 'append', 'training.lr': 0.001, 'training.seed': 0}"
+    assert trials[17] == "{'kind': 'baseline', 'training.lr': 0.003, 'training.seed': 2}"
+    assert not (tmp_path / "runs" / "compare_flops").exists()  # nothing of a sweep written, no Ray
+
+    assert main([str(compare_config(tmp_path, "flops_and_steps")), "--dry-run"]) == 0
+    # flops_and_steps: 2 phases x 8 steps = 16 steps; batch floor(670,171,136 / (16 * 240,384 * 32)) = floor(5.45) = 5
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "baseline (end to end, baseline_match flops_and_steps): batch 5, 16 steps, budget 6.702e+08 FLOPs")
+    config = StackWiseConfig.from_yaml(compare_config(tmp_path, "flops_and_steps")).validate()
+    assert baseline_plan(config, 108) == {"batch_size": 5, "steps": 16, "budget": BUDGET}
+    config.tune.baseline_match = "flops"
+    assert baseline_plan(config, 108) == {"batch_size": 8, "steps": 10, "budget": BUDGET}
+
+
+def test_a_step_matched_baseline_without_a_batch_per_worker_is_refused_before_ray(tmp_path):
+    # 8 workers: the batch must be a multiple of 8, and the budget pays for 5.45 examples a step
+    path = compare_config(tmp_path, "flops_and_steps", ray__num_workers=8)
+    out = subprocess.run([sys.executable, "-m", "stackwise_ray.tune", str(path), "--storage", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == (
+        f"error: {path}: tune.baseline_match: flops_and_steps: 16 end-to-end steps within the budget of 6.7e+08 "
+        "FLOPs leave a batch of 5.45 examples, fewer than ray.num_workers=8; use baseline_match: flops")
+    assert not (tmp_path / "runs" / path.stem).exists()
+
+
+def test_trials_get_their_lr_seed_and_batch_and_share_only_coinciding_phases(tmp_path):
+    from stackwise_ray.phase_store import phase_identity
+    from stackwise_ray.tune import arm_label, grid_variants, trial_config
+
+    config = StackWiseConfig.from_yaml(compare_config(tmp_path, "flops_and_steps")).validate()
+    variants = grid_variants(config)
+    trials = {}
+    for i, v in enumerate(variants):
+        kind, trial = trial_config(config, {"variant": i}, {"batch_size": 5, "steps": 16, "budget": BUDGET})
+        assert trial.training.lr == v["training.lr"] and trial.training.seed == v["training.seed"]
+        # the cosine keeps the base's floor ratio, min_lr / lr = 3e-4 / 3e-3
+        assert trial.training.min_lr == pytest.approx(0.1 * v["training.lr"])
+        assert trial.data.batch_size == (5 if kind == "baseline" else 8)
+        trials[(v.get("training.progressive.building_mode", "baseline"), v["training.lr"], v["training.seed"])] = trial
+    assert arm_label(config, "progressive", variants[0]) == "building_mode=append"
+
+    def ids(trial):
+        plan = [{"n_blocks": 1, "precision": "full", "at_input_side": trial.training.progressive.building_mode == "prepend"}
+                for _ in range(2)]
+        return [phase_identity(trial, plan, k) for k in range(2)]
+
+    append, prepend = ids(trials[("append", 1e-3, 0)]), ids(trials[("prepend", 1e-3, 0)])
+    assert append[0] == prepend[0] and append[1] != prepend[1]  # stack 0 is shared by the two arms
+    others = [ids(trials[("append", 3e-3, 0)])[0], ids(trials[("append", 1e-3, 1)])[0]]
+    assert len({append[0], *others}) == 3  # another LR or seed is another phase
+
+
+def test_a_trial_curve_counts_flops_from_the_run_start():
+    from stackwise_ray.tune import trial_curve
+
+    history = [  # phase 0: 4 steps, eval_every 2; phase 1: a cache build of 50 FLOPs, then 4 steps
+        {"stack": 0, "steps": 4, "flops": 400.0, "train_flops": 400.0, "val_loss": 3.0,
+         "val_curve": [{"step": 2, "global_step": 2, "phase_flops": 200.0, "val_loss": 4.0},
+                       {"step": 4, "global_step": 4, "phase_flops": 400.0, "val_loss": 3.0}]},
+        {"stack": 1, "steps": 4, "flops": 350.0, "train_flops": 300.0, "val_loss": 2.5,
+         "val_curve": [{"step": 2, "global_step": 6, "phase_flops": 150.0, "val_loss": 2.8},
+                       {"step": 4, "global_step": 8, "phase_flops": 300.0, "val_loss": 2.5}]}]
+    assert [(p["global_step"], p["flops"], p["val_loss"]) for p in trial_curve(history)] == [
+        (2, 200.0, 4.0), (4, 400.0, 3.0), (6, 600.0, 2.8), (8, 750.0, 2.5)]
+    for phase in history:  # a run without eval_every: one point per phase end
+        del phase["val_curve"]
+    assert [(p["global_step"], p["flops"]) for p in trial_curve(history)] == [(4, 400.0), (8, 750.0)]
