@@ -214,10 +214,10 @@ def compare_config(tmp_path, match="flops", **sections):
 #   the head's forward: 2*32*260 = 16640
 #   phase 0 (stack and head train): (3*16640 + 3*31744) * 2048 tokens       = 297,271,296
 #   phase 1 (trunk cached, tied head frozen): (2*16640 + 3*31744) * 2048     = 263,192,576
-#   its cache: one trunk forward over the training split, 31744 * 108 * 32  = 109,707,264
-#   budget                                                                 = 670,171,136
+#   its cache: one trunk forward over the 8*8 examples phase 1 reads, 31744 * 64 * 32 = 65,011,712
+#   budget                                                                 = 625,475,584
 #   end to end, per token: 3*16640 + 2 * 3*31744 = 240,384
-BUDGET = 670_171_136
+BUDGET = 625_475_584
 
 
 def test_dry_run_expands_arms_lrs_and_seeds_and_matches_the_baseline(tmp_path, capsys):
@@ -227,8 +227,8 @@ def test_dry_run_expands_arms_lrs_and_seeds_and_matches_the_baseline(tmp_path, c
     out = capsys.readouterr().out.splitlines()
     # 3 arms (append, prepend, baseline) x 2 LRs x 3 seeds
     assert out[0].startswith("18 trials (18 grid points: 3 arms x 2 lrs x 3 seeds")
-    # flops: batch 8, floor(670,171,136 / (240,384 * 8 * 32)) = floor(10.89) = 10 steps
-    assert out[1] == "baseline (end to end, baseline_match flops): batch 8, 10 steps, budget 6.702e+08 FLOPs"
+    # flops: batch 8, floor(625,475,584 / (240,384 * 8 * 32)) = floor(10.16) = 10 steps
+    assert out[1] == "baseline (end to end, baseline_match flops): batch 8, 10 steps, budget 6.255e+08 FLOPs"
     trials = [line.split(": ", 1)[1] for line in out[2:]]
     assert len(trials) == 18 and len(set(trials)) == 18
     assert trials[0] == "{'training.progressive.building_mode': 'append', 'training.lr': 0.001, 'training.seed': 0}"
@@ -236,9 +236,9 @@ def test_dry_run_expands_arms_lrs_and_seeds_and_matches_the_baseline(tmp_path, c
     assert not (tmp_path / "runs" / "compare_flops").exists()  # nothing of a sweep written, no Ray
 
     assert main([str(compare_config(tmp_path, "flops_and_steps")), "--dry-run"]) == 0
-    # flops_and_steps: 2 phases x 8 steps = 16 steps; batch floor(670,171,136 / (16 * 240,384 * 32)) = floor(5.45) = 5
+    # flops_and_steps: 2 phases x 8 steps = 16 steps; batch floor(625,475,584 / (16 * 240,384 * 32)) = floor(5.08) = 5
     assert capsys.readouterr().out.splitlines()[1] == (
-        "baseline (end to end, baseline_match flops_and_steps): batch 5, 16 steps, budget 6.702e+08 FLOPs")
+        "baseline (end to end, baseline_match flops_and_steps): batch 5, 16 steps, budget 6.255e+08 FLOPs")
     config = StackWiseConfig.from_yaml(compare_config(tmp_path, "flops_and_steps")).validate()
     assert baseline_plan(config, 108) == {"batch_size": 5, "steps": 16, "budget": BUDGET}
     config.tune.baseline_match = "flops"
@@ -246,14 +246,14 @@ def test_dry_run_expands_arms_lrs_and_seeds_and_matches_the_baseline(tmp_path, c
 
 
 def test_a_step_matched_baseline_without_a_batch_per_worker_is_refused_before_ray(tmp_path):
-    # 8 workers: the batch must be a multiple of 8, and the budget pays for 5.45 examples a step
+    # 8 workers: the batch must be a multiple of 8, and the budget pays for 5.08 examples a step
     path = compare_config(tmp_path, "flops_and_steps", ray__num_workers=8)
     out = subprocess.run([sys.executable, "-m", "stackwise_ray.tune", str(path), "--storage", str(tmp_path / "runs")],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == (
-        f"error: {path}: tune.baseline_match: flops_and_steps: 16 end-to-end steps within the budget of 6.7e+08 "
-        "FLOPs leave a batch of 5.45 examples, fewer than ray.num_workers=8; use baseline_match: flops")
+        f"error: {path}: tune.baseline_match: flops_and_steps: 16 end-to-end steps within the budget of 6.25e+08 "
+        "FLOPs leave a batch of 5.08 examples, fewer than ray.num_workers=8; use baseline_match: flops")
     assert not (tmp_path / "runs" / path.stem).exists()
 
 
