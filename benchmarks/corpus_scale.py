@@ -7,9 +7,8 @@ Three corpora, assembled in a temporary directory (never shipped):
 
 Per corpus: the token store built alone in a fresh process (byte tokenizer, one process:
 tokenization MB/s and its peak RSS), the split and one batch read over it in another one,
-then the same 3-stack run (append, frozen trunk,
-cached, d_model 128, seq_len 128, 100 steps of batch 32 per stack, 1 worker) once per
-cache backend, each `python -m stackwise_ray.train` in a fresh process. Both runs share a
+then the same 3-stack run (append, frozen trunk, cached, d_model 128, seq_len 128, 100
+steps of batch 32 per stack, 1 worker) once per cache backend, each `python -m stackwise_ray.train` in a fresh process. Both runs share a
 storage directory, so the first builds the corpus's token store and the second reuses it.
 The driver's peak RSS is its VmHWM (/proc/PID/status), polled until it exits; a worker's
 is the phase's `peak_memory_mb`.
