@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["cache_io.py", "memory.py", "ray_overhead.py", "depth_and_cache.py", "phase_reuse.py", "quality.py"]
+SCRIPTS = ["cache_io.py", "memory.py", "ray_overhead.py", "depth_and_cache.py", "phase_reuse.py", "quality.py",
+           "corpus_scale.py"]
 
 if __name__ == "__main__":
     for script in sys.argv[1:] or SCRIPTS:
