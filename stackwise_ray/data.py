@@ -610,8 +610,8 @@ def open_datasets(config: StackWiseConfig, location: str) -> tuple[TokenDataset,
     data.max_examples examples, the first ones."""
     d = config.data
     store = token_store.TokenStore(location)
-    n = _example_count(store.meta, d)
-    return split_dataset(TokenDataset.from_store(store, d.seq_len, torch.arange(n)), d.val_fraction, d.split_seed)
+    train, val = split_positions(_example_count(store.meta, d), d.val_fraction, d.split_seed)
+    return TokenDataset.from_store(store, d.seq_len, train), TokenDataset.from_store(store, d.seq_len, val)
 
 
 def validation_size(n: int, val_fraction: float) -> int:
@@ -621,10 +621,20 @@ def validation_size(n: int, val_fraction: float) -> int:
 def split_dataset(ds: TokenDataset, val_fraction: float, split_seed: int) -> tuple[TokenDataset, TokenDataset]:
     """Seeded permutation split: the first max(1, round(N*val_fraction)) rows, at most
     N-1, are validation. Each part keeps the global example ids, ordered by id."""
-    n = len(ds)
+    train, val = split_positions(len(ds), val_fraction, split_seed)
+    return ds.subset(train), ds.subset(val)
+
+
+def split_positions(n: int, val_fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) positions of `n` examples, each ascending: the first
+    max(1, round(n*val_fraction)) of a permutation seeded by `split_seed`, at most n-1, are
+    validation. Memory: the permutation, one byte and the training positions per example."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    n_val = validation_size(n, val_fraction)
-    return ds.subset(perm[n_val:].sort().values), ds.subset(perm[:n_val].sort().values)
+    val = perm[:validation_size(n, val_fraction)].sort().values
+    del perm
+    keep = np.ones(n, dtype=bool)
+    keep[val.numpy()] = False
+    return torch.from_numpy(np.flatnonzero(keep)), val
 
 
 def dataset_from_user(data, config: StackWiseConfig) -> tuple[TokenDataset, TokenDataset]:

@@ -94,8 +94,9 @@ def build(config: StackWiseConfig, checkpoint: str, stack_id: int, start: int, e
     if backend == "arrow":
         if cache_complete(directory, layout):
             return CacheHandle(end, layout, backend, directory, [shard_path(directory, i) for i in range(layout.shards)],
-                               {"rows": layout.rows, "bytes": layout.nbytes, "shards": layout.shards, "built": False,
-                                "incremental": False, "build_s": 0.0, "attempts": 0, "stacks_run": 0, "flops": 0.0})
+                               {"rows": layout.rows, "bytes": layout.nbytes, "shards": layout.shards, "dtype": layout.dtype,
+                                "built": False, "incremental": False, "build_s": 0.0, "attempts": 0, "tasks": 0,
+                                "reused_shards": layout.shards, "stacks_run": 0, "flops": 0.0, "node_id": ""})
         for i in range(layout.shards):
             if shard_intact(shard_path(directory, i)):
                 shards[i] = shard_path(directory, i)
