@@ -1,4 +1,4 @@
-"""Run every benchmark, one after another (about 40 minutes on 2 CPUs); each rewrites
+"""Run every benchmark, one after another (about 75 minutes on 2 CPUs); each rewrites
 its own section of docs/benchmarks.md."""
 
 import os
