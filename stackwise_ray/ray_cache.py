@@ -56,8 +56,8 @@ class CacheHandle:
 def build_shards(config: dict, checkpoint: str, stack_id: int, start: int, end: int, layout: CacheLayout,
                  shard_ids: list[int], prev: list | None, backend: str, directory: str, data_ref, use_gpu: bool):
     """Ray task: shards `shard_ids` of the stream entering rack position `end`, one at a time
-    (first yields its node, then each shard's arrays, or for the arrow backend writes each
-    shard and yields its size)."""
+    (first yields its node and the FLOPs of building one row, then each shard's arrays, or
+    for the arrow backend writes each shard and yields its size)."""
     import torch
 
     config = StackWiseConfig.from_dict(config)  # this run's corruption, not the checkpoint's run's
@@ -65,7 +65,9 @@ def build_shards(config: dict, checkpoint: str, stack_id: int, start: int, end: 
     rack = load_rack(checkpoint, config=config).build_rack().to(device)
     train_ds, _, tokenizer = load_data(config, data_ref)
     masking = TimeStepMasking(config, tokenizer)
-    yield {"node_id": ray.get_runtime_context().get_node_id()}
+    T = config.data.seq_len
+    yield {"node_id": ray.get_runtime_context().get_node_id(),  # and what one row costs to build
+           "row_flops": T * sum(forward_flops_per_token(s, T, config.model.d_model) for s in rack.stacks[start:end])}
     for i in shard_ids:
         before = None if prev is None else load_shard(prev[i])
         shard = compute_shard(rack, train_ds, masking, stack_id, start, end, layout.positions[layout.shard(i)],
@@ -103,17 +105,18 @@ def build(config: StackWiseConfig, checkpoint: str, stack_id: int, start: int, e
     reused = sum(s is not None for s in shards)
     outside = PlacementGroupSchedulingStrategy(placement_group=None)  # a Tune trial's group holds only its slot
     use_gpu = config.ray.use_gpu and ray.available_resources().get("GPU", 0) >= 1
-    attempts, failure, nodes = 0, None, []
+    attempts, failure, started = 0, None, []
     while any(s is None for s in shards) and attempts < ATTEMPTS:
         attempts += 1
         todo = [i for i, s in enumerate(shards) if s is None]
-        groups = [todo[k::max(1, min(tasks, len(todo)))] for k in range(max(1, min(tasks, len(todo))))]
+        n = max(1, min(tasks, len(todo)))
+        groups = [todo[k::n] for k in range(n)]
         runs = [(ids, build_shards.options(scheduling_strategy=outside, num_gpus=1 if use_gpu else 0).remote(
             config.to_dict(), checkpoint, stack_id, start, end, layout, ids, prev.shards if prev else None, backend,
             directory, data_ref, use_gpu)) for ids in groups]
         try:
             for ids, generator in runs:
-                nodes.append(ray.get(next(generator))["node_id"])
+                started.append(ray.get(next(generator)))
                 for i, ref in zip(ids, generator):
                     ray.get(ref)  # raises the task's error; an object-store shard is only mapped
                     shards[i] = shard_path(directory, i) if backend == "arrow" else ref
@@ -128,20 +131,13 @@ def build(config: StackWiseConfig, checkpoint: str, stack_id: int, start: int, e
                                f"ray.cache_shard_mb or give the node more memory): {str(failure).splitlines()[0]}")
     if backend == "arrow":
         write_manifest(directory, layout)
-    rack_flops = _forward_flops(config, checkpoint, start, end)
     built = layout.rows * (layout.shards - reused) / layout.shards
     return CacheHandle(end, layout, backend, directory, shards, {
         "rows": layout.rows, "bytes": layout.nbytes, "shards": layout.shards, "dtype": layout.dtype, "built": True,
         "incremental": prev is not None, "stacks_run": end - start, "build_s": time.perf_counter() - t0,
         "attempts": attempts, "tasks": len(groups) if attempts else 0, "reused_shards": reused,
-        "flops": rack_flops * built * layout.seq_len, "node_id": nodes[-1] if nodes else ""})
-
-
-def _forward_flops(config: StackWiseConfig, checkpoint: str, start: int, end: int) -> float:
-    if start == end:  # trunk inputs: the embedding only
-        return 0.0
-    rack = load_rack(checkpoint, config=config).build_rack()
-    return sum(forward_flops_per_token(s, config.data.seq_len, config.model.d_model) for s in rack.stacks[start:end])
+        "flops": started[-1]["row_flops"] * built if started else 0.0,
+        "node_id": started[-1]["node_id"] if started else ""})
 
 
 def _post(board, stack_id: int, layout: CacheLayout, done: int) -> None:

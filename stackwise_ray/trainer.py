@@ -282,11 +282,11 @@ class ProgressiveTrainer:
             source = ids[use.position - 1] if use.position > 0 else ids[0]
             directory = storage.join(self.store.root, source,
                                      f"cache_position_{use.position:03d}_{layout.key}_{layout.dtype}")
-            room = ray.available_resources()
             try:
                 cache = ray_cache.build(config, prev_checkpoint, stack_id, use.position - 1 if incremental else 0,
                                         use.position, layout, cache if incremental else None, directory, data_ref,
-                                        tasks=max(1, min(4, int(room.get("CPU", 1)))), board=self._board)
+                                        tasks=max(1, min(4, int(ray.available_resources().get("CPU", 1)))),
+                                        board=self._board)
             except ray_cache.CacheMemoryError as e:
                 refusal = f"{e}: the trunk is recomputed instead"
         if refusal is not None:  # said before the phase trains, and kept in its metrics

@@ -23,7 +23,7 @@ def fake_shards(config, checkpoint, stack_id, start, end, layout, shard_ids, pre
                 use_gpu):
     """Shards of zeros; a shard named in `checkpoint`'s fail list is killed for memory
     (once each where checkpoint says "once", else every time). Each try leaves a file."""
-    yield {"node_id": ray.get_runtime_context().get_node_id()}
+    yield {"node_id": ray.get_runtime_context().get_node_id(), "row_flops": 0.0}
     mode, fail = checkpoint.split(":")
     for i in shard_ids:
         tries = len([f for f in os.listdir(directory) if f.startswith(f"{i}.")])
