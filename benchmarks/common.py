@@ -90,13 +90,14 @@ machines are noisy.
 """
 
 
-def run_sweep(cfg: StackWiseConfig, name: str) -> tuple[float, str]:
-    """Run `python -m stackwise_ray.tune` on `cfg` in a fresh process; (wall s, experiment dir)."""
+def run_sweep(cfg: StackWiseConfig, name: str, storage: str | None = None) -> tuple[float, str]:
+    """Run `python -m stackwise_ray.tune` on `cfg` in a fresh process, in `storage` (a new
+    temporary directory by default); (wall s, experiment dir)."""
     import tempfile
 
     import yaml
 
-    storage = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    storage = storage or tempfile.mkdtemp(prefix=f"bench-{name}-")
     path = os.path.join(storage, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
