@@ -147,7 +147,7 @@ def report(results, curves, facts, args) -> str:
         "`new_stack_init=copy` starts each new stack as a copy of the one below (depth stacking). The budget is "
         "the FLOPs of the frozen run; *full* arms spend more (they train the trunk) and are marked not "
         "compute-matched. Baselines: the same 3-block model trained end to end for that budget, with the batch "
-        "set so it also takes 600 optimizer steps (*FLOPs and steps matched*), or with batch 16 and as many "
+        "set so it also takes " f"{3 * args.steps} optimizer steps (*FLOPs and steps matched*), or with batch 16 and as many "
         "steps as the budget pays for (*FLOPs matched*).\n\n"
         f"**Against the FLOPs-and-steps-matched baseline** (difference: arm minus baseline, nats, Welch 95% CI "
         f"over seeds):\n\n{markdown_table(versus_steps)}\n\n"
@@ -155,7 +155,7 @@ def report(results, curves, facts, args) -> str:
         f"**Every learning rate** (mean final val_loss over seeds):\n\n{lr_table(results)}\n\n"
         + (f"Best LR at the edge of the grid for: {'; '.join(edges)}; a wider grid might move these arms.\n\n"
            if edges else "Every arm's best LR lies inside the grid.\n\n")
-        + "What this does not show: one small model (0.6 M parameters in its blocks) and 600 steps; one corpus "
+        + f"What this does not show: one small model (0.6 M parameters in its blocks) and {3 * args.steps} steps; one corpus "
         "(Python source); CPU float32. Whether the ordering holds at larger scale, with longer training or "
         "with other data is not measured here."
     )
