@@ -13,11 +13,13 @@ temporary directory and deleted afterwards.
 
     python benchmarks/quality.py                      # the published run (about 1 h on 2 CPUs)
     python benchmarks/quality.py --lrs 1e-3 --seeds 0 --steps 20 --no-write   # a smoke run
+    python benchmarks/quality.py --from DIR       # the report again, from a run made with --keep DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -96,19 +98,35 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/benchmarks.md alone")
-    parser.add_argument("--keep", help="also copy results.csv and curves.csv of both sweeps here")
+    parser.add_argument("--keep", help="also write both sweeps' results.csv and curves.csv, and facts.json, here")
+    parser.add_argument("--from", dest="source", help="write the report from a --keep directory instead of running")
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="quality-corpus-")
-    try:
-        results, curves, facts = run(tmp, args.lrs, args.seeds, args.steps)
-    finally:
-        shutil.rmtree(tmp)
-    if args.keep:
-        os.makedirs(args.keep, exist_ok=True)
-        results.to_csv(os.path.join(args.keep, "results.csv"), index=False)
-        curves.to_csv(os.path.join(args.keep, "curves.csv"), index=False)
+    if args.source:
+        results, curves, facts = kept(args.source)
+    else:
+        tmp = tempfile.mkdtemp(prefix="quality-corpus-")
+        try:
+            results, curves, facts = run(tmp, args.lrs, args.seeds, args.steps)
+        finally:
+            shutil.rmtree(tmp)
+        if args.keep:
+            keep(args.keep, results, curves, {**facts, "lrs": args.lrs, "seeds": args.seeds, "steps": args.steps})
     body = report(results, curves, facts, args)
     print(body) if args.no_write else write_section("p6", "P6: progressive vs end-to-end at equal compute", body)
+
+
+def keep(out: str, results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    results.to_csv(os.path.join(out, "results.csv"), index=False)
+    curves.to_csv(os.path.join(out, "curves.csv"), index=False)
+    with open(os.path.join(out, "facts.json"), "w") as f:
+        json.dump(facts, f, indent=1)
+
+
+def kept(source: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    with open(os.path.join(source, "facts.json")) as f:
+        facts = json.load(f)
+    return pd.read_csv(os.path.join(source, "results.csv")), pd.read_csv(os.path.join(source, "curves.csv")), facts
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -131,12 +149,14 @@ def lr_table(results: pd.DataFrame) -> str:
 
 
 def report(results, curves, facts, args) -> str:
+    if args.source:  # the grid the kept run used
+        args.lrs, args.seeds, args.steps = facts["lrs"], facts["seeds"], facts["steps"]
     versus_steps = against(results, curves, STEP_MATCHED)
     versus_flops = against(results, curves, FLOP_MATCHED)
     edges = edge_lrs(versus_steps, args.lrs)
     return (
         f"`{EXPERIMENT}` (d_model 128, 4 heads, 3 stacks of 1 block, seq_len 128, byte tokenizer, batch 16, "
-        f"{args.steps} steps per stack, cosine LR to 1e-4, validation every 50 steps on the whole validation "
+        f"{args.steps} steps per stack, in every phase 20 warmup steps then cosine decay to a tenth of the LR, validation every 50 steps on the whole validation "
         f"split) on the standard library's `.py` files as JSONL ({facts['corpus_mb']:.1f} MB, "
         f"{facts['train_examples']:,} training windows, val_fraction {VAL_FRACTION}). Every arm ran every LR of "
         f"{args.lrs} with seeds {args.seeds}: {facts['trials']} trials, sweep A {facts['wall_a'] / 60:.0f} min, "
