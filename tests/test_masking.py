@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from stackwise_ray.config import StackWiseConfig
-from stackwise_ray.masking import TimeStepMasking, mask_rate, time_step_for_stack
+from stackwise_ray.masking import TimeStepMasking, mask_rate
+from stackwise_ray.time_mapping import time_step_for_stack
 
 PAD, MASK, BOS, EOS = 256, 257, 258, 259
 
