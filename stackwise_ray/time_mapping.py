@@ -39,8 +39,9 @@ def time_step_for_stack(stack_idx: int, mapping: str, time_per_stack: int, max_s
     raise ValueError(f"unknown stack_time_mapping {mapping!r} (linear, exponential or custom)")
 
 
-def depth_time_step(p, stack_idx: int) -> int:
-    """The depth time step of stack `stack_idx` under a ProgressiveConfig `p`'s mapping."""
+def depth_time_step(config, stack_idx: int) -> int:
+    """The depth time step of stack `stack_idx` under a StackWiseConfig's mapping."""
+    p = config.training.progressive
     mapping, custom = resolve_mapping(p.stack_time_mapping, p.custom_time_mapping)
     custom_fn = load_time_mapping(custom) if mapping == "custom" else None
     return time_step_for_stack(stack_idx, mapping, p.time_per_stack, p.max_stacks, p.num_time_steps, custom_fn)
