@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import storage
-from .config import ConfigError, StackWiseConfig, check_fits, load_config
+from .config import ConfigError, StackWiseConfig, check_fits
 from .errors import fail
 
 BAD_INPUT = 2  # the exit status of a command refused by its input
@@ -35,17 +35,18 @@ def refuse(where: str | None, e: BaseException | str) -> int:
 
 def load_for_command(path: str, storage_path: str | None, check_data: bool = True,
                      address: str | None = None, name: str | None = None) -> StackWiseConfig | None:
-    """What train and tune do first: check --name, load and validate the YAML, apply
-    --storage, check that a GPU run has a GPU, that the storage path is writable, and the
+    """What train and tune do first: check --name, load the YAML, apply --storage (or
+    normalise ray.storage_path), validate, check that a GPU run has a GPU, that the storage path is writable, and the
     config against its tokenizer and data (a bad data file fails here, before Ray starts).
     On bad input, print one line naming the file and return None (the command exits with
     status 2)."""
     try:
         if name is not None:
             storage.check_name(name)
-        config = load_config(path)
-        if storage_path:
-            config.ray.storage_path = storage.storage_dir(storage_path)
+        config = StackWiseConfig.from_yaml(path)
+        # the one place a command's storage path is normalised, before the config is validated
+        config.ray.storage_path = storage.storage_dir(storage_path or config.ray.storage_path)
+        config = config.validate()
         from .ray_runtime import probe, resolve_address
 
         ray_address, source = resolve_address(config, address)
