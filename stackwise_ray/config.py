@@ -2,7 +2,10 @@
 
 Every section is a plain dataclass, so `config.training.progressive.qlora_rank = 8`
 works as the source document shows. `validate()` checks types, ranges and the
-combinations that cannot work, and raises `ConfigError` with the full key path.
+combinations that cannot work, raises `ConfigError` with the full key path, and returns
+a validated copy (its input is left as it was). This module holds the schema and its
+rules only: storage paths live in storage.py, the command-line entry in cli.py, custom
+time mappings in time_mapping.py.
 """
 
 from __future__ import annotations
