@@ -8,10 +8,12 @@ Both are active in the forward pass; which ones train is decided in builder.py.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
-from .config import ProgressiveConfig
+if TYPE_CHECKING:  # config imports this module to check LoRA settings
+    from .config import ProgressiveConfig
 
 STACK_ADAPTER = "stack"
 TRUNK_ADAPTER = "trunk"

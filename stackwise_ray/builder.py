@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 
 from . import adapters
-from .config import QUANTIZED_PRECISIONS, ConfigError, StackWiseConfig, load_time_mapping
+from .config import QUANTIZED_PRECISIONS, ConfigError, StackWiseConfig
 from .data import load_tokenizer
-from .masking import time_step_for_stack
+from .time_mapping import load_time_mapping, time_step_for_stack
 from .model import Rack, Stack
 from .precision import apply_precision, compute_dtype, precision_support, unquantized_layers, weight_bytes
 

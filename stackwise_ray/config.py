@@ -2,28 +2,30 @@
 
 Every section is a plain dataclass, so `config.training.progressive.qlora_rank = 8`
 works as the source document shows. `validate()` checks types, ranges and the
-combinations that cannot work, and raises `ConfigError` with the full key path.
+combinations that cannot work, raises `ConfigError` with the full key path, and returns
+a validated copy (its input is left as it was). This module holds the schema and its
+rules only: storage paths live in storage.py, the command-line entry in cli.py, custom
+time mappings in time_mapping.py.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
-import importlib
 import importlib.util
-import inspect
 import math
 import os
-import reprlib
-import sys
 import types
 import typing
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from .errors import ConfigError, clip, fail, first_line, show
+from .time_mapping import MAPPINGS, check_mapping_name, load_time_mapping, resolve_mapping
 
 PRECISIONS = ("full", "half", "bfloat16", "nvfp4", "qlora")
 QUANTIZED_PRECISIONS = ("nvfp4", "qlora")
@@ -35,8 +37,10 @@ MAX_STACKS = 1024  # validation loops over the stacks (precisions, time steps)
 MAX_GRID_POINTS = 1000  # trials in a grid; each grid or choice value is validated as a whole config
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with the offending key path."""
+def can_copy_weights(source: str, new: str) -> bool:
+    """Whether new_stack_init: copy can give a `new`-precision stack the weights of a
+    `source`-precision one: 4-bit codes copy only into the same 4-bit format."""
+    return source == new or (source not in QUANTIZED_PRECISIONS and new not in QUANTIZED_PRECISIONS)
 
 
 @dataclass
@@ -71,7 +75,7 @@ class DataConfig:
 
 @dataclass
 class ProgressiveConfig:
-    enabled: bool = True
+    enabled: bool = True  # the source document's switch; only true is accepted
     trunk_strategy: Literal["frozen", "qlora", "full"] = "frozen"  # full: the whole rack trains after growth
     new_stack_init: Literal["random", "copy"] = "random"  # copy: from the adjacent trained stack (G_stack)
     new_stack_precision: Literal["full", "half", "bfloat16", "nvfp4", "qlora"] = "full"
@@ -198,12 +202,12 @@ class StackWiseConfig:
         except yaml.reader.ReaderError as e:  # a NUL byte, bytes that are not UTF-8
             before = text.decode("utf-8", "replace")[:e.position].encode() if e.encoding == "unicode" else text[:e.position]
             line = before.count(b"\n") + 1
-            raise ConfigError(f"{path}: line {line}: {_first_line(e)}") from None
+            raise ConfigError(f"{path}: line {line}: {first_line(e)}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            what = "; ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or _first_line(e)
-            raise ConfigError(f"{path}:{where} YAML syntax error: {_clip(what, 200)}") from None
+            what = "; ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or first_line(e)
+            raise ConfigError(f"{path}:{where} YAML syntax error: {clip(what, 200)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: <top level>: must be a mapping of sections, got {_kind(raw)} "
                               "(a run with every default is written {})")
@@ -241,7 +245,21 @@ class StackWiseConfig:
         """Raise ConfigError naming the first bad key. check_files=False skips the data and
         tokenizer file and tracking package checks (loading a trained rack elsewhere needs none);
         import_code=False checks only the shape of a custom time mapping's name, without
-        importing or calling it (a rack from elsewhere must not run code it names)."""
+        importing or calling it (a rack from elsewhere must not run code it names).
+
+        Returns a validated copy, its spellings normalised (stack indices as ints, the
+        `stack_time_mapping: module:function` shorthand as custom); `self` is left as it
+        is. Validating that copy again, unchanged, returns it at once."""
+        done = getattr(self, "_validated", None)
+        if done and check_files <= done[0] and import_code <= done[1] and done[2] == repr(self):
+            return self
+        out = copy.deepcopy(self)
+        out._check(check_files, import_code)
+        out._validated = (check_files, import_code, repr(out))  # not a field: to_dict and == ignore it
+        return out
+
+    def _check(self, check_files: bool, import_code: bool) -> None:
+        """validate()'s checks, normalising `self` (a fresh copy) as they go."""
         # attribute assignment bypasses from_dict, so types are checked again here
         _check_types(self, "")
         m, d, t, p = self.model, self.data, self.training, self.training.progressive
@@ -261,63 +279,62 @@ class StackWiseConfig:
         _positive(m, "model", "rope_theta", "norm_eps", "init_std")
         for sec, obj, key in (("training", t, "weight_decay"), ("training", t, "grad_clip")):
             if getattr(obj, key) < 0:
-                _fail(f"{sec}.{key}", f"must be >= 0, got {_show(getattr(obj, key))}")
+                fail(f"{sec}.{key}", f"must be >= 0, got {show(getattr(obj, key))}")
         _within(t, "training", "seed", 0, MAX_SEED)
         _within(d, "data", "split_seed", 0, MAX_SEED)
         _within(p, "training.progressive", "max_stacks", 1, MAX_STACKS)
         _within(self.ray, "ray", "cache_shard_mb", 1, 16_384)
         if m.vocab_size is not None and d.tokenizer == "byte" and m.vocab_size < BYTE_VOCAB_SIZE:
-            _fail("model.vocab_size", f"must be >= the byte tokenizer's {BYTE_VOCAB_SIZE} ids, got {_show(m.vocab_size)}")
-        storage_dir(self.ray.storage_path)
+            fail("model.vocab_size", f"must be >= the byte tokenizer's {BYTE_VOCAB_SIZE} ids, got {show(m.vocab_size)}")
         if self.ray.max_failures < 0:
-            _fail("ray.max_failures", f"must be >= 0, got {_show(self.ray.max_failures)}")
+            fail("ray.max_failures", f"must be >= 0, got {show(self.ray.max_failures)}")
         for key in ("checkpoint_every", "eval_every"):
             if getattr(t, key) < 0:
-                _fail(f"training.{key}", f"must be >= 0, got {_show(getattr(t, key))}")
+                fail(f"training.{key}", f"must be >= 0, got {show(getattr(t, key))}")
         if self.ray.cache_max_bytes is not None and self.ray.cache_max_bytes < 0:
-            _fail("ray.cache_max_bytes", f"must be >= 0, got {_show(self.ray.cache_max_bytes)}")
+            fail("ray.cache_max_bytes", f"must be >= 0, got {show(self.ray.cache_max_bytes)}")
         fault = self.ray.inject_worker_failure
         if fault is not None and not (fault.count(":") == 1 and all(x.isdigit() for x in fault.split(":"))):
-            _fail("ray.inject_worker_failure", f"must look like 'stack:step', got {_show(fault)}")
+            fail("ray.inject_worker_failure", f"must look like 'stack:step', got {show(fault)}")
         if d.batch_size % self.ray.num_workers:
-            _fail("data.batch_size", f"the global batch must split evenly over ray.num_workers={self.ray.num_workers}, got {_show(d.batch_size)}")
+            fail("data.batch_size", f"the global batch must split evenly over ray.num_workers={self.ray.num_workers}, got {show(d.batch_size)}")
         if p.time_per_stack < 0:
-            _fail("training.progressive.time_per_stack", f"must be >= 0, got {_show(p.time_per_stack)}")
+            fail("training.progressive.time_per_stack", f"must be >= 0, got {show(p.time_per_stack)}")
         if t.lr <= 0:
-            _fail("training.lr", f"must be > 0, got {_show(t.lr)}")
+            fail("training.lr", f"must be > 0, got {show(t.lr)}")
         if t.min_lr < 0 or t.min_lr > t.lr:
-            _fail("training.min_lr", f"must be in [0, training.lr={t.lr}], got {_show(t.min_lr)}")
+            fail("training.min_lr", f"must be in [0, training.lr={t.lr}], got {show(t.min_lr)}")
         if t.warmup_steps < 0:
-            _fail("training.warmup_steps", f"must be >= 0, got {_show(t.warmup_steps)}")
+            fail("training.warmup_steps", f"must be >= 0, got {show(t.warmup_steps)}")
         if m.d_model % m.n_heads:
-            _fail("model.d_model", f"must be divisible by model.n_heads={m.n_heads}, got {_show(m.d_model)}")
+            fail("model.d_model", f"must be divisible by model.n_heads={m.n_heads}, got {show(m.d_model)}")
         if (m.d_model // m.n_heads) % 2:
-            _fail("model.d_model", f"head size d_model/n_heads must be even for rotary embeddings, got {m.d_model // m.n_heads}")
+            fail("model.d_model", f"head size d_model/n_heads must be even for rotary embeddings, got {m.d_model // m.n_heads}")
         if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
-            _fail("model.n_kv_heads", f"must divide model.n_heads={m.n_heads}, got {_show(m.n_kv_heads)}")
+            fail("model.n_kv_heads", f"must divide model.n_heads={m.n_heads}, got {show(m.n_kv_heads)}")
         if d.seq_len > m.max_seq_len:
-            _fail("data.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {_show(d.seq_len)}")
+            fail("data.seq_len", f"must be <= model.max_seq_len={m.max_seq_len}, got {show(d.seq_len)}")
         if not 0 < d.val_fraction < 1:
-            _fail("data.val_fraction", f"must be between 0 and 1, got {_show(d.val_fraction)}")
+            fail("data.val_fraction", f"must be between 0 and 1, got {show(d.val_fraction)}")
         for k in ("min_mask_rate", "max_mask_rate", "mask_token_fraction", "random_token_fraction"):
             if not 0 <= getattr(p, k) <= 1:
-                _fail(f"training.progressive.{k}", f"must be in [0, 1], got {getattr(p, k)}")
+                fail(f"training.progressive.{k}", f"must be in [0, 1], got {getattr(p, k)}")
         if p.min_mask_rate > p.max_mask_rate:
-            _fail("training.progressive.min_mask_rate", f"must be <= max_mask_rate={p.max_mask_rate}, got {_show(p.min_mask_rate)}")
+            fail("training.progressive.min_mask_rate", f"must be <= max_mask_rate={p.max_mask_rate}, got {show(p.min_mask_rate)}")
         if p.mask_token_fraction + p.random_token_fraction > 1:
-            _fail("training.progressive.random_token_fraction", "mask_token_fraction + random_token_fraction must be <= 1")
+            fail("training.progressive.random_token_fraction", "mask_token_fraction + random_token_fraction must be <= 1")
         if not 0 <= p.qlora_dropout < 1:
-            _fail("training.progressive.qlora_dropout", f"must be in [0, 1), got {_show(p.qlora_dropout)}")
+            fail("training.progressive.qlora_dropout", f"must be in [0, 1), got {show(p.qlora_dropout)}")
         if self.target_stacks > p.max_stacks:
-            _fail("training.progressive.target_stacks", f"must be <= max_stacks={p.max_stacks}, got {_show(p.target_stacks)}")
+            fail("training.progressive.target_stacks", f"must be <= max_stacks={p.max_stacks}, got {show(p.target_stacks)}")
         if self.causal and p.training_objective == "mlm":
-            _fail("model.attention", "causal attention cannot see the masked tokens' right context; use bidirectional or auto for mlm")
+            fail("model.attention", "causal attention cannot see the masked tokens' right context; use bidirectional or auto for mlm")
         if not self.causal and p.training_objective == "clm":
-            _fail("model.attention", "clm with bidirectional attention lets each position see its own target; use causal or auto")
+            fail("model.attention", "clm with bidirectional attention lets each position see its own target; use causal or auto")
         if p.training_objective == "custom" and d.source == "pydoc":
-            _fail("training.progressive.training_objective", "custom needs targets in the data: set data.source to a JSONL/Parquet file and data.target_field")
+            fail("training.progressive.training_objective", "custom needs targets in the data: set data.source to a JSONL/Parquet file and data.target_field")
         if p.training_objective == "custom" and d.target_field is None:
-            _fail("data.target_field", "training_objective custom needs targets from the data: name their field here")
+            fail("data.target_field", "training_objective custom needs targets from the data: name their field here")
         self._validate_precisions()
         if check_files:  # a run here; a rack loaded for sampling needs no training batch
             check_fits(self, m.vocab_size or BYTE_VOCAB_SIZE)
@@ -328,7 +345,6 @@ class StackWiseConfig:
         if check_files:  # what this machine must have for a run: data, tokenizer, tracking packages
             _validate_data_source(d)
             self._validate_tracking()
-        return self
 
     def stack_precision(self, stack_idx: int) -> str:
         p = self.training.progressive
@@ -339,70 +355,74 @@ class StackWiseConfig:
         p.stack_precisions = _int_keys(p.stack_precisions, "training.progressive.stack_precisions", p.max_stacks)
         for k, v in p.stack_precisions.items():
             if v not in PRECISIONS:
-                _fail(f"training.progressive.stack_precisions.{k}", _choice_msg(v, PRECISIONS))
+                fail(f"training.progressive.stack_precisions.{k}", _choice_msg(v, PRECISIONS))
         for k in range(self.target_stacks):
             if self.stack_precision(k) in QUANTIZED_PRECISIONS and not p.qlora_enabled:
                 key = f"training.progressive.stack_precisions.{k}" if k in p.stack_precisions else "training.progressive.new_stack_precision"
-                _fail(key, f"a {self.stack_precision(k)} stack has frozen 4-bit base weights and trains only through its LoRA adapter: set training.progressive.qlora_enabled: true")
+                fail(key, f"a {self.stack_precision(k)} stack has frozen 4-bit base weights and trains only through its LoRA adapter: set training.progressive.qlora_enabled: true")
 
     def _validate_lora(self) -> None:
         p = self.training.progressive
         if p.trunk_strategy == "qlora" and not (p.qlora_enabled or p.progressive_qlora):
-            _fail("training.progressive.trunk_strategy", "qlora trains only the trunk's LoRA adapters: set qlora_enabled or progressive_qlora to true")
+            fail("training.progressive.trunk_strategy", "qlora trains only the trunk's LoRA adapters: set qlora_enabled or progressive_qlora to true")
         p.qlora_configs = _int_keys(p.qlora_configs, "training.progressive.qlora_configs", p.max_stacks)
         for k, v in p.qlora_configs.items():
             key = f"training.progressive.qlora_configs.{k}"
             if not isinstance(v, dict):
-                _fail(key, f"must be a mapping with rank and alpha, got {_show(v)}")
+                fail(key, f"must be a mapping with rank and alpha, got {show(v)}")
             unknown = set(v) - {"rank", "alpha"}
             if unknown:
-                _fail(f"{key}.{sorted(unknown)[0]}", "unknown key (expected rank, alpha)")
+                fail(f"{key}.{sorted(unknown)[0]}", "unknown key (expected rank, alpha)")
             for sub in ("rank", "alpha"):
                 if sub not in v:
-                    _fail(f"{key}.{sub}", "missing")
+                    fail(f"{key}.{sub}", "missing")
                 if isinstance(v[sub], bool) or not isinstance(v[sub], (int, float)) or v[sub] <= 0 or (sub == "rank" and not isinstance(v[sub], int)):
-                    _fail(f"{key}.{sub}", f"must be a positive {'integer' if sub == 'rank' else 'number'}, got {_show(v[sub])}")
+                    fail(f"{key}.{sub}", f"must be a positive {'integer' if sub == 'rank' else 'number'}, got {show(v[sub])}")
         if p.qlora_enabled and p.qlora_strategy == "variable":
             missing = [k for k in range(self.target_stacks) if k not in p.qlora_configs]
             if missing:
-                _fail("training.progressive.qlora_configs", f"qlora_strategy variable needs an entry for every stack that will be built (0..{self.target_stacks - 1}); missing {missing}")
+                fail("training.progressive.qlora_configs", f"qlora_strategy variable needs an entry for every stack that will be built (0..{self.target_stacks - 1}); missing {missing}")
 
     def _validate_growth(self) -> None:
         p = self.training.progressive
+        if not p.enabled:
+            fail("training.progressive.enabled", "must be true: every run here grows the rack stack by stack "
+                 "(the same rack trained end to end is tune.baseline: end_to_end)")
         if p.trunk_strategy == "full" and p.progressive_qlora:
-            _fail("training.progressive.progressive_qlora", "trunk_strategy full trains the trunk's own weights, so a trunk adapter would only be a redundant low-rank copy of their update: set it to false, or use trunk_strategy qlora")
+            fail("training.progressive.progressive_qlora", "trunk_strategy full trains the trunk's own weights, so a trunk adapter would only be a redundant low-rank copy of their update: set it to false, or use trunk_strategy qlora")
         if p.new_stack_init != "copy":
             return
-        from .adapters import stack_lora_params  # adapters imports this module
+        from .adapters import (
+            stack_lora_params,  # adapters imports torch: not before a config is refused
+        )
+
 
         for k in range(1, self.target_stacks):
             source, new = self.stack_precision(k - 1), self.stack_precision(k)
-            if source != new and (source in QUANTIZED_PRECISIONS or new in QUANTIZED_PRECISIONS):
-                _fail("training.progressive.new_stack_init", f"copy gives stack {k} ({new}) the weights of stack {k - 1} ({source}); a 4-bit stack copies only from a stack of its own precision")
+            if not can_copy_weights(source, new):
+                fail("training.progressive.new_stack_init", f"copy gives stack {k} ({new}) the weights of stack {k - 1} ({source}); a 4-bit stack copies only from a stack of its own precision")
             if p.qlora_enabled and stack_lora_params(k, p) != stack_lora_params(k - 1, p):
-                _fail("training.progressive.new_stack_init", f"copy gives stack {k} the LoRA adapter of stack {k - 1}, but qlora_strategy {p.qlora_strategy} gives them different (rank, alpha): {stack_lora_params(k - 1, p)} and {stack_lora_params(k, p)}")
+                fail("training.progressive.new_stack_init", f"copy gives stack {k} the LoRA adapter of stack {k - 1}, but qlora_strategy {p.qlora_strategy} gives them different (rank, alpha): {stack_lora_params(k - 1, p)} and {stack_lora_params(k, p)}")
 
     def _validate_time(self, import_code: bool) -> None:
         p = self.training.progressive
-        mapping = p.stack_time_mapping
-        if ":" in mapping:  # stack_time_mapping: "module:function" is shorthand for custom
-            p.custom_time_mapping, p.stack_time_mapping = mapping, "custom"
-        elif mapping not in ("linear", "exponential", "custom"):
-            _fail("training.progressive.stack_time_mapping", _choice_msg(mapping, ("linear", "exponential", "custom")))
+        p.stack_time_mapping, p.custom_time_mapping = resolve_mapping(p.stack_time_mapping, p.custom_time_mapping)
+        if p.stack_time_mapping not in MAPPINGS:
+            fail("training.progressive.stack_time_mapping", _choice_msg(p.stack_time_mapping, MAPPINGS))
         if p.stack_time_mapping == "custom":
             if p.custom_time_mapping is None:
-                _fail("training.progressive.custom_time_mapping", "stack_time_mapping custom needs 'module:function' here")
+                fail("training.progressive.custom_time_mapping", "stack_time_mapping custom needs 'module:function' here")
             if not import_code:
-                _check_mapping_name(p.custom_time_mapping, "training.progressive.custom_time_mapping")
+                check_mapping_name(p.custom_time_mapping)
                 return
-            fn = load_time_mapping(p.custom_time_mapping, "training.progressive.custom_time_mapping")
+            fn = load_time_mapping(p.custom_time_mapping)
             for k in range(self.target_stacks):
                 try:
                     step = fn(k, p.max_stacks, p.num_time_steps)
                 except BaseException as e:  # SystemExit too: a mapping must not end the command
-                    _fail("training.progressive.custom_time_mapping", f"{_clip(p.custom_time_mapping)} raised {type(e).__name__} for stack {k}: {_first_line(e)}")
+                    fail("training.progressive.custom_time_mapping", f"{clip(p.custom_time_mapping)} raised {type(e).__name__} for stack {k}: {first_line(e)}")
                 if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < p.num_time_steps:
-                    _fail("training.progressive.custom_time_mapping", f"{_clip(p.custom_time_mapping)} returned {_show(step)} for stack {k}; expected an int in [0, {p.num_time_steps})")
+                    fail("training.progressive.custom_time_mapping", f"{clip(p.custom_time_mapping)} returned {show(step)} for stack {k}; expected an int in [0, {p.num_time_steps})")
 
 
     def _validate_tracking(self) -> None:
@@ -410,9 +430,9 @@ class StackWiseConfig:
         for key, on, package in (("mlflow", t.mlflow is not None, "mlflow"), ("tensorboard", t.tensorboard, "tensorboard"),
                                  ("wandb", t.wandb != "off", "wandb")):
             if on and importlib.util.find_spec(package) is None:
-                _fail(f"tracking.{key}", f"needs the {package} package: pip install 'stackwise-ray[tracking]'")
+                fail(f"tracking.{key}", f"needs the {package} package: pip install 'stackwise-ray[tracking]'")
         if t.mlflow is not None and t.mlflow != "local" and "://" not in t.mlflow and t.mlflow != "databricks":
-            _fail("tracking.mlflow", f"must be local or a tracking URI (http://..., sqlite:///..., databricks), got {_show(t.mlflow)}")
+            fail("tracking.mlflow", f"must be local or a tracking URI (http://..., sqlite:///..., databricks), got {show(t.mlflow)}")
 
     def _validate_protocol(self) -> None:
         """tune.lrs, seeds and baseline_match: the comparison protocol."""
@@ -423,66 +443,66 @@ class StackWiseConfig:
                                 lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED,
                                 f"an integer in [0, {MAX_SEED}]")
         if t.baseline_match != "flops" and t.baseline != "end_to_end":
-            _fail("tune.baseline_match", "matches the end-to-end baseline: set tune.baseline: end_to_end")
+            fail("tune.baseline_match", "matches the end-to-end baseline: set tune.baseline: end_to_end")
 
     def _validate_tune(self, check_files: bool, import_code: bool) -> None:
         t = self.tune
         _positive(t, "tune", "num_samples", "max_concurrent_trials", "grace_period")
         if t.reduction_factor <= 1:
-            _fail("tune.reduction_factor", f"must be > 1, got {_show(t.reduction_factor)}")
+            fail("tune.reduction_factor", f"must be > 1, got {show(t.reduction_factor)}")
         if t.searcher != "none" and (t.baseline != "none" or any("grid" in s for s in t.search_space.values() if isinstance(s, dict))):
-            _fail("tune.searcher", "a searcher picks its own points: use choice instead of grid, and baseline: none")
+            fail("tune.searcher", "a searcher picks its own points: use choice instead of grid, and baseline: none")
         self._validate_protocol()
         lists = [v for s in t.search_space.values() if isinstance(s, dict) for v in s.values() if isinstance(v, list)]
         if sum(map(len, lists)) > MAX_GRID_POINTS:
-            _fail("tune.search_space", f"lists {sum(map(len, lists)):,} grid and choice values; at most {MAX_GRID_POINTS:,}")
+            fail("tune.search_space", f"lists {sum(map(len, lists)):,} grid and choice values; at most {MAX_GRID_POINTS:,}")
         points = math.prod(len(s["grid"]) for s in t.search_space.values() if isinstance(s, dict) and isinstance(s.get("grid"), list))
         points *= max(1, len(t.lrs)) * max(1, len(t.seeds))
         if points > MAX_GRID_POINTS:
-            _fail("tune.search_space", f"the grid has {points:,} points; at most {MAX_GRID_POINTS:,} trials")
+            fail("tune.search_space", f"the grid has {points:,} points; at most {MAX_GRID_POINTS:,} trials")
         for path, spec in t.search_space.items():
             key = f"tune.search_space.{path}"
             field_type = _field_type(self, str(path), key)
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
-                _fail(key, f"must be a mapping with one of {', '.join(SEARCH_KINDS)}, got {_show(spec)}")
+                fail(key, f"must be a mapping with one of {', '.join(SEARCH_KINDS)}, got {show(spec)}")
             kind, values = next(iter(spec.items()))
             if kind in ("grid", "choice"):
                 if not isinstance(values, list) or not values:
-                    _fail(f"{key}.{kind}", f"must be a non-empty list, got {_show(values)}")
+                    fail(f"{key}.{kind}", f"must be a non-empty list, got {show(values)}")
                 for value in values:  # every value must make a valid config
                     try:
                         apply_overrides(self, {path: value}).validate(check_files, import_code)
                     except ConfigError as e:
-                        _fail(f"{key}.{kind}", f"value {_show(value)}: {e}")
+                        fail(f"{key}.{kind}", f"value {show(value)}: {e}")
             else:
                 if (not isinstance(values, list) or len(values) != 2
                         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in values)
                         or values[0] >= values[1]):
-                    _fail(f"{key}.{kind}", f"must be [low, high] with low < high, got {_show(values)}")
+                    fail(f"{key}.{kind}", f"must be [low, high] with low < high, got {show(values)}")
                 if kind == "loguniform" and values[0] <= 0:
-                    _fail(f"{key}.{kind}", "bounds must be > 0")
+                    fail(f"{key}.{kind}", "bounds must be > 0")
                 if field_type not in (int, float) or (kind == "randint" and field_type is not int):
-                    _fail(key, f"{kind} needs a numeric key, {path} is not")
+                    fail(key, f"{kind} needs a numeric key, {path} is not")
                 if field_type is int and kind != "randint":
-                    _fail(key, f"{kind} draws fractions; {path} is an integer: use randint")
+                    fail(key, f"{kind} draws fractions; {path} is an integer: use randint")
                 for bound in values:  # the key's rules are ranges, so both bounds decide
                     try:
                         apply_overrides(self, {path: bound}).validate(check_files, import_code)
                     except ConfigError as e:
-                        _fail(f"{key}.{kind}", f"bound {_show(bound)}: {e}")
+                        fail(f"{key}.{kind}", f"bound {show(bound)}: {e}")
 
 
 def _validate_protocol_list(t, key: str, path: str, ok, what: str) -> None:
     values = getattr(t, key)
     for i, v in enumerate(values):
         if not ok(v):
-            _fail(f"tune.{key}.{i}", f"must be {what}, got {_show(v)}")
+            fail(f"tune.{key}.{i}", f"must be {what}, got {show(v)}")
     if len(set(values)) != len(values):
-        _fail(f"tune.{key}", f"lists a value twice: {_show(values)}")
+        fail(f"tune.{key}", f"lists a value twice: {show(values)}")
     if values and path in t.search_space:
-        _fail(f"tune.{key}", f"{path} is in tune.search_space too; set it in one place")
+        fail(f"tune.{key}", f"{path} is in tune.search_space too; set it in one place")
     if values and t.searcher != "none":
-        _fail(f"tune.{key}", "a searcher picks its own points; tune.lrs and tune.seeds need searcher: none")
+        fail(f"tune.{key}", "a searcher picks its own points; tune.lrs and tune.seeds need searcher: none")
 
 
 def _field_type(config, path: str, key: str):
@@ -492,12 +512,12 @@ def _field_type(config, path: str, key: str):
         names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
         if part not in names or (i == 0 and part == "tune"):
             near = difflib.get_close_matches(part, names, n=1)
-            _fail(key, f"no such config key{f' (did you mean {_show(near[0])}?)' if near else ''}")
+            fail(key, f"no such config key{f' (did you mean {show(near[0])}?)' if near else ''}")
         tp = _hints(type(obj))[part]
         obj = getattr(obj, part)
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                _fail(key, "is a whole section; sweep one of its keys")
+                fail(key, "is a whole section; sweep one of its keys")
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             return args[0] if typing.get_origin(tp) in (Union, types.UnionType) else tp
 
@@ -527,7 +547,7 @@ def check_fits(config: StackWiseConfig, vocab_size: int) -> None:
     total = {name: sum(n for _, n in terms) for name, terms in (("weights", weights), ("activations", activations))}
     if memory is not None and sum(total.values()) > memory:
         key = max(weights + activations, key=lambda term: term[1])[0]
-        _fail(key, f"a rack of {config.target_stacks} stacks needs at least {_bytes(sum(total.values()))} (weights and "
+        fail(key, f"a rack of {config.target_stacks} stacks needs at least {_bytes(sum(total.values()))} (weights and "
                    f"buffers {_bytes(total['weights'])}, one batch's activations {_bytes(total['activations'])}), "
                    f"more than this machine's {_bytes(memory)}")
 
@@ -573,76 +593,6 @@ def _bytes(n: float) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
-def storage_dir(path: str) -> str:
-    """Where runs go: an absolute local directory (a plain or mounted path, or file://),
-    or a URI of a filesystem pyarrow knows (storage.py)."""
-    from .storage import SCHEMES
-
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif "://" in path:
-        scheme = path.split("://", 1)[0]
-        if scheme not in SCHEMES:
-            raise ConfigError(f"ray.storage_path: {_show(path)}: unknown scheme {_show(scheme)}; use a local or mounted path, "
-                              f"file://, or one of {', '.join(s + '://' for s in SCHEMES)}")
-        return path.rstrip("/")
-    return os.path.abspath(path)
-
-
-def check_storage(path: str) -> None:
-    """Check, before anything starts, that runs can be written under the storage path, by
-    writing a probe file there and removing it. A local directory the probe needs is
-    made for it and removed again: nothing is left behind either way."""
-    from . import storage
-
-    location = storage_dir(path)
-    probe = f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    if storage.is_remote(location):
-        try:
-            storage.makedirs(location)
-            storage.write_bytes(storage.join(location, probe), b"")
-            storage.remove(storage.join(location, probe))
-        except (OSError, ValueError) as e:  # pyarrow's errors carry the service's reason
-            raise ConfigError(f"ray.storage_path: {location}: cannot be reached: {_first_line(e)}") from None
-        return
-    made = []
-    try:
-        for directory in reversed(_missing_dirs(location)):
-            os.mkdir(directory)
-            made.append(directory)
-        with open(os.path.join(location, probe), "xb"):
-            pass
-        os.remove(os.path.join(location, probe))
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        reason = getattr(e, "strerror", None) or _first_line(e)
-        raise ConfigError(f"ray.storage_path: {_clip(location, 200)}: cannot write there: {reason}") from None
-    finally:
-        for directory in reversed(made):
-            try:
-                os.rmdir(directory)
-            except OSError:  # another process put something there meanwhile: it stays
-                break
-
-
-def _missing_dirs(path: str) -> list[str]:
-    """`path` and those of its parents that do not exist, deepest first."""
-    missing = []
-    while not os.path.lexists(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
-
-
-def check_name(name: str) -> None:
-    """A run or experiment name is one directory right under the storage path."""
-    bad = next((c for c in ("/", "\\", "\0", "?", "#") if c in name), None)
-    if name in ("", ".", "..") or bad:
-        why = f"contains {bad!r}" if bad else "is not a directory name"
-        raise ConfigError(f"--name: must be one directory name under the storage path; {_show(name)} {why}")
-    if len(name.encode("utf-8", "surrogateescape")) > 255:
-        raise ConfigError("--name: longer than 255 bytes, the most a directory name can be")
-
-
 def load_config(path: str | os.PathLike) -> StackWiseConfig:
     """Read and validate a YAML file; every error message starts with the file's path."""
     path = os.fspath(path)
@@ -651,82 +601,6 @@ def load_config(path: str | os.PathLike) -> StackWiseConfig:
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(path) else f"{path}: {msg}") from None
-
-
-def load_for_command(path: str, storage: str | None, check_data: bool = True,
-                     address: str | None = None, name: str | None = None) -> StackWiseConfig | None:
-    """What both commands do first: check --name, load and validate the YAML, apply
-    --storage, check that a GPU run has a GPU, that the storage path is writable, and the
-    config against its tokenizer and data (a bad data file fails here, before Ray starts).
-    On bad input, print one line naming the file and return None (the command exits with
-    status 2)."""
-    try:
-        if name is not None:
-            check_name(name)
-        config = load_config(path)
-        if storage:
-            config.ray.storage_path = storage_dir(storage)
-        from .ray_runtime import probe, resolve_address
-
-        ray_address, source = resolve_address(config, address)
-        if ray_address is not None and check_data:  # a run, not a dry run: before anything is written
-            probe(ray_address, source)
-        if config.ray.use_gpu and not (address or config.ray.address or os.environ.get("RAY_ADDRESS")):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError("ray.use_gpu: true, but this machine has no CUDA GPU (set it to false, or give "
-                                  "the address of a cluster with GPU workers: ray.address, RAY_ADDRESS or --address)")
-        check_storage(config.ray.storage_path)
-        if check_data or config.data.tokenizer != "byte":
-            _check_against_data(config, check_data)
-        return config
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}" if str(e).startswith(path) else f"error: {path}: {e}", file=sys.stderr)
-        return None
-
-
-def _check_against_data(config: StackWiseConfig, load_data: bool) -> None:
-    """What validate cannot know: the tokenizer's vocabulary and the number of examples."""
-    from .data import load_tokenizer, token_store_location
-
-    tokenizer, m = load_tokenizer(config.data.tokenizer), config.model
-    if m.vocab_size is not None and m.vocab_size < tokenizer.vocab_size:
-        _fail("model.vocab_size", f"must be >= the tokenizer's {tokenizer.vocab_size:,} ids, got {m.vocab_size:,}")
-    check_fits(config, m.vocab_size or tokenizer.vocab_size)
-    if load_data:  # builds the token store where it is missing; checks the example counts, batch size included
-        token_store_location(config, tokenizer, for_training=True)
-
-
-def load_time_mapping(spec: str, key: str = "training.progressive.custom_time_mapping"):
-    """Import `module:function` with signature f(stack_idx, max_stacks, num_time_steps).
-
-    This import is the only code a configuration can name.
-    """
-    module_name, fn_name = _check_mapping_name(spec, key)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        _fail(key, f"cannot import module {_show(module_name)}: {_first_line(e)}")
-    except BaseException as e:  # the module itself is broken (SyntaxError, an error or sys.exit at import time)
-        _fail(key, f"cannot import module {_show(module_name)}: {type(e).__name__}: {_first_line(e)}")
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        _fail(key, f"module {_show(module_name)} has no function {_show(fn_name)}")
-    try:
-        inspect.signature(fn).bind(0, 1, 1)
-    except TypeError:
-        _fail(key, f"{_clip(spec)} must accept (stack_idx, max_stacks, num_time_steps)")
-    except ValueError:
-        pass  # builtins without a signature: try them as they are
-    return fn
-
-
-def _check_mapping_name(spec: str, key: str) -> tuple[str, str]:
-    module_name, _, fn_name = spec.partition(":")
-    if not module_name or not fn_name:
-        _fail(key, f"must look like 'module:function', got {_show(spec)}")
-    return module_name, fn_name
 
 
 # ---------------------------------------------------------------- reading YAML
@@ -779,7 +653,7 @@ class _Loader(yaml.SafeLoader):
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
                 line = first.setdefault((key.tag, key.value), key.start_mark.line + 1)
                 if line != key.start_mark.line + 1:
-                    raise ConfigError(f"line {key.start_mark.line + 1}: duplicate key {_clip(key.value)!r} "
+                    raise ConfigError(f"line {key.start_mark.line + 1}: duplicate key {clip(key.value)!r} "
                                       f"(first on line {line})")
         return node
 
@@ -802,7 +676,7 @@ def _hints(cls) -> dict:
 
 def _build(cls, raw: Any, path: str):
     if not isinstance(raw, dict):
-        _fail(path or "<top level>", f"must be a mapping, got {type(raw).__name__}")
+        fail(path or "<top level>", f"must be a mapping, got {type(raw).__name__}")
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -811,7 +685,7 @@ def _build(cls, raw: Any, path: str):
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else f" (known keys: {', '.join(names)})"
-            _fail(full, f"unknown key{hint}")
+            fail(full, f"unknown key{hint}")
         kwargs[key] = _coerce(hints[key], value, full)
     return cls(**kwargs)
 
@@ -832,7 +706,7 @@ def _check_value(tp, value, path):
         return _check_value(next(a for a in args if a is not type(None)), value, path)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            _fail(path, _choice_msg(value, typing.get_args(tp)))
+            fail(path, _choice_msg(value, typing.get_args(tp)))
         return
     ok = {
         bool: lambda v: isinstance(v, bool),
@@ -845,7 +719,7 @@ def _check_value(tp, value, path):
     if not ok:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         name = "a finite number" if tp is float and number else _type_name(tp)
-        _fail(path, f"must be {name}, got {type(value).__name__} {_show(value)}")
+        fail(path, f"must be {name}, got {type(value).__name__} {show(value)}")
 
 
 def _check_types(obj, path):
@@ -864,16 +738,16 @@ def _type_name(tp):
 
 
 def _choice_msg(value, choices):
-    near = difflib.get_close_matches(_clip(value, 200) if isinstance(value, str) else _show(value), [str(c) for c in choices], n=1)
+    near = difflib.get_close_matches(clip(value, 200) if isinstance(value, str) else show(value), [str(c) for c in choices], n=1)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
-    return f"must be one of {', '.join(map(str, choices))}; got {_show(value)}{hint}"
+    return f"must be one of {', '.join(map(str, choices))}; got {show(value)}{hint}"
 
 
 def _positive(obj, section, *keys):
     for k in keys:
         v = getattr(obj, k)
         if v <= 0:
-            _fail(f"{section}.{k}", f"must be > 0, got {_show(v)}")
+            fail(f"{section}.{k}", f"must be > 0, got {show(v)}")
 
 
 def _finite(v) -> bool:
@@ -886,7 +760,7 @@ def _finite(v) -> bool:
 def _within(obj, section, key, low, high):
     v = getattr(obj, key)
     if not low <= v <= high:
-        _fail(f"{section}.{key}", f"must be in [{low}, {high:,}], got {_show(v)}")
+        fail(f"{section}.{key}", f"must be in [{low}, {high:,}], got {show(v)}")
 
 
 def _int_keys(d: dict, path: str, max_stacks: int) -> dict:
@@ -895,44 +769,18 @@ def _int_keys(d: dict, path: str, max_stacks: int) -> dict:
         try:
             out[int(k)] = v
         except (TypeError, ValueError, OverflowError):
-            _fail(f"{path}.{k}", "keys must be stack indices (integers)")
+            fail(f"{path}.{k}", "keys must be stack indices (integers)")
         if not 0 <= int(k) < max_stacks:
-            _fail(f"{path}.{k}", f"no such stack: indices run from 0 to max_stacks-1={max_stacks - 1}")
+            fail(f"{path}.{k}", f"no such stack: indices run from 0 to max_stacks-1={max_stacks - 1}")
     return out
 
 
 def _validate_data_source(d: DataConfig) -> None:
     if d.source != "pydoc" and not os.path.isfile(d.source):
-        _fail("data.source", f"no such file: {_clip(d.source)} (use 'pydoc' for the bundled corpus)")
+        fail("data.source", f"no such file: {clip(d.source)} (use 'pydoc' for the bundled corpus)")
     if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
-        _fail("data.tokenizer", f"no such file: {_clip(d.tokenizer)} (use 'byte' for the built-in byte tokenizer)")
-
-
-def _first_line(e: BaseException) -> str:
-    return _clip((str(e).strip().splitlines() or [""])[0], 200)
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 6, 6, 4, 4
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
-
-
-def _show(value) -> str:
-    """repr(value), bounded: a value may be an alias bomb or a 10 MB string, and an error
-    message prints it."""
-    try:
-        return _clip(_REPR.repr(value))
-    except ValueError:  # an int past Python's 4300-digit limit
-        return f"an integer of {value.bit_length():,} bits"
-
-
-def _clip(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+        fail("data.tokenizer", f"no such file: {clip(d.tokenizer)} (use 'byte' for the built-in byte tokenizer)")
 
 
 def _kind(value) -> str:
-    return "an empty document" if value is None else f"{type(value).__name__} {_show(value)}"
-
-
-def _fail(path: str, msg: str):
-    raise ConfigError(f"{_clip(path, 200)}: {msg}")  # a key path holds the file's keys
+    return "an empty document" if value is None else f"{type(value).__name__} {show(value)}"

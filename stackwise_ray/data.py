@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import storage, token_store
-from .config import DataConfig, StackWiseConfig, storage_dir
+from .config import DataConfig, StackWiseConfig
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index
 
@@ -404,7 +404,7 @@ def token_store_location(config: StackWiseConfig, tokenizer=None, for_training: 
     is published (a refused run writes nothing)."""
     d = config.data
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(d.tokenizer)
-    root = storage.join(storage_dir(config.ray.storage_path), "tokens")
+    root = storage.join(storage.storage_dir(config.ray.storage_path), "tokens")
     location = storage.join(root, token_store.store_key(store_identity(d, tokenizer)))
 
     def check(meta: dict) -> int:

@@ -30,6 +30,7 @@ import sys
 import torch
 
 from .adapters import lora_layers
+from .cli import refuse
 
 
 class ExportError(ValueError):
@@ -219,10 +220,8 @@ def main(argv=None) -> int:
         check_exportable(builder.config)
         export_hf(builder, args.out)
     except (ExportError, FileNotFoundError, ValueError) as e:
-        where = args.out if str(e).startswith(args.out) else args.run_dir
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}" if msg.startswith(where) else f"error: {where}: {msg}", file=sys.stderr)
-        return 2
+        return refuse(args.out if msg.startswith(args.out) else args.run_dir, msg)
     print(f"transformers model: {os.path.abspath(args.out)}")
     return 0
 

@@ -1,6 +1,6 @@
 """Time interpretation, corruption and training objectives.
 
-A stack index maps to a diffusion-style time step (`time_step_for_stack`), a
+A stack index maps to a diffusion-style time step (time_mapping.py), a
 time step maps to a corruption rate (`mask_rate`), and `TimeStepMasking` turns
 a batch into corrupted inputs, targets and loss masks for one of three
 objectives: mlm (masked denoising), clm (next token) and custom (targets come
@@ -42,28 +42,11 @@ from __future__ import annotations
 
 import torch
 
-from stackwise_ray.config import StackWiseConfig, load_time_mapping
+from .config import StackWiseConfig
+from .data import IGNORE_INDEX, load_tokenizer
+from .time_mapping import load_time_mapping, resolve_mapping, time_step_for_stack
 
-IGNORE_INDEX = -100  # custom targets use the usual cross-entropy ignore value
 _MASK64 = (1 << 64) - 1
-
-
-def time_step_for_stack(stack_idx: int, mapping: str, time_per_stack: int, max_stacks: int,
-                        num_time_steps: int, custom_fn=None) -> int:
-    last = num_time_steps - 1
-    if mapping == "linear":
-        return min(stack_idx * time_per_stack, last)
-    if mapping == "exponential":
-        return min(time_per_stack * (2 ** stack_idx - 1), last)
-    if mapping == "custom":
-        if custom_fn is None:
-            raise ValueError("stack_time_mapping 'custom' needs custom_fn")
-        step = custom_fn(stack_idx, max_stacks, num_time_steps)
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_time_steps:
-            raise ValueError(f"custom time mapping returned {step!r} for stack {stack_idx}; "
-                             f"expected an int in [0, {num_time_steps})")
-        return step
-    raise ValueError(f"unknown stack_time_mapping {mapping!r} (linear, exponential or custom)")
 
 
 def mask_rate(time_step: int, num_time_steps: int, min_rate: float, max_rate: float) -> float:
@@ -94,7 +77,6 @@ class TimeStepMasking:
 
     def __init__(self, config: StackWiseConfig, tokenizer=None, time_steps: dict[int, int] | None = None):
         if tokenizer is None:
-            from stackwise_ray.data import load_tokenizer  # data.py imports heavier things
             tokenizer = load_tokenizer(config.data.tokenizer)
         p = config.training.progressive
         self.tokenizer = tokenizer
@@ -108,9 +90,7 @@ class TimeStepMasking:
         self.min_mask_rate, self.max_mask_rate = p.min_mask_rate, p.max_mask_rate
         self.mask_token_fraction = p.mask_token_fraction
         self.random_token_fraction = p.random_token_fraction
-        self.mapping, custom = p.stack_time_mapping, p.custom_time_mapping
-        if ":" in self.mapping:  # the module:function shorthand, in case validate() did not run
-            self.mapping, custom = "custom", self.mapping
+        self.mapping, custom = resolve_mapping(p.stack_time_mapping, p.custom_time_mapping)
         self.time_steps = None if time_steps is None else dict(time_steps)
         self.custom_fn = load_time_mapping(custom) if self.mapping == "custom" and time_steps is None else None
         self.pad_id, self.mask_id = tokenizer.pad_id, tokenizer.mask_id

@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from . import storage  # noqa: E402
+from .cli import refuse  # noqa: E402
 
 # Older sweeps or partial runs may lack some columns; they are added empty so the report still renders.
 RESULT_COLUMNS = ["trial_id", "kind", "status", "val_loss", "flops", "wall_s", "phases_trained", "phases_reused",
@@ -398,13 +399,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="where to write the report (default: EXPERIMENT_DIR/report)")
     args = parser.parse_args(argv)
     if not storage.exists(storage.join(args.experiment_dir, "results.csv")):
-        print(f"error: {args.experiment_dir}: no results.csv here", file=sys.stderr)
-        return 2
+        return refuse(args.experiment_dir, "no results.csv here")
     try:
         paths = write_report(args.experiment_dir, args.out)
     except BadTableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(None, e)
     print(f"report: {paths['summary_html']}")
     return 0
 

@@ -10,12 +10,9 @@ import argparse
 import math
 import sys
 
+from .cli import OneLineParser, refuse
+
 MAX_LENGTH = 10_000  # tokens; each one is a forward pass of the whole rack
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's usage block would make a bad flag several lines
-        self.exit(2, f"error: {message.removeprefix('argument ')}\n")
 
 
 def int_in(low: int, high: int | None = None):
@@ -68,14 +65,12 @@ def main(argv=None) -> int:
     try:
         builder = load_rack(resolve(args.run_dir))
     except (FileNotFoundError, CorruptCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(None, e)
     if args.evaluate:
         try:
             print(evaluate_rack(builder))
         except ValueError as e:  # the data file the rack's config names: one line naming it
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return refuse(None, e)
     print(sample(builder, args.prompt, args.length, args.temperature, args.top_k, args.seed))
     return 0
 

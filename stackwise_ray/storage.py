@@ -19,9 +19,12 @@ import os
 import posixpath
 import shutil
 import tempfile
+import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
+
+from .errors import ConfigError, clip, first_line, show
 
 # the schemes pyarrow.fs.FileSystem.from_uri resolves (file:// is made a local path)
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -218,3 +221,69 @@ def local_path(location: str) -> str:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def storage_dir(path: str) -> str:
+    """Where runs go, normalised once: an absolute local directory (a plain or mounted
+    path, or file://), or a URI of a filesystem pyarrow knows (SCHEMES)."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:
+        scheme = path.split("://", 1)[0]
+        if scheme not in SCHEMES:
+            raise ConfigError(f"ray.storage_path: {show(path)}: unknown scheme {show(scheme)}; use a local or mounted path, "
+                              f"file://, or one of {', '.join(s + '://' for s in SCHEMES)}")
+        return path.rstrip("/")
+    return os.path.abspath(path)
+
+
+def check_storage(path: str) -> None:
+    """Check, before anything starts, that runs can be written under the storage path, by
+    writing a probe file there and removing it. A local directory the probe needs is
+    made for it and removed again: nothing is left behind either way."""
+    location = storage_dir(path)
+    probe = f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if is_remote(location):
+        try:
+            makedirs(location)
+            write_bytes(join(location, probe), b"")
+            remove(join(location, probe))
+        except (OSError, ValueError) as e:  # pyarrow's errors carry the service's reason
+            raise ConfigError(f"ray.storage_path: {location}: cannot be reached: {first_line(e)}") from None
+        return
+    made = []
+    try:
+        for directory in reversed(missing_dirs(location)):
+            os.mkdir(directory)
+            made.append(directory)
+        with open(os.path.join(location, probe), "xb"):
+            pass
+        os.remove(os.path.join(location, probe))
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        reason = getattr(e, "strerror", None) or first_line(e)
+        raise ConfigError(f"ray.storage_path: {clip(location, 200)}: cannot write there: {reason}") from None
+    finally:
+        for directory in reversed(made):
+            try:
+                os.rmdir(directory)
+            except OSError:  # another process put something there meanwhile: it stays
+                break
+
+
+def missing_dirs(path: str) -> list[str]:
+    """`path` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def check_name(name: str) -> None:
+    """A run or experiment name is one directory right under the storage path."""
+    bad = next((c for c in ("/", "\\", "\0", "?", "#") if c in name), None)
+    if name in ("", ".", "..") or bad:
+        why = f"contains {bad!r}" if bad else "is not a directory name"
+        raise ConfigError(f"--name: must be one directory name under the storage path; {show(name)} {why}")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise ConfigError("--name: longer than 255 bytes, the most a directory name can be")

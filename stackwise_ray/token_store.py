@@ -76,7 +76,7 @@ def ensure(location: str, write, check=None) -> str:
         return location
     remote = storage.is_remote(location)
     root = os.path.dirname(location) if not remote else None
-    created = [] if remote else _missing_dirs(root)
+    created = [] if remote else storage.missing_dirs(root)  # deepest first
     if not remote:
         os.makedirs(root, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(location)}.part-", dir=root)
@@ -88,22 +88,13 @@ def ensure(location: str, write, check=None) -> str:
         _publish(stage, location, meta)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        for d in reversed(created):
+        for d in created:
             try:
                 os.rmdir(d)
             except OSError:  # something else was put there meanwhile
                 break
         raise
     return location
-
-
-def _missing_dirs(path: str) -> list[str]:
-    """`path` and its parents that do not exist yet, outermost first."""
-    missing = []
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing[::-1]
 
 
 def _publish(stage: str, location: str, meta: dict) -> None:

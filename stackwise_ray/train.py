@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .config import load_for_command
+from .cli import BAD_INPUT, error_line, load_for_command
 from .ray_runtime import RayAddressError, dashboard_line, run_in_thread, start, stop_on_signals
 
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = load_for_command(args.config, args.storage, name=args.name)
     if config is None:
-        return 2
+        return BAD_INPUT
     from . import storage
     from .console import Console, log_path
     from .trainer import ProgressiveTrainer, RunDirError
@@ -70,8 +70,8 @@ def main(argv=None) -> int:
         run_in_thread(trainer.train_progressively)
         console.line(f"\ntrained rack: {storage.join(trainer.run_dir, 'final')}")
     except (RunDirError, RayAddressError) as e:
-        console.error(f"error: {e}" if isinstance(e, RunDirError) else f"error: {args.config}: {e}")
-        return 2
+        console.error(error_line(None if isinstance(e, RunDirError) else args.config, e))
+        return BAD_INPUT
     finally:
         console.close()
     return 0

@@ -24,13 +24,14 @@ from . import ray_cache, ray_metrics, storage
 from .builder import ProgressiveRackBuilder
 from .cache import cache_dtype, plan_cache, plan_layout
 from .checkpoint import load_metadata, load_rack
-from .config import StackWiseConfig, storage_dir
+from .config import StackWiseConfig
 from .data import dataset_from_user, open_datasets, token_store_location
 from .phase_store import PhaseStore, phase_identity
 from .prestart import Prestarter
 from .phase import phase_steps
 from .ray_phase import finished_checkpoint, fit_phase
 from .ray_runtime import ensure_ray
+from .storage import storage_dir
 from .tracking import Tracker, flat
 
 class RunDirError(ValueError):

@@ -21,7 +21,9 @@ import sys
 import time
 
 from . import storage
-from .config import ConfigError, StackWiseConfig, apply_overrides, load_for_command, storage_dir
+from .cli import BAD_INPUT, error_line, load_for_command, refuse
+from .config import ConfigError, StackWiseConfig, apply_overrides
+from .storage import storage_dir
 from .ray_runtime import run_in_thread, stop_on_signals
 
 TRIAL_RESOURCE = "trial_slot"  # trials hold this instead of CPUs: a trial holding a CPU its phases need can deadlock
@@ -437,23 +439,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address, name=args.name)
     if config is None:
-        return 2
+        return BAD_INPUT
     try:  # a baseline that cannot be matched is refused before Ray starts
         baseline = planned_baseline(config)
     except ConfigError as e:
-        print(f"error: {args.config}: {e}", file=sys.stderr)
-        return 2
+        return refuse(args.config, e)
     if args.dry_run:
         print(dry_run_text(config, baseline))
         return 0
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
-    root = storage_dir(args.storage or config.ray.storage_path)
+    root = config.ray.storage_path  # load_for_command applied --storage and normalised it
     experiment_dir = storage.join(root, name)
     from ray import tune
 
     if storage.exists(experiment_dir) and not args.resume and tune.Tuner.can_restore(experiment_dir):
-        print(f"error: {experiment_dir}: a sweep is already there; pass --resume or another --name", file=sys.stderr)
-        return 2
+        return refuse(experiment_dir, "a sweep is already there; pass --resume or another --name")
     from .console import Console, log_path
 
     console = Console(log_path(experiment_dir, "tune.log"), verbose=args.verbose)
@@ -474,8 +474,8 @@ def main(argv=None) -> int:
         console.line(f"\nresults: {storage.join(experiment_dir, 'results.csv')}  "
                      f"best config: {storage.join(experiment_dir, 'best_config.yaml')}")
     except ConfigError as e:
-        console.error(f"error: {args.config}: {e}")
-        return 2
+        console.error(error_line(args.config, e))
+        return BAD_INPUT
     finally:
         console.close()
     return 0

@@ -66,7 +66,7 @@ def test_generate_fills_every_position(objective):
 
 
 def test_storage_scheme_and_reachability_are_checked_in_one_line(tmp_path):
-    from stackwise_ray.config import storage_dir
+    from stackwise_ray.storage import storage_dir
 
     assert storage_dir(f"file://{tmp_path}") == str(tmp_path)
     assert storage_dir("s3://bucket/runs/?endpoint_override=h:1") == "s3://bucket/runs/?endpoint_override=h:1"
@@ -162,3 +162,19 @@ def test_sample_flags_are_checked_in_one_line(tmp_path, capsys, flag, value, exp
         main([str(tmp_path), flag, value])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1
+
+
+def test_vocab_size_below_a_tokenizer_files_is_refused_once_it_is_loaded(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from stackwise_ray.cli import load_for_command
+
+    tokens = ["[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]", "hello", "world"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    path = tmp_path / "x.yaml"
+    path.write_text(f"model: {{vocab_size: 6}}\ndata: {{tokenizer: {tmp_path / 'tok.json'}}}\n")
+    assert load_for_command(str(path), str(tmp_path / "runs"), check_data=False) is None
+    assert capsys.readouterr().err == f"error: {path}: model.vocab_size: must be >= the tokenizer's 7 ids, got 6\n"
+    assert not (tmp_path / "runs").exists()

@@ -316,42 +316,6 @@ def test_a_mapping_that_exits_is_a_config_error_and_import_code_false_imports_no
         import_code=False)).startswith("training.progressive.custom_time_mapping: must look like 'module:function'")
 
 
-@pytest.mark.parametrize("name", ["../escaped_run", "/abs/path", "a/b", ".", "..", "", "a\0b", "x" * 256])
-def test_a_run_name_is_one_directory_name(name):
-    from stackwise_ray.config import check_name
-
-    assert error_of(lambda: check_name(name)).startswith("--name: ")
-
-
-def test_the_storage_probe_leaves_nothing_behind(tmp_path):
-    from stackwise_ray.config import check_storage
-
-    check_storage(str(tmp_path / "new" / "runs"))
-    assert list(tmp_path.iterdir()) == []  # made for the probe, removed again
-    (tmp_path / "afile").write_text("")
-    for bad in ("afile", "afile/runs"):
-        msg = error_of(lambda: check_storage(str(tmp_path / bad)))
-        assert msg == f"ray.storage_path: {tmp_path / bad}: cannot write there: Not a directory"
-    assert error_of(lambda: check_storage(str(tmp_path / "a\0b"))).startswith("ray.storage_path: ")
-    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
-
-
-def test_vocab_size_below_a_tokenizer_files_is_refused_once_it_is_loaded(tmp_path, capsys):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from stackwise_ray.config import load_for_command
-
-    tokens = ["[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]", "hello", "world"]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tok.json"))
-    path = tmp_path / "x.yaml"
-    path.write_text(f"model: {{vocab_size: 6}}\ndata: {{tokenizer: {tmp_path / 'tok.json'}}}\n")
-    assert load_for_command(str(path), str(tmp_path / "runs"), check_data=False) is None
-    assert capsys.readouterr().err == f"error: {path}: model.vocab_size: must be >= the tokenizer's 7 ids, got 6\n"
-    assert not (tmp_path / "runs").exists()
-
-
 def test_growth_operator_combinations():
     progressive(trunk_strategy="full", qlora_enabled=True, new_stack_init="copy").validate()
     progressive(new_stack_init="copy", target_stacks=3, stack_precisions={0: "full", 1: "bfloat16", 2: "half"}).validate()
@@ -365,3 +329,33 @@ def test_growth_operator_combinations():
                                        qlora_strategy="progressive", qlora_rank_pattern="increasing").validate())
     assert msg.startswith("training.progressive.new_stack_init: copy gives stack 1 the LoRA adapter of stack 0")
     assert error_of(lambda: progressive(new_stack_init="clone")).startswith("training.progressive.new_stack_init:")
+
+
+def test_validate_returns_a_normalised_copy_and_leaves_its_input_as_it_was():
+    raw = {"training": {"progressive": {"stack_time_mapping": "tests.time_mappings:my_mapping", "max_stacks": 4,
+                                        "qlora_enabled": True, "stack_precisions": {"1": "qlora"}}}}
+    config = StackWiseConfig.from_dict(raw)
+    before = config.to_dict()
+    valid = config.validate()
+    assert config.to_dict() == before and valid is not config
+    p = valid.training.progressive
+    assert (p.stack_time_mapping, p.custom_time_mapping) == ("custom", "tests.time_mappings:my_mapping")
+    assert p.stack_precisions == {1: "qlora"}
+
+
+def test_a_validated_config_is_not_checked_again_until_it_changes(monkeypatch):
+    valid = StackWiseConfig.from_dict({"model": {"d_model": 64}}).validate()
+    checks = []
+    monkeypatch.setattr(StackWiseConfig, "_check", lambda self, *a: checks.append(a))
+    assert valid.validate() is valid and valid.validate(check_files=False, import_code=False) is valid
+    assert checks == []
+    valid.model.d_model = 96  # an edit after validation is validated again
+    assert valid.validate() is not valid and checks == [(True, True)]
+    fresh = StackWiseConfig.from_dict({}).validate(check_files=False)
+    fresh.validate()  # a weaker validation does not stand for a stronger one
+    assert checks[-1] == (True, True)
+
+
+def test_progressive_training_cannot_be_disabled():
+    assert progressive(enabled=True).validate().training.progressive.enabled
+    assert error_of(lambda: progressive(enabled=False).validate()).startswith("training.progressive.enabled: must be true")

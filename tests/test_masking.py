@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from stackwise_ray.config import StackWiseConfig
-from stackwise_ray.masking import TimeStepMasking, mask_rate, time_step_for_stack
+from stackwise_ray.masking import TimeStepMasking, mask_rate
+from stackwise_ray.time_mapping import time_step_for_stack
 
 PAD, MASK, BOS, EOS = 256, 257, 258, 259
 
@@ -231,3 +232,14 @@ def test_stored_time_steps_replace_the_mapping():
     assert tm.CALLS == []
     with pytest.raises(ValueError, match="no stored time step for stack 3"):
         m.get_time_step_for_stack(3)
+
+
+def test_depth_time_step_is_the_mapping_of_the_config():
+    from stackwise_ray.time_mapping import depth_time_step
+
+    tm = importlib.import_module("tests.time_mappings")
+    shorthand = StackWiseConfig.from_dict({"training": {"progressive": {
+        "stack_time_mapping": "tests.time_mappings:my_mapping", "max_stacks": 4}}})
+    assert depth_time_step(shorthand, 3) == 24 and tm.CALLS[-1] == (3, 4, 1000)  # unvalidated: the shorthand too
+    exponential = StackWiseConfig.from_dict({"training": {"progressive": {"stack_time_mapping": "exponential"}}})
+    assert [depth_time_step(exponential, k) for k in range(4)] == [0, 100, 300, 700]

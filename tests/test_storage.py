@@ -11,6 +11,7 @@ import torch
 
 from stackwise_ray import storage
 from stackwise_ray.checkpoint import load_rack
+from stackwise_ray.config import ConfigError
 from stackwise_ray.data import build_datasets, token_store_location
 from stackwise_ray.phase_store import PhaseStore
 from stackwise_ray.trainer import ProgressiveTrainer
@@ -131,3 +132,25 @@ def test_a_token_store_on_s3_is_built_locally_uploaded_and_read_from_a_local_cop
     (a_train, a_val, _), (b_train, b_val, _) = build_datasets(local), build_datasets(remote)
     for a, b in ((a_train, b_train), (a_val, b_val)):
         assert torch.equal(a.example_ids, b.example_ids) and torch.equal(a.input_ids[:], b.input_ids[:])
+
+
+def config_error(fn) -> str:
+    with pytest.raises(ConfigError) as e:
+        fn()
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name", ["../escaped_run", "/abs/path", "a/b", ".", "..", "", "a\0b", "x" * 256])
+def test_a_run_name_is_one_directory_name(name):
+    assert config_error(lambda: storage.check_name(name)).startswith("--name: ")
+
+
+def test_the_storage_probe_leaves_nothing_behind(tmp_path):
+    storage.check_storage(str(tmp_path / "new" / "runs"))
+    assert list(tmp_path.iterdir()) == []  # made for the probe, removed again
+    (tmp_path / "afile").write_text("")
+    for bad in ("afile", "afile/runs"):
+        msg = config_error(lambda: storage.check_storage(str(tmp_path / bad)))
+        assert msg == f"ray.storage_path: {tmp_path / bad}: cannot write there: Not a directory"
+    assert config_error(lambda: storage.check_storage(str(tmp_path / "a\0b"))).startswith("ray.storage_path: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
