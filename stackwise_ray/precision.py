@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stackwise_ray.config import PRECISIONS
+from stackwise_ray.config import PRECISIONS, QUANTIZED_PRECISIONS
 
 _COMPUTE_DTYPE = {
     "full": torch.float32,
@@ -213,6 +213,12 @@ def apply_precision(module: nn.Module, precision: str) -> nn.Module:
     if precision == "qlora":
         module.is_loaded_in_4bit = True  # makes peft pick its bitsandbytes-aware LoRA layer
     return module
+
+
+def can_copy(source: str, target: str) -> bool:
+    """Whether a stack of precision `target` can start as a copy of one of `source`: 4-bit
+    codes and scales copy only into the same format (new_stack_init copy)."""
+    return source == target or (source not in QUANTIZED_PRECISIONS and target not in QUANTIZED_PRECISIONS)
 
 
 def unquantized_layers(module: nn.Module) -> dict[str, str]:

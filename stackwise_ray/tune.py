@@ -155,7 +155,7 @@ def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
     builder = ProgressiveRackBuilder(config)
     for _ in range(config.target_stacks):
         builder.add_stack()
-    per_example = end_to_end_flops(builder.build_rack(), T, T)  # one example (T tokens) through one step
+    per_example = end_to_end_flops(builder.rack, T, T)  # one example (T tokens) through one step
     if match == "flops":
         return {"batch_size": B, "steps": max(1, int(budget // (B * per_example))), "budget": budget}
     steps = config.target_stacks * phase_steps(config.training, n_train // B)
