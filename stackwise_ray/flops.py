@@ -77,6 +77,12 @@ def progressive_budget(config, n_train: int) -> float:
     over its phase plans of their training steps and cache builds, each counted on the
     rack as that phase has it (a stack gets its trunk adapter only when the next stack is
     added). The budget of the compute-matched end-to-end baseline."""
+    return budget_and_final_rack(config, n_train)[0]
+
+
+def budget_and_final_rack(config, n_train: int):
+    """(progressive_budget, the run's final rack as the budget grew it: the architecture
+    the end-to-end baseline trains)."""
     from .builder import ProgressiveRackBuilder
     from .phase import phase_steps
     from .plan import plan_phases
@@ -89,7 +95,7 @@ def progressive_budget(config, n_train: int) -> float:
         total += cache_build_flops(builder.rack, plan, rows, T)
         builder.add_planned_stack(plan)
         total += plan_flops(plan, builder.rack, steps * B * T, T)
-    return total
+    return total, builder.rack
 
 
 def baseline_steps(config, budget: float) -> int:
