@@ -79,6 +79,7 @@ class ProgressiveTrainer:
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
         self._train_ds = None  # config.data's training split, opened on first need
         self._store_location = None  # config.data's token store, found or built on first need
+        self._kept_cache = None  # the last cache built (ray_cache.CacheHandle): a later phase may extend it
 
     def train_progressively(self, rack_builder: ProgressiveRackBuilder | None = None, dataloader=None,
                             target_stacks: int | None = None) -> list[dict]:
@@ -102,7 +103,7 @@ class ProgressiveTrainer:
         data_key = storage.basename(data_ref) if isinstance(data_ref, str) else None
         ids = [phase_identity(config, plans, k, data_key) for k in range(len(plans))]
         prestarter = Prestarter(self._room_for_two_phases(config) if self.prestart is None else self.prestart)
-        history, prev, self._kept_cache = [], None, None
+        history, prev, self._kept_cache = [], None, None  # a run starts without a cache
         try:
             for plan in plans:
                 pre = prestarter.prestarted(ids[plan.stack_id])  # holds the phase's lock already
