@@ -8,11 +8,12 @@ import time
 import torch
 
 from stackwise_ray.builder import ProgressiveRackBuilder
-from stackwise_ray.cache import cache_dtype, compute_cache, plan_cache, plan_layout
+from stackwise_ray.cache import cache_dtype, compute_cache, plan_layout
 from stackwise_ray.config import StackWiseConfig
 from stackwise_ray.data import GlobalBatches, ProgressiveDataLoader, build_datasets
 from stackwise_ray.masking import TimeStepMasking
 from stackwise_ray.phase import evaluate, phase_steps, train_stack
+from stackwise_ray.plan import plan_phases
 
 
 def run_plain(config: StackWiseConfig, threads: int) -> list[dict]:
@@ -24,22 +25,23 @@ def run_plain(config: StackWiseConfig, threads: int) -> list[dict]:
     torch.manual_seed(config.training.seed)
     builder = ProgressiveRackBuilder(config)
     B, seed, cache, history = config.data.batch_size, config.training.seed, None, []
-    for k in range(config.target_stacks):
+    phases = plan_phases(config)
+    for k, phase in enumerate(phases):
         t0 = time.perf_counter()
-        plan = plan_cache(config, k)
+        plan = phase.cache
         if plan.kind != "none":
             start = cache[0] if cache is not None and cache[0] == plan.position - 1 else 0
             prev = cache[1] if start else None
             steps = phase_steps(config.training, len(train_ds) // B)
-            dtype = cache_dtype(config, plan, [config.stack_precision(j) for j in range(config.target_stacks)])
+            dtype = cache_dtype(plan, [p.precision for p in phases], config.ray.cache_dtype)
             rows = plan_layout(config, train_ds, steps, dtype).positions  # the examples the phase reads, as on Ray
-            cache = (plan.position, compute_cache(builder.build_rack(), train_ds, masking, k, start, plan.position,
+            cache = (plan.position, compute_cache(builder.rack, train_ds, masking, k, start, plan.position,
                                                   prev, positions=rows, dtype=dtype))
         t1 = time.perf_counter()
         torch.manual_seed(seed * 1009 + k)
-        builder.append_stack(n_blocks=config.blocks_per_stack, precision=config.stack_precision(k))
-        builder.prepare_phase()
-        rack = builder.build_rack()
+        builder.add_planned_stack(phase)
+        builder.prepare_phase(phase)
+        rack = builder.rack
         use_cache = cache is not None and plan.kind != "none"
         batches = ProgressiveDataLoader(GlobalBatches(train_ds, B, seed, True), masking, k,
                                         cache[1] if use_cache else None, use_cache)

@@ -4,10 +4,8 @@ Stack ids are creation order (stack k is trained in phase k); rack positions run
 the input side to the head. In append mode they agree; in prepend mode stack k sits at
 position 0 and the trunk between it and the head.
 
-Rack-level parameters: the token embedding (and the head tied to it) trains in phase 0
-only, because from phase 1 on it feeds the trunk whose outputs may be cached; under
-trunk_strategy full (the whole rack trains, nothing is cached) it trains in every phase.
-The final norm, and an untied head, train in every phase.
+What trains in a phase (the new stack, the trunk's weights or adapters, the embedding and
+head) is the phase's PhasePlan (plan.py); the final norm trains in every phase.
 
 new_stack_init copy starts a new stack as a copy of the trained stack it sits next to
 (the last one in append mode, the first one in prepend mode: always stack k-1): its
@@ -25,22 +23,16 @@ import torch
 import torch.nn as nn
 
 from . import adapters
-from .config import QUANTIZED_PRECISIONS, ConfigError, StackWiseConfig
+from .config import ConfigError, StackWiseConfig, can_copy_weights
 from .data import load_tokenizer
-from .time_mapping import load_time_mapping, time_step_for_stack
 from .model import Rack, Stack
+from .plan import PhasePlan, phase_plan
+from .time_mapping import depth_time_step
 from .precision import apply_precision, compute_dtype, precision_support, unquantized_layers, weight_bytes
 
 
 def default_d_ff(d_model: int) -> int:
     return 32 * -(-(8 * d_model // 3) // 32)  # SwiGLU's 8/3 d_model, rounded up to 32
-
-
-def depth_time_step(config: StackWiseConfig, stack_id: int) -> int:
-    p = config.training.progressive
-    custom = load_time_mapping(p.custom_time_mapping) if p.stack_time_mapping == "custom" else None
-    return time_step_for_stack(stack_id, p.stack_time_mapping, p.time_per_stack, p.max_stacks,
-                               p.num_time_steps, custom)
 
 
 def create_stack_from_config(stack_id: int, n_blocks: int, config: StackWiseConfig,
@@ -61,21 +53,10 @@ def create_stack_from_config(stack_id: int, n_blocks: int, config: StackWiseConf
             nn.init.normal_(module.weight, std=m.init_std)
     apply_precision(stack, precision)
     stack.precision, stack.compute_dtype = precision, compute_dtype(precision)
-    if precision in QUANTIZED_PRECISIONS:
-        stack.is_loaded_in_4bit = True  # lets peft pick its bitsandbytes-aware LoRA layer
     if p.qlora_enabled:
         rank, alpha = adapters.stack_lora_params(stack_id, p)
         adapters.add_adapter(stack, adapters.STACK_ADAPTER, rank, alpha, p.qlora_dropout)
     return stack
-
-
-def embedding_trains(config: StackWiseConfig, stack_id: int) -> bool:
-    """Whether the token embedding (and a head tied to it) trains in phase `stack_id`."""
-    return stack_id == 0 or config.training.progressive.trunk_strategy == "full"
-
-
-def head_trains(config: StackWiseConfig, stack_id: int) -> bool:
-    return embedding_trains(config, stack_id) or not config.model.tie_embeddings
 
 
 @torch.no_grad()
@@ -83,8 +64,7 @@ def copy_stack_weights(source: Stack, stack: Stack) -> None:
     """Give `stack` the values of every parameter and buffer of `source` (cast to its
     dtypes), trunk adapters excepted: a stack being copied has none yet, and a new stack
     never has one. 4-bit weights are copied with their quantization state."""
-    if source.precision != stack.precision and (source.precision in QUANTIZED_PRECISIONS
-                                               or stack.precision in QUANTIZED_PRECISIONS):
+    if not can_copy_weights(source.precision, stack.precision):
         raise ValueError(f"new_stack_init copy: a 4-bit stack copies only from a stack of its own precision, "
                          f"not {source.precision} into {stack.precision}")
     theirs = {n: t for n, t in [*source.named_parameters(), *source.named_buffers()]
@@ -197,8 +177,21 @@ class ProgressiveRackBuilder:
         self.plan.append({"n_blocks": len(stack.blocks), "precision": stack.precision, "at_input_side": at_input_side})
         return stack
 
+    def add_planned_stack(self, plan: PhasePlan) -> Stack:
+        """Add the stack phase `plan` trains, as the plan describes it."""
+        if plan.stack_id != self.num_stacks:
+            raise ValueError(f"the rack holds {self.num_stacks} stacks: phase {plan.stack_id} cannot add its stack")
+        return self._add(plan.n_blocks, plan.precision, plan.at_input_side, plan.time_step)
+
     def build_rack(self) -> Rack:
+        """The rack as grown so far (the same object every call: stacks are added to it in
+        place). The source document's name; code here reads `self.rack`."""
         return self.rack
+
+    def hold(self, trained: "ProgressiveRackBuilder") -> None:
+        """Hold the rack of `trained` (a builder loaded from a run's final checkpoint), how
+        its stacks were added and its config: a caller's builder after the run trained it."""
+        self.rack, self.plan, self.config, self.import_code = trained.rack, trained.plan, trained.config, trained.import_code
 
     # ------------------------------------------------------------------ trainability
     def freeze_trunk(self, indices) -> None:
@@ -213,21 +206,25 @@ class ProgressiveRackBuilder:
             for name, param in self.stack(i).named_parameters():
                 param.requires_grad_(adapters.is_lora_param(name))
 
-    def prepare_phase(self, stack_id: int | None = None) -> None:
-        """Set requires_grad for the phase that trains `stack_id` (default: the newest)."""
-        stack_id = self.num_stacks - 1 if stack_id is None else stack_id
-        trunk = [i for i in self.stack_ids if i != stack_id]
-        strategy = self.config.training.progressive.trunk_strategy
-        for i in [stack_id, *trunk] if strategy == "full" else [stack_id]:
+    def prepare_phase(self, plan: PhasePlan | None = None) -> None:
+        """Set requires_grad for phase `plan`, whose stack is the newest (default: the plan
+        of the newest stack's phase under this builder's config)."""
+        newest = self.stack(self.num_stacks - 1)  # stack ids are creation order
+        if plan is None:
+            plan = phase_plan(self.config, newest.stack_id, len(newest.blocks), newest.precision,
+                              time_step=newest.time_step)
+        if plan.stack_id != newest.stack_id:
+            raise ValueError(f"phase {plan.stack_id} is not the phase of the newest stack, {newest.stack_id}")
+        trunk = [i for i in self.stack_ids if i != plan.stack_id]
+        for i in [plan.stack_id, *trunk] if plan.trunk_strategy == "full" else [plan.stack_id]:
             for param in self.stack(i).parameters():
                 param.requires_grad_(param.is_floating_point())  # 4-bit base weights cannot train
-        if strategy == "qlora":
+        if plan.trunk_strategy == "qlora":
             self.freeze_all_but_qlora(trunk)
-        elif strategy == "frozen":
+        elif plan.trunk_strategy == "frozen":
             self.freeze_trunk(trunk)
-        phase = len(trunk)  # the phase a rack of these stacks is in (stack ids are creation order)
-        self.rack.embed.weight.requires_grad_(embedding_trains(self.config, phase))
-        self.rack.head.weight.requires_grad_(head_trains(self.config, phase))
+        self.rack.embed.weight.requires_grad_(plan.embedding_trains)
+        self.rack.head.weight.requires_grad_(plan.head_trains)
         for param in self.rack.norm.parameters():
             param.requires_grad_(True)
 

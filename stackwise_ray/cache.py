@@ -35,6 +35,7 @@ from . import storage
 from .checkpoint import sha256_file
 from .config import StackWiseConfig
 from .data import GlobalBatches, TokenDataset
+from .plan import CachePlan
 from .precision import compute_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,38 +95,17 @@ class ActivationCache:
 
 
 # ---------------------------------------------------------------- which cache a phase uses
+# (which one, if any, is the phase's PhasePlan.cache: plan.py)
 
-@dataclass
-class CachePlan:
-    """What phase `stack_id` reads from a cache: the stream entering rack position `position`."""
-    kind: str  # "trunk_outputs" | "trunk_inputs" | "none"
-    position: int
-    reason: str
-
-
-def plan_cache(config: StackWiseConfig, stack_id: int) -> CachePlan:
-    p = config.training.progressive
-    if stack_id == 0:
-        return CachePlan("none", 0, "no trunk yet")
-    if p.trunk_strategy == "full":
-        return CachePlan("none", 0, "trunk_strategy full: the whole rack trains, so no trunk activation stays fixed")
-    if not p.cache_activations:
-        return CachePlan("none", 0, "cache_activations is false: the trunk is recomputed every step")
-    if p.building_mode == "prepend":
-        return CachePlan("none", 0, "prepend: the trunk runs after the new stack, so nothing before it can be cached")
-    if p.trunk_strategy == "qlora":
-        return CachePlan("trunk_inputs", 0, "qlora trunk: its inputs are cached and streamed through the adapted trunk")
-    return CachePlan("trunk_outputs", stack_id, "frozen trunk: its outputs are cached; the phase runs no trunk forward")
-
-
-def cache_dtype(config: StackWiseConfig, plan: CachePlan, precisions: list[str]) -> str:
-    """ray.cache_dtype, else the dtype the cached stream is computed in (lossless): the
-    embedding's (float32) for trunk inputs, the last trunk stack's for trunk outputs."""
-    if config.ray.cache_dtype is not None:
-        return config.ray.cache_dtype
-    if plan.position == 0:
+def cache_dtype(cache: CachePlan, precisions: list[str], configured: str | None = None) -> str:
+    """`configured` (ray.cache_dtype), else the dtype the cached stream is computed in
+    (lossless): the embedding's (float32) for trunk inputs, the last trunk stack's (of
+    the stacks' `precisions`, in rack order) for trunk outputs."""
+    if configured is not None:
+        return configured
+    if cache.position == 0:
         return "float32"
-    dtype = compute_dtype(precisions[plan.position - 1])
+    dtype = compute_dtype(precisions[cache.position - 1])
     return next((name for name, d in DTYPES.items() if d == dtype), "float32")
 
 

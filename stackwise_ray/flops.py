@@ -7,8 +7,10 @@ gradients); a frozen module that gradients pass through costs 2x; a frozen modul
 output is not differentiated costs 1x; a cached one costs nothing in the steps, and its
 cache costs one forward over the examples the phase reads when it is built.
 
-`phase_flops` is the one count: a phase's workers call it on their rack, and the budget
-of the compute-matched baseline calls it on the same rack, grown phase by phase.
+`phase_flops` is the one count and the phase's PhasePlan (plan.py) says how it treats
+the trunk and the head: a phase's workers count their steps with `plan_flops` on their
+rack, and the budget of the compute-matched baseline is the sum of the same count over
+the run's plans, on a rack grown phase by phase.
 """
 
 from __future__ import annotations
@@ -33,24 +35,11 @@ def forward_flops_per_token(stack, seq_len: int, d_model: int) -> float:
     return 2.0 * matmul_params(stack) + 4.0 * seq_len * d_model * len(stack.blocks)
 
 
-def trunk_mode(cache_kind: str, building_mode: str, trunk_strategy: str) -> str:
-    """How a phase treats its trunk: "cached" (not run), "forward" (run, no gradient),
-    "backward" (gradients pass through it, or its adapters train), "trained" (its weights
-    train: trunk_strategy full)."""
-    if trunk_strategy == "full":
-        return "trained"
-    if cache_kind == "trunk_outputs":
-        return "cached"
-    if cache_kind == "trunk_inputs" or building_mode == "prepend" or trunk_strategy == "qlora":
-        return "backward"
-    return "forward"
-
-
 def phase_flops(rack, new_stack_id: int, trunk_mode: str, tokens: int, seq_len: int, head_trains: bool) -> float:
     """FLOPs of one phase's training steps on `rack` as it is in that phase.
 
     Args:
-        trunk_mode: a key of TRUNK_FACTORS (see trunk_mode()).
+        trunk_mode: a key of TRUNK_FACTORS (PhasePlan.trunk).
         tokens: tokens processed by the steps (steps x global batch x seq_len).
         head_trains: the head's weight trains (3x its forward), else gradients only pass
             through it (2x).
@@ -68,37 +57,45 @@ def end_to_end_flops(rack, tokens: int, seq_len: int) -> float:
     return phase_flops(rack, -1, "trained", tokens, seq_len, head_trains=True)
 
 
-def progressive_phase_flops(config, rack, stack_id: int, cache_kind: str, steps: int) -> float:
-    """FLOPs of the `steps` training steps of phase `stack_id` of `config` on `rack` (the
-    phase's rack), whose trunk is read from a cache of `cache_kind` ("none" when recomputed)."""
-    from .builder import head_trains
+def plan_flops(plan, rack, tokens: int, seq_len: int) -> float:
+    """FLOPs of phase `plan`'s training steps over `tokens` tokens on `rack` (the phase's rack)."""
+    return phase_flops(rack, plan.stack_id, plan.trunk, tokens, seq_len, plan.head_trains)
 
-    p, T = config.training.progressive, config.data.seq_len
-    mode = trunk_mode(cache_kind, p.building_mode, p.trunk_strategy)
-    return phase_flops(rack, stack_id, mode, steps * config.data.batch_size * T, T, head_trains(config, stack_id))
+
+def cache_build_flops(rack, plan, rows: int, seq_len: int) -> float:
+    """FLOPs of building phase `plan`'s cache of `rows` examples from `rack`, the rack of
+    the phase before: a trunk output cache runs the newest trunk stack over the previous
+    one (an input cache runs no matmul)."""
+    if plan.cache.kind != "trunk_outputs":
+        return 0.0
+    newest = next(s for s in rack.stacks if s.stack_id == plan.stack_id - 1)
+    return forward_flops_per_token(newest, seq_len, rack.embed.embedding_dim) * rows * seq_len
 
 
 def progressive_budget(config, n_train: int) -> float:
-    """FLOPs a progressive run of `config` over `n_train` training examples spends (training
-    steps and cache builds), counted on its rack grown phase by phase as the phases grow it
-    (a stack gets its trunk adapter only when the next stack is added): the budget of the
-    compute-matched end-to-end baseline."""
+    """FLOPs a progressive run of `config` over `n_train` training examples spends: the sum
+    over its phase plans of their training steps and cache builds, each counted on the
+    rack as that phase has it (a stack gets its trunk adapter only when the next stack is
+    added). The budget of the compute-matched end-to-end baseline."""
+    return budget_and_final_rack(config, n_train)[0]
+
+
+def budget_and_final_rack(config, n_train: int):
+    """(progressive_budget, the run's final rack as the budget grew it: the architecture
+    the end-to-end baseline trains)."""
     from .builder import ProgressiveRackBuilder
-    from .cache import plan_cache
     from .phase import phase_steps
+    from .plan import plan_phases
 
     B, T = config.data.batch_size, config.data.seq_len
     steps = phase_steps(config.training, n_train // B)
     rows = min(n_train, steps * B)  # a cache holds the examples its phase reads, each once
     builder, total = ProgressiveRackBuilder(config), 0.0
-    for k in range(config.target_stacks):
-        kind = plan_cache(config, k).kind
-        if kind == "trunk_outputs":  # built from the previous phase's rack: its newest stack over the rows
-            newest = builder.stack(k - 1)
-            total += forward_flops_per_token(newest, T, config.model.d_model) * rows * T
-        builder.add_stack()
-        total += progressive_phase_flops(config, builder.build_rack(), k, kind, steps)
-    return total
+    for plan in plan_phases(config):
+        total += cache_build_flops(builder.rack, plan, rows, T)
+        builder.add_planned_stack(plan)
+        total += plan_flops(plan, builder.rack, steps * B * T, T)
+    return total, builder.rack
 
 
 def baseline_steps(config, budget: float) -> int:
@@ -109,4 +106,4 @@ def baseline_steps(config, budget: float) -> int:
     for _ in range(config.target_stacks):
         builder.add_stack()
     T, B = config.data.seq_len, config.data.batch_size
-    return max(1, round(budget / end_to_end_flops(builder.build_rack(), B * T, T)))
+    return max(1, round(budget / end_to_end_flops(builder.rack, B * T, T)))

@@ -18,11 +18,12 @@ def evaluate_rack(builder: ProgressiveRackBuilder, val_ds=None) -> dict:
     config = builder.config
     if val_ds is None:
         _, val_ds, _ = build_datasets(config)
-    masking = TimeStepMasking(config, time_steps=builder.time_steps)  # the rack's own steps, no mapping called
+    masking = TimeStepMasking(config, load_tokenizer(config.data.tokenizer),
+                              time_steps=builder.time_steps)  # the rack's own steps, no mapping called
     newest = builder.num_stacks - 1
     batches = ProgressiveDataLoader(GlobalBatches(val_ds, min(config.data.batch_size, len(val_ds)),
                                                   config.training.seed, shuffle=False), masking, newest)
-    return evaluate(builder.build_rack(), batches, config.training.eval_batches)
+    return evaluate(builder.rack, batches, config.training.eval_batches)
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +54,7 @@ def generate(builder: ProgressiveRackBuilder, ids: list[int], length: int, tempe
              top_k: int | None = 40, seed: int = 0, steps: int = 16) -> list[int]:
     """Token ids: the prompt `ids` followed by `length` generated tokens (mlm: at most
     max_seq_len in all, every mask filled)."""
-    config, rack = builder.config, builder.build_rack().eval()
+    config, rack = builder.config, builder.rack.eval()
     tok = load_tokenizer(config.data.tokenizer)
     special = torch.tensor(sorted(tok.special_ids))
     g = torch.Generator().manual_seed(seed)

@@ -20,13 +20,13 @@ import hashlib
 import json
 import os
 import warnings
+from typing import Callable
 
 from . import storage
-from .adapters import stack_lora_params
-from .builder import depth_time_step
-from .checkpoint import CorruptCheckpointError, verify_checkpoint
+from .checkpoint import CorruptCheckpointError, load_metadata, verify_checkpoint
 from .config import StackWiseConfig
 from .locks import FileLock, LeaseLock
+from .plan import PhasePlan
 
 TRUNK_KEYS = ("trunk_strategy", "building_mode", "progressive_qlora", "progressive_qlora_rank",
               "progressive_qlora_alpha")
@@ -36,20 +36,21 @@ IRRELEVANT_KEYS = {"enabled", "cache_activations", "target_stacks", "stack_preci
                    *TRUNK_KEYS}
 
 
-def phase_identity(config: StackWiseConfig, plan: list[dict], k: int, data_key: str | None = None) -> str:
-    """The id of phase k of `plan`: a hash of everything that determines its weights. The
-    data enters as config.data and `data_key` (the token store's key, a hash of the
-    source's content), so an edited file at the same path never reuses a phase."""
+def phase_identity(config: StackWiseConfig, plans: list[PhasePlan], k: int, data_key: str | None = None) -> str:
+    """The id of phase k of `plans` (plan.plan_phases): a hash of everything that
+    determines its weights. The data enters as config.data and `data_key` (the token
+    store's key, a hash of the source's content), so an edited file at the same path
+    never reuses a phase."""
     p = config.training.progressive
     training = {f.name: getattr(config.training, f.name) for f in dataclasses.fields(config.training)
                 if f.name != "progressive"}
     stacks = []
     for j in range(k + 1):
         stacks.append({
-            "n_blocks": plan[j]["n_blocks"], "precision": plan[j]["precision"],
-            "at_input_side": plan[j]["at_input_side"] if j > 0 else None,  # a first stack has no side
-            "lora": stack_lora_params(j, p) if p.qlora_enabled else None,
-            "time_step": depth_time_step(config, j),
+            "n_blocks": plans[j].n_blocks, "precision": plans[j].precision,
+            "at_input_side": plans[j].at_input_side if j > 0 else None,  # a first stack has no side
+            "lora": plans[j].lora,
+            "time_step": plans[j].time_step,
         })
     parts = {
         "model": dataclasses.asdict(config.model),
@@ -131,6 +132,43 @@ class PhaseStore:
             return LeaseLock.acquire(storage.join(self.root, phase_id), blocking)
         os.makedirs(self.root, exist_ok=True)
         return FileLock.acquire(os.path.join(self.root, f"{phase_id}.lock"), blocking)
+
+    def train_once(self, phase_id: str, train: Callable[[str | None], tuple[dict, str]],
+                   claim=None) -> tuple[dict, str]:
+        """(record, status) of phase `phase_id`, trained at most once across runs: "reused"
+        where it is finished; else, under its claim (`claim`: one the caller holds
+        already), `train(checkpoint)` returns its record and status ("recovered" or
+        "trained"), which is written as the phase's completion record. `checkpoint` is one a
+        run of the phase wrote before a crash that came before its record, or None."""
+        record = self.record(phase_id)
+        if record is not None:
+            return record, "reused"
+        with claim if claim is not None else self.claim(phase_id):
+            record = self.record(phase_id)  # another run may have finished it while we waited
+            if record is not None:
+                return record, "reused"
+            record, status = train(self.finished_checkpoint(phase_id))
+            self.finish(phase_id, record)
+        return record, status
+
+    def finished_checkpoint(self, phase_id: str) -> str | None:
+        """A checkpoint that a run of phase `phase_id` wrote whole, with its final metrics
+        (e.g. before a crash that came before its record), or None."""
+        phase = storage.join(self.root, phase_id)
+        runs = [storage.join(phase, d) for d in storage.listdir(phase)]
+        checkpoints = sorted((c, run) for run in runs for c in storage.listdir(run) if c.startswith("checkpoint_"))
+        for path in [storage.join(run, c) for c, run in reversed(checkpoints)]:
+            try:
+                verify_checkpoint(path)
+                if "metrics" in load_metadata(path):
+                    return path
+            except (OSError, KeyError, ValueError):  # incomplete, corrupt or in-phase: not a finished phase
+                continue
+        return None
+
+    def clear(self, phase_id: str) -> None:
+        """Remove what unfinished runs of the phase left (before a run of it starts afresh)."""
+        storage.remove(storage.join(self.root, phase_id))
 
     def has_record(self, phase_id: str) -> bool:
         """A readable completion record is there (cheap: its checkpoint is not verified;

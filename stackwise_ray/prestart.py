@@ -74,7 +74,7 @@ class Prestarter:
         pre.future = self._pool.submit(run)
         self._pending[phase_id] = pre
 
-    def take(self, phase_id: str) -> Prestart | None:
+    def prestarted(self, phase_id: str) -> Prestart | None:
         """The phase prestarted under `phase_id`, if any (it stays known to `close`)."""
         return self._pending.get(phase_id)
 

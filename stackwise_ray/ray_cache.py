@@ -62,7 +62,7 @@ def build_shards(config: dict, checkpoint: str, stack_id: int, start: int, end: 
 
     config = StackWiseConfig.from_dict(config)  # this run's corruption, not the checkpoint's run's
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    rack = load_rack(checkpoint, config=config).build_rack().to(device)
+    rack = load_rack(checkpoint, config=config).rack.to(device)
     train_ds, _, tokenizer = load_data(config, data_ref)
     masking = TimeStepMasking(config, tokenizer)
     T = config.data.seq_len

@@ -22,17 +22,19 @@ import ray
 
 from . import ray_cache, ray_metrics, storage
 from .builder import ProgressiveRackBuilder
-from .cache import cache_dtype, plan_cache, plan_layout
+from .cache import cache_dtype, plan_layout
 from .checkpoint import load_metadata, load_rack
 from .config import StackWiseConfig
 from .data import dataset_from_user, open_datasets, token_store_location
-from .phase_store import PhaseStore, phase_identity
-from .prestart import Prestarter
 from .phase import phase_steps
-from .ray_phase import finished_checkpoint, fit_phase
+from .phase_store import PhaseStore, phase_identity
+from .plan import PhasePlan, plan_phases
+from .prestart import Prestarter
+from .ray_phase import fit_phase
 from .ray_runtime import ensure_ray
 from .storage import storage_dir
 from .tracking import Tracker, flat
+from .worker import PhaseInputs
 
 class RunDirError(ValueError):
     pass
@@ -78,13 +80,14 @@ class ProgressiveTrainer:
         self.prestart, self.concurrent_runs = prestart, concurrent_runs
         self._train_ds = None  # config.data's training split, opened on first need
         self._store_location = None  # config.data's token store, found or built on first need
+        self._kept_cache = None  # the last cache built (ray_cache.CacheHandle): a later phase may extend it
 
     def train_progressively(self, rack_builder: ProgressiveRackBuilder | None = None, dataloader=None,
                             target_stacks: int | None = None) -> list[dict]:
         """Train phases 0..target_stacks-1; returns one metrics dict per stack.
 
         Args:
-            rack_builder: stacks already added to it are the plan (their blocks, precision
+            rack_builder: stacks already added to it are kept (their blocks, precision
                 and side); more are added up to target_stacks. After training it holds
                 the trained rack.
             dataloader: a Dataset or DataLoader of items with `input_ids`; None uses
@@ -92,29 +95,27 @@ class ProgressiveTrainer:
             target_stacks: default training.progressive.target_stacks (or max_stacks).
         """
         config = self._config_for(rack_builder)
-        plan = self._plan(config, rack_builder, target_stacks)
+        plans = self.phase_plans(rack_builder, target_stacks)
         self.check_run_dir()
         ensure_ray(config)
         storage.makedirs(self.run_dir)
         self._watch()
         data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else self._token_store()
         data_key = storage.basename(data_ref) if isinstance(data_ref, str) else None
-        ids = [phase_identity(config, plan, k, data_key) for k in range(len(plan))]
+        ids = [phase_identity(config, plans, k, data_key) for k in range(len(plans))]
         prestarter = Prestarter(self._room_for_two_phases(config) if self.prestart is None else self.prestart)
-        history, prev, cache = [], None, None
+        history, prev, self._kept_cache = [], None, None  # a run starts without a cache
         try:
-            for stack_id in range(len(plan)):
-                pre = prestarter.take(ids[stack_id])  # holds the phase's lock already
-                record, status = self.store.record(ids[stack_id]), "reused"
-                if record is None:
-                    with pre.lock if pre is not None else self.store.claim(ids[stack_id]):
-                        record = self.store.record(ids[stack_id])  # another trial may have finished it meanwhile
-                        if record is None:
-                            record, cache, status = self._run_phase(config, plan, stack_id, prev, cache, ids, data_ref,
-                                                                    prestarter, pre)
+            for plan in plans:
+                pre = prestarter.prestarted(ids[plan.stack_id])  # holds the phase's lock already
+                record, status = self.store.train_once(
+                    ids[plan.stack_id],
+                    lambda recovered: self._run_phase(config, plans, plan, prev, ids, data_ref, prestarter, pre,
+                                                      recovered),
+                    claim=pre.lock if pre is not None else None)
                 if pre is not None and status != "trained":
                     prestarter.cancel(pre)  # reused or recovered: the prestarted workers are not needed
-                history.append({**record["metrics"], "status": status, "phase_id": ids[stack_id],
+                history.append({**record["metrics"], "status": status, "phase_id": ids[plan.stack_id],
                                 "checkpoint": record["checkpoint"]})
                 prev = record["checkpoint"]
                 self._notify(history[-1])
@@ -128,52 +129,55 @@ class ProgressiveTrainer:
         self.tracker.close()
         final = self._publish_final(prev, history)
         if rack_builder is not None:
-            rack_builder.__dict__.update(load_rack(final, config=config).__dict__)  # the run's own config: trusted
+            rack_builder.hold(load_rack(final, config=config))  # the run's own config: trusted
         return history
 
-    def _run_phase(self, config, plan, stack_id, prev, cache, ids, data_ref, prestarter, pre):
+    def _run_phase(self, config, plans, plan, prev, ids, data_ref, prestarter, pre, recovered):
+        """(record, status) of phase `plan`, its claim held: its cache is built (later
+        phases build theirs from it), then it trains, or a checkpoint it left is `recovered`."""
         t0 = time.time()
-        cache_spec, cache, cache_info = self._cache_for(config, plan, stack_id, prev, cache, ids, data_ref)
+        cache_spec, self._kept_cache, cache_info = self._cache_for(config, plans, plan, prev, self._kept_cache, ids,
+                                                                   data_ref)
+        if cache_spec is None and plan.cache.kind != "none":
+            plan = plan.recomputed(cache_info["reason"])
         t1 = time.time()
-        checkpoint = finished_checkpoint(self.store.root, ids[stack_id])
-        if checkpoint is not None:  # trained before a crash that came before its record
-            metrics, status = load_metadata(checkpoint)["metrics"], "recovered"
+        if recovered is not None:  # trained before a crash that came before its record
+            metrics, checkpoint, status = load_metadata(recovered)["metrics"], recovered, "recovered"
         else:
-            inputs = {"prev_checkpoint": prev, "cache": cache_spec, "handed_at": time.time()}
+            inputs = PhaseInputs((plan,), prev, cache_spec, time.time())
             if pre is not None:
-                prestarter.hand_over(ids[stack_id], inputs)
-            self._prestart_next(config, plan, stack_id, ids, data_ref, prestarter)
+                prestarter.hand_over(ids[plan.stack_id], inputs)
+            self._prestart_next(config, plans, plan.stack_id, ids, data_ref, prestarter)
             if pre is not None:
                 metrics, checkpoint = pre.future.result()
             else:
-                storage.remove(storage.join(self.store.root, ids[stack_id]))
-                metrics, checkpoint = fit_phase(config, stack_id, [plan[stack_id]], inputs, self.store.root,
-                                                ids[stack_id], data_ref, self.callbacks, links=prestarter.links,
+                self.store.clear(ids[plan.stack_id])
+                metrics, checkpoint = fit_phase(config, f"s{plan.stack_id:02d}", inputs, self.store.root,
+                                                ids[plan.stack_id], data_ref, self.callbacks, links=prestarter.links,
                                                 board=self._board, labels=self.labels)
             status = "trained"
         built = cache_info.get("flops", 0.0) if cache_info.get("built") else 0.0
         metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
                         "flops": metrics["train_flops"] + built, "prestarted": status == "trained" and pre is not None,
                         "orchestration_s": time.time() - t1 - metrics["train_s"]})
-        record = {"stack": stack_id, "phase_id": ids[stack_id], "checkpoint": checkpoint, "metrics": metrics}
-        self.store.finish(ids[stack_id], record)
-        return record, cache, status
+        return {"stack": plan.stack_id, "phase_id": ids[plan.stack_id], "checkpoint": checkpoint,
+                "metrics": metrics}, status
 
-    def _prestart_next(self, config, plan, stack_id, ids, data_ref, prestarter) -> None:
+    def _prestart_next(self, config, plans, stack_id, ids, data_ref, prestarter) -> None:
         """Start phase stack_id+1's worker group, to wait for its inputs while this one trains."""
         k = stack_id + 1
         # a record is verified when the loop reaches it; here its presence is enough to skip
-        if not prestarter.enabled or k >= len(plan) or self.store.has_record(ids[k]):
+        if not prestarter.enabled or k >= len(plans) or self.store.has_record(ids[k]):
             return
         claim = self.store.try_claim(ids[k])
         if claim is None:  # another run is training it
             return
-        if finished_checkpoint(self.store.root, ids[k]) is not None:
+        if self.store.finished_checkpoint(ids[k]) is not None:
             claim.release()
             return
-        storage.remove(storage.join(self.store.root, ids[k]))
+        self.store.clear(ids[k])
         prestarter.start(ids[k], after=ids[stack_id], lock=claim,
-                         fit=lambda: fit_phase(config, k, [plan[k]], None, self.store.root, ids[k], data_ref,
+                         fit=lambda: fit_phase(config, f"s{k:02d}", None, self.store.root, ids[k], data_ref,
                                                self.callbacks, links=prestarter.links, board=self._board,
                                                labels=self.labels))
 
@@ -191,28 +195,29 @@ class ProgressiveTrainer:
         """The compute-matched baseline: the final architecture built at once and trained
         for `train_steps` steps as one phase (all parameters train). Returns its metrics."""
         config = self.config
-        plan = self._plan(config, None, target_stacks)
+        plans = self.phase_plans(None, target_stacks)
         self.check_run_dir()
         ensure_ray(config)
         storage.makedirs(self.run_dir)
         data_key = storage.basename(self._token_store())
-        phase_id = f"e2e-{phase_identity(config, plan, len(plan) - 1, data_key)[4:]}-{train_steps}"
-        record, status = self.store.record(phase_id), "reused"
-        if record is None:
-            with self.store.claim(phase_id):
-                record = self.store.record(phase_id)
-                if record is None:
-                    t0 = time.time()
-                    inputs = {"prev_checkpoint": None, "cache": None, "handed_at": time.time()}
-                    metrics, checkpoint = fit_phase(config, 0, plan, inputs, self.store.root, phase_id,
-                                                    self._token_store(), self.callbacks, train_steps,
-                                                    labels=self.labels)
-                    metrics.update({"cache": {"kind": "none", "reason": "end-to-end baseline"}, "cache_s": 0.0,
-                                    "flops": metrics["train_flops"], "phase_wall_s": time.time() - t0,
-                                    "orchestration_s": time.time() - t0 - metrics["train_s"]})
-                    record, status = {"stack": len(plan) - 1, "phase_id": phase_id, "checkpoint": checkpoint,
-                                      "metrics": metrics}, "trained"
-                    self.store.finish(phase_id, record)
+        phase_id = f"e2e-{phase_identity(config, plans, len(plans) - 1, data_key)[4:]}-{train_steps}"
+
+        def train(recovered: str | None) -> tuple[dict, str]:
+            t0 = time.time()
+            if recovered is not None:  # trained before a crash that came before its record
+                metrics, checkpoint, status = load_metadata(recovered)["metrics"], recovered, "recovered"
+            else:
+                self.store.clear(phase_id)
+                inputs = PhaseInputs(tuple(plans), None, None, time.time())
+                metrics, checkpoint = fit_phase(config, "e2e", inputs, self.store.root, phase_id, self._token_store(),
+                                                self.callbacks, train_steps, labels=self.labels)
+                status = "trained"
+            metrics.update({"cache": {"kind": "none", "reason": "end-to-end baseline"}, "cache_s": 0.0,
+                            "flops": metrics["train_flops"], "phase_wall_s": time.time() - t0,
+                            "orchestration_s": time.time() - t0 - metrics["train_s"]})
+            return {"stack": len(plans) - 1, "phase_id": phase_id, "checkpoint": checkpoint, "metrics": metrics}, status
+
+        record, status = self.store.train_once(phase_id, train)
         history = [{**record["metrics"], "status": status, "phase_id": phase_id, "checkpoint": record["checkpoint"]}]
         self._publish_final(record["checkpoint"], history)
         self._notify(history[0])
@@ -243,20 +248,12 @@ class ProgressiveTrainer:
         config.training.progressive.building_mode = builder.building_mode
         return config
 
-    def _plan(self, config, builder, target_stacks) -> list[dict]:
-        steps = list(builder.plan) if builder is not None else []
-        target = target_stacks or max(config.target_stacks, len(steps))
-        if target > config.training.progressive.max_stacks:
-            raise ValueError(f"target_stacks {target} exceeds training.progressive.max_stacks={config.training.progressive.max_stacks}")
-        if len(steps) > target:
-            raise ValueError(f"the rack builder already holds {len(steps)} stacks, more than target_stacks={target}")
-        default = builder.default_precision if builder is not None else None
-        for k in range(len(steps), target):
-            steps.append({"n_blocks": config.blocks_per_stack,
-                          "precision": default if default and k not in config.training.progressive.stack_precisions
-                          else config.stack_precision(k),
-                          "at_input_side": config.training.progressive.building_mode == "prepend"})
-        return steps
+    def phase_plans(self, builder: ProgressiveRackBuilder | None = None,
+                    target_stacks: int | None = None) -> list[PhasePlan]:
+        """The plans of the phases train_progressively(builder, target_stacks=...) runs
+        (train_end_to_end builds the last one's rack at once)."""
+        added, default = (builder.plan, builder.default_precision) if builder is not None else ([], None)
+        return plan_phases(self._config_for(builder), target_stacks, added, default)
 
     def check_run_dir(self) -> None:
         """Raise RunDirError where a finished run would be overwritten (writes nothing:
@@ -265,15 +262,15 @@ class ProgressiveTrainer:
         if not self.resume and own_store and self.store.finished_count():
             raise RunDirError(f"{self.run_dir}: a run with finished phases is already there; resume it or choose another name")
 
-    def _cache_for(self, config, plan, stack_id, prev_checkpoint, cache, ids, data_ref):
+    def _cache_for(self, config, plans, plan, prev_checkpoint, cache, ids, data_ref):
         """(spec for the phase's workers, the cache kept for later phases, info for metrics)."""
-        use = plan_cache(config, stack_id)
+        use, stack_id = plan.cache, plan.stack_id
         info = {"kind": use.kind, "reason": use.reason}
         if use.kind == "none":
             return None, cache, info
         train_ds = self._train_split(data_ref)
         steps = phase_steps(config.training, len(train_ds) // config.data.batch_size)
-        layout = plan_layout(config, train_ds, steps, cache_dtype(config, use, [s["precision"] for s in plan]))
+        layout = plan_layout(config, train_ds, steps, cache_dtype(use, [p.precision for p in plans], config.ray.cache_dtype))
         incremental = cache is not None and cache.position == use.position - 1 and cache.layout.key == layout.key
         reused = cache is not None and cache.position == use.position and cache.layout.key == layout.key \
             and cache.layout.dtype == layout.dtype

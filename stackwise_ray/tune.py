@@ -146,18 +146,14 @@ def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
     steps within the budget: floor(budget / (steps x FLOPs per example) / num_workers) x
     num_workers. Raises ConfigError where that is 0 (a budget too small for one example
     per worker per step)."""
-    from .builder import ProgressiveRackBuilder
-    from .flops import end_to_end_flops, progressive_budget
+    from .flops import budget_and_final_rack, end_to_end_flops
     from .phase import phase_steps
 
     match = config.tune.baseline_match
     config = apply_overrides(config, {})  # the base config as a run sees it (its tune section apart)
-    budget = progressive_budget(config, n_train)
+    budget, rack = budget_and_final_rack(config, n_train)
     B, T, W = config.data.batch_size, config.data.seq_len, config.ray.num_workers
-    builder = ProgressiveRackBuilder(config)
-    for _ in range(config.target_stacks):
-        builder.add_stack()
-    per_example = end_to_end_flops(builder.build_rack(), T, T)  # one example (T tokens) through one step
+    per_example = end_to_end_flops(rack, T, T)  # one example (T tokens) through one step
     if match == "flops":
         return {"batch_size": B, "steps": max(1, int(budget // (B * per_example))), "budget": budget}
     steps = config.target_stacks * phase_steps(config.training, n_train // B)

@@ -62,3 +62,24 @@ def ray_config(**overrides):
     for key, value in ray_section.items():
         setattr(config.ray, key, value)
     return config.validate()
+
+
+@pytest.fixture(scope="session")
+def arrow_run(tmp_path_factory, ray_session):
+    """3 stacks, append, frozen trunk, Arrow cache, 1 worker (a run several test files read)."""
+    from stackwise_ray.trainer import ProgressiveTrainer
+
+    storage = tmp_path_factory.mktemp("runs")
+    config = ray_config(ray={"cache_backend": "arrow"})
+    config.tracking.mlflow, config.tracking.tensorboard = "local", True
+    # a file:// URI is the local directory it names
+    trainer = ProgressiveTrainer(config, storage_path=f"file://{storage}", name="arrow")
+    history = trainer.train_progressively()
+    assert trainer.run_dir == str(storage / "arrow") and (storage / "arrow" / "final" / "rack.json").is_file()
+    return trainer, history
+
+
+def rack_weights(path):
+    from stackwise_ray.checkpoint import load_rack
+
+    return {n: t.clone() for n, t in load_rack(path).rack.state_dict().items()}

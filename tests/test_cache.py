@@ -8,11 +8,12 @@ import torch
 
 from stackwise_ray.builder import ProgressiveRackBuilder
 from stackwise_ray.cache import (ShardReader, StaleCacheError, cache_bytes, cache_complete, cache_dtype, compute_cache,
-                                 compute_shard, plan_cache, plan_layout, read_shard, shard_intact, shard_path,
+                                 compute_shard, plan_layout, read_shard, shard_intact, shard_path,
                                  write_manifest, write_shard)
 from stackwise_ray.data import GlobalBatches, ProgressiveDataLoader, build_datasets
 from stackwise_ray.masking import TimeStepMasking
 from stackwise_ray.phase import forever, train_stack
+from stackwise_ray.plan import phase_plan
 
 from .conftest import tiny_config
 
@@ -25,14 +26,6 @@ def grown(config, n):
     train, _, tok = build_datasets(config)
     return builder, train, TimeStepMasking(config, tok)
 
-
-def test_plan_says_what_each_case_caches():
-    assert plan_cache(tiny_config(), 0).kind == "none"
-    assert (plan_cache(tiny_config(), 2).kind, plan_cache(tiny_config(), 2).position) == ("trunk_outputs", 2)
-    qlora = plan_cache(tiny_config(trunk_strategy="qlora", qlora_enabled=True), 2)
-    assert (qlora.kind, qlora.position) == ("trunk_inputs", 0)
-    assert "prepend" in plan_cache(tiny_config(building_mode="prepend"), 1).reason
-    assert plan_cache(tiny_config(cache_activations=False), 1).kind == "none"
 
 
 def test_incremental_cache_equals_a_cache_from_scratch():
@@ -147,9 +140,10 @@ def test_shard_reader_reads_a_phase_shard_by_shard_and_matches_one_whole_cache()
 def test_a_bfloat16_cache_of_a_bfloat16_stack_is_lossless_and_half_the_bytes():
     config = tiny_config(data={"max_examples": 40}, new_stack_precision="bfloat16")
     builder, train, masking = grown(config, 2)
-    plan = plan_cache(config, 2)
-    assert cache_dtype(config, plan, ["bfloat16", "bfloat16"]) == "bfloat16"
-    assert cache_dtype(config, plan_cache(tiny_config(trunk_strategy="qlora", qlora_enabled=True), 2), ["qlora"] * 2) == "float32"
+    plan = phase_plan(config, 2).cache
+    assert cache_dtype(plan, ["bfloat16", "bfloat16"]) == "bfloat16"
+    assert cache_dtype(plan, ["bfloat16", "bfloat16"], configured="float16") == "float16"  # ray.cache_dtype
+    assert cache_dtype(phase_plan(tiny_config(trunk_strategy="qlora", qlora_enabled=True), 2).cache, ["qlora"] * 2) == "float32"
     rack = builder.build_rack()
     full = compute_cache(rack, train, masking, 2, 0, 2)
     half = compute_cache(rack, train, masking, 2, 0, 2, dtype="bfloat16")

@@ -9,6 +9,7 @@ import torch
 from stackwise_ray.builder import ProgressiveRackBuilder
 from stackwise_ray.checkpoint import CorruptCheckpointError, load_rack, save_rack
 from stackwise_ray.phase_store import phase_identity
+from stackwise_ray.plan import plan_phases
 
 from .conftest import tiny_config
 
@@ -61,9 +62,7 @@ def test_a_reused_phase_continues_with_the_reusing_runs_config(tmp_path):
     save_rack(grown(tiny_config(building_mode="prepend", qlora_enabled=True), 1), str(tmp_path))
     mine = tiny_config(building_mode="append", trunk_strategy="qlora", qlora_enabled=True)
     theirs = tiny_config(building_mode="prepend", qlora_enabled=True)
-    step = {"n_blocks": 1, "precision": "full"}
-    assert (phase_identity(mine, [{**step, "at_input_side": False}], 0)
-            == phase_identity(theirs, [{**step, "at_input_side": True}], 0))
+    assert phase_identity(mine, plan_phases(mine, 1), 0) == phase_identity(theirs, plan_phases(theirs, 1), 0)
     builder = load_rack(str(tmp_path), config=mine)
     assert builder.building_mode == "append" and builder.config is mine
     builder.add_stack()

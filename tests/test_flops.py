@@ -15,9 +15,9 @@ A phase processes 20 * 8 * 32 = 5120 tokens.
 import pytest
 
 from stackwise_ray.builder import ProgressiveRackBuilder
-from stackwise_ray.cache import plan_cache
-from stackwise_ray.flops import (baseline_steps, end_to_end_flops, forward_flops_per_token, phase_flops,
-                                 progressive_budget, progressive_phase_flops)
+from stackwise_ray.flops import (baseline_steps, cache_build_flops, end_to_end_flops, forward_flops_per_token,
+                                 phase_flops, plan_flops, progressive_budget)
+from stackwise_ray.plan import phase_plan, plan_phases
 
 from .conftest import tiny_config
 
@@ -58,8 +58,7 @@ def test_phase_flops_by_trunk_treatment_and_head(mode, head_trains, per_token):
 ])
 def test_a_phase_counts_as_its_workers_count_it(settings, model, stack_id, per_token):
     config = tiny_config(model=model, **settings)
-    kind = plan_cache(config, stack_id).kind
-    assert progressive_phase_flops(config, grown(config, stack_id + 1), stack_id, kind, 20) == per_token * TOKENS
+    assert plan_flops(phase_plan(config, stack_id), grown(config, stack_id + 1), TOKENS, 32) == per_token * TOKENS
 
 
 def test_end_to_end_flops():
@@ -79,7 +78,7 @@ def test_budget_of_a_cached_append_run_and_its_baseline_steps():
 
 def test_budget_of_trunk_strategy_full():
     config = tiny_config(target_stacks=3, trunk_strategy="full")
-    assert plan_cache(config, 2).kind == "none" and "full" in plan_cache(config, 2).reason
+    assert phase_plan(config, 2).cache.kind == "none" and "full" in phase_plan(config, 2).cache.reason
     # no cache; the head trains in every phase: 3H + 3F, 3H + 6F, 3H + 9F
     budget = progressive_budget(config, 1000)
     assert budget == (145152 + 240384 + 335616) * 5120 == 3_692_298_240
@@ -98,3 +97,13 @@ def test_budget_counts_a_trunk_adapter_only_from_the_phase_that_adds_it():
     assert progressive_budget(config, 1000) == 609152 * 5120 == 3_118_858_240
     # (counted on the final rack, stacks 0 and 1 would carry their adapters in the phases
     # that train them: 6A per token more, 84,541,440 FLOPs)
+
+
+@pytest.mark.parametrize("settings", [{}, {"trunk_strategy": "full"}, {"building_mode": "prepend"},
+                                      {"trunk_strategy": "qlora", "progressive_qlora": True, "progressive_qlora_rank": 2}])
+def test_budget_is_the_sum_over_the_plans_of_their_steps_and_cache_builds(settings):
+    config = tiny_config(target_stacks=3, **settings)
+    total = 0.0
+    for k, plan in enumerate(plan_phases(config)):  # each phase on a rack grown from scratch to its size
+        total += cache_build_flops(grown(config, k), plan, 160, 32) + plan_flops(plan, grown(config, k + 1), TOKENS, 32)
+    assert progressive_budget(config, 1000) == total

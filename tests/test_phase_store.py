@@ -8,6 +8,7 @@ import pytest
 from stackwise_ray.builder import ProgressiveRackBuilder
 from stackwise_ray.checkpoint import save_rack
 from stackwise_ray.phase_store import PhaseStore
+from stackwise_ray.plan import plan_phases
 
 from .conftest import tiny_config
 
@@ -57,7 +58,7 @@ def test_an_edited_data_file_at_the_same_path_gets_new_phase_ids(tmp_path):
     path.write_text("x")
     config = tiny_config(data={"source": str(path)})
     config.ray.storage_path = str(tmp_path)
-    plan = [{"n_blocks": 1, "precision": "full", "at_input_side": False}] * 2
+    plan = plan_phases(config, 2)
     keys = []
     for text in ("first version " * 400, "second version " * 400):
         path.write_text(text)
@@ -70,8 +71,68 @@ def test_an_edited_data_file_at_the_same_path_gets_new_phase_ids(tmp_path):
 def test_a_copy_initialised_phase_is_never_reused_for_a_random_one():
     from stackwise_ray.phase_store import phase_identity
 
-    plan = [{"n_blocks": 1, "precision": "full", "at_input_side": False}] * 2
-    random, copy = tiny_config(), tiny_config(new_stack_init="copy")
-    assert phase_identity(random, plan, 0) == phase_identity(copy, plan, 0)  # stack 0 has nothing to copy
-    assert phase_identity(random, plan, 1) != phase_identity(copy, plan, 1)
-    assert phase_identity(random, plan, 1) != phase_identity(tiny_config(trunk_strategy="full"), plan, 1)
+    random, copy, full = tiny_config(), tiny_config(new_stack_init="copy"), tiny_config(trunk_strategy="full")
+    plan = plan_phases(random, 2)
+    assert phase_identity(random, plan, 0) == phase_identity(copy, plan_phases(copy, 2), 0)  # stack 0 has nothing to copy
+    assert phase_identity(random, plan, 1) != phase_identity(copy, plan_phases(copy, 2), 1)
+    assert phase_identity(random, plan, 1) != phase_identity(full, plan_phases(full, 2), 1)
+
+
+def finished_run(store, phase_id: str) -> str:
+    """A checkpoint that a run of the phase wrote whole, as Ray Train lays it out."""
+    builder = ProgressiveRackBuilder(tiny_config())
+    builder.add_stack()
+    path = str(pathlib.Path(store.root, phase_id, "run.s00", "checkpoint_000000"))
+    save_rack(builder, path, extra={"metrics": {"val_loss": 2.0}})
+    return path
+
+
+def test_a_phase_is_trained_once_then_reused_and_its_record_written(store):
+    calls = []
+
+    def train(recovered):
+        calls.append(recovered)
+        return {"checkpoint": finished_run(store, "s01-new"), "metrics": {"val_loss": 2.0}}, "trained"
+
+    record, status = store.train_once("s01-new", train)
+    assert status == "trained" and calls == [None] and store.has_record("s01-new")
+    assert store.train_once("s01-new", train)[1] == "reused" and len(calls) == 1
+    assert store.train_once("s00-good", train) == (store.record("s00-good"), "reused") and len(calls) == 1
+    assert store.record("s01-new")["checkpoint"] == record["checkpoint"]
+
+
+def test_a_checkpoint_left_before_the_record_is_handed_to_the_phase_to_recover(store):
+    left = finished_run(store, "s01-crashed")
+    in_phase = pathlib.Path(store.root, "s01-crashed", "run.s00", "checkpoint_000001")  # later, but no final metrics
+    builder = ProgressiveRackBuilder(tiny_config())
+    builder.add_stack()
+    save_rack(builder, str(in_phase), extra={"in_phase": {"step": 2}})
+    assert store.finished_checkpoint("s01-crashed") == left
+    record, status = store.train_once("s01-crashed", lambda recovered: (
+        {"checkpoint": recovered, "metrics": {"val_loss": 2.0}}, "recovered"))
+    assert status == "recovered" and record["checkpoint"] == left
+    assert store.finished_checkpoint("s01-missing") is None
+
+
+def test_a_second_run_waits_for_the_claim_and_reuses_what_the_first_trained(store):
+    import threading
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def train(recovered):
+        calls.append(1)
+        started.set()
+        release.wait(10)
+        return {"checkpoint": finished_run(store, "s01-shared"), "metrics": {"val_loss": 2.0}}, "trained"
+
+    first = threading.Thread(target=store.train_once, args=("s01-shared", train))
+    first.start()
+    assert started.wait(10)
+    results = []
+    second = threading.Thread(target=lambda: results.append(store.train_once("s01-shared", train)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and store.try_claim("s01-shared") is None  # waiting on the first one's claim
+    release.set()
+    first.join(10), second.join(10)
+    assert len(calls) == 1 and results[0][1] == "reused"

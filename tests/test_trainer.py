@@ -15,29 +15,9 @@ from stackwise_ray.cache import ActivationCache, read_shard
 from stackwise_ray.checkpoint import load_rack, read_json
 from stackwise_ray.data import GlobalBatches, build_datasets
 from stackwise_ray.inference import evaluate_rack
-from stackwise_ray.phase_store import phase_identity
 from stackwise_ray.trainer import ProgressiveTrainer
 
-from .conftest import ray_config
-
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def weights(path):
-    return {n: t.clone() for n, t in load_rack(path).build_rack().state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def arrow_run(tmp_path_factory, ray_session):
-    """3 stacks, append, frozen trunk, Arrow cache, 1 worker."""
-    storage = tmp_path_factory.mktemp("runs")
-    config = ray_config(ray={"cache_backend": "arrow"})
-    config.tracking.mlflow, config.tracking.tensorboard = "local", True
-    # a file:// URI is the local directory it names
-    trainer = ProgressiveTrainer(config, storage_path=f"file://{storage}", name="arrow")
-    history = trainer.train_progressively()
-    assert trainer.run_dir == str(storage / "arrow") and (storage / "arrow" / "final" / "rack.json").is_file()
-    return trainer, history
 
 
 def test_three_stacks_are_three_phases_with_three_checkpoints(arrow_run):
@@ -89,33 +69,6 @@ def cache_shards(run_dir, phase_id, position):
     return ActivationCache(*(np.concatenate([getattr(s, k) for s in shards]) for k in ("example_ids", "input_ids", "hidden")))
 
 
-def test_prestarted_and_serial_phases_with_either_cache_backend_train_the_same_weights(arrow_run, tmp_path):
-    trainer, _ = arrow_run
-    # the arrow run prestarted each next phase (2 CPUs: room for two phases); this one does not
-    assert [m["prestarted"] for m in arrow_run[1]] == [False, True, True]
-    other = ProgressiveTrainer(ray_config(target_stacks=2), storage_path=str(tmp_path), name="store", prestart=False)
-    history = other.train_progressively()
-    assert [m["prestarted"] for m in history] == [False, False]
-    assert history[1]["cache"]["backend"] == "object_store" and history[1]["trunk_forwards"] == 0
-    a, b = weights(arrow_run[1][1]["checkpoint"]), weights(os.path.join(other.run_dir, "final"))
-    assert history[1]["phase_id"] == arrow_run[1][1]["phase_id"]  # the cache backend is not part of a phase's identity
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def test_two_workers_match_one_worker(arrow_run, tmp_path):
-    trainer, history = arrow_run
-    two = ProgressiveTrainer(ray_config(target_stacks=1, ray={"num_workers": 2}), storage_path=str(tmp_path), name="ddp")
-    h2 = two.train_progressively()
-    assert h2[0]["num_workers"] == 2
-    one = weights(history[0]["checkpoint"])
-    ddp = weights(os.path.join(two.run_dir, "final"))
-    for name in one:
-        torch.testing.assert_close(ddp[name], one[name], rtol=1e-3, atol=1e-4)
-    assert abs(h2[0]["val_loss"] - history[0]["val_loss"]) < 0.02
-
-
 def test_killed_run_resumes_at_the_first_unfinished_phase(ray_session, tmp_path):
     config_path = tmp_path / "run.yaml"
     config_path.write_text(
@@ -143,45 +96,6 @@ def test_killed_run_resumes_at_the_first_unfinished_phase(ray_session, tmp_path)
     assert load_rack(os.path.join(trainer.run_dir, "final")).num_stacks == 2
     with pytest.raises(ValueError, match="already there"):
         ProgressiveTrainer(load_config(config_path), storage_path=str(tmp_path), name="killed").train_progressively()
-
-
-def test_worker_killed_mid_phase_resumes_in_phase_and_an_over_budget_cache_recomputes(arrow_run, tmp_path):
-    config = ray_config(target_stacks=2, training={"checkpoint_every": 2, "eval_every": 3},
-                        ray={"inject_worker_failure": "1:4", "max_failures": 2, "cache_max_bytes": 1000})
-    trainer = ProgressiveTrainer(config, storage_path=str(tmp_path), name="fault")
-    with pytest.warns(UserWarning, match="exceeds the 0 MiB budget"):
-        history = trainer.train_progressively()
-    assert [m["stack"] for m in history] == [0, 1]
-    assert os.path.exists(os.path.join(trainer.store.root, f"{history[1]['phase_id']}.fault"))  # the worker did die
-    # the latest in-phase checkpoint Ray Train registered before the worker died (2 or 4)
-    assert history[1]["resumed_from_step"] in (2, 4) and history[0]["resumed_from_step"] == 0
-    assert history[1]["cache"]["over_budget"] is True  # recomputed: one trunk forward per step of this attempt
-    assert history[1]["trunk_forwards"] == 8 - history[1]["resumed_from_step"]
-    # the validation curve survives the restart (its point at step 3 is in the step-4 checkpoint)
-    assert [(p["step"], p["global_step"]) for p in history[1]["val_curve"]] == [(3, 11), (6, 14), (8, 16)]
-    assert history[1]["val_curve"][-1]["val_loss"] == history[1]["val_loss"]
-    # the interrupted, recomputing phase (evaluated every 3 steps) trains what the uninterrupted, cached one did
-    uninterrupted = weights(arrow_run[1][1]["checkpoint"])
-    for name, tensor in weights(history[1]["checkpoint"]).items():
-        torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-4, atol=1e-5)
-
-
-def test_a_failed_phase_cancels_the_prestarted_next_phase_and_frees_its_lock(ray_session, tmp_path):
-    config = ray_config(ray={"inject_worker_failure": "1:4", "max_failures": 0})
-    trainer = ProgressiveTrainer(config, storage_path=str(tmp_path), name="failing", prestart=True)
-    t0 = time.time()
-    with pytest.raises(Exception):
-        trainer.train_progressively()
-    assert time.time() - t0 < 240  # no wait for a phase that will never get its inputs
-    store = tmp_path / "failing" / "phases"
-    assert [p.parent.name[:3] for p in store.glob("*/done.json")] == ["s00"]  # phases 1 and 2 left no record
-    key = os.path.basename(trainer._token_store())
-    ids = [phase_identity(trainer.config, trainer._plan(trainer.config, None, None), k, key) for k in range(3)]
-    assert (store / f"{ids[2]}.lock").exists()  # phase 2 was prestarted (it took its lock)...
-    assert not list(store.glob(f"{ids[2]}/*/checkpoint_*"))  # ...and never trained
-    claim = trainer.store.try_claim(ids[2])
-    assert claim is not None  # its lock is free for a rerun
-    claim.release()
 
 
 def test_corrupt_checkpoint_and_cache_are_detected_and_rebuilt(arrow_run, tmp_path):

@@ -259,6 +259,7 @@ def test_a_step_matched_baseline_without_a_batch_per_worker_is_refused_before_ra
 
 def test_trials_get_their_lr_seed_and_batch_and_share_only_coinciding_phases(tmp_path):
     from stackwise_ray.phase_store import phase_identity
+    from stackwise_ray.plan import plan_phases
     from stackwise_ray.tune import arm_label, grid_variants, trial_config
 
     config = StackWiseConfig.from_yaml(compare_config(tmp_path, "flops_and_steps")).validate()
@@ -274,9 +275,7 @@ def test_trials_get_their_lr_seed_and_batch_and_share_only_coinciding_phases(tmp
     assert arm_label(config, "progressive", variants[0]) == "building_mode=append"
 
     def ids(trial):
-        plan = [{"n_blocks": 1, "precision": "full", "at_input_side": trial.training.progressive.building_mode == "prepend"}
-                for _ in range(2)]
-        return [phase_identity(trial, plan, k) for k in range(2)]
+        return [phase_identity(trial, plan_phases(trial, 2), k) for k in range(2)]
 
     append, prepend = ids(trials[("append", 1e-3, 0)]), ids(trials[("prepend", 1e-3, 0)])
     assert append[0] == prepend[0] and append[1] != prepend[1]  # stack 0 is shared by the two arms
