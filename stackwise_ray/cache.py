@@ -184,7 +184,7 @@ def compute_shard(rack, ds: TokenDataset, masking, stack_id: int, start: int, en
     inputs, hidden = np.empty((n, T), np.int32), np.empty((n, T, C), STORED[dtype])
     for i in range(0, n, batch_size):
         rows = positions[i:i + batch_size]
-        batch = {"input_ids": ds.input_ids[rows], "example_ids": ds.example_ids[torch.from_numpy(rows)]}
+        batch = {"input_ids": ds.input_ids[rows], "example_ids": ds.example_ids[torch.tensor(rows)]}
         if ds.targets is not None:
             batch["targets"] = ds.targets[rows]
         batch = masking.generate_masks_for_stack(batch, stack_id)

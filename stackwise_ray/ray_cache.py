@@ -53,16 +53,15 @@ class CacheHandle:
 
 
 @ray.remote(num_returns="streaming", max_retries=0)
-def build_shards(config: dict, checkpoint: str, stack_id: int, start: int, end: int, layout: CacheLayout,
+def build_shards(config: StackWiseConfig, checkpoint: str, stack_id: int, start: int, end: int, layout: CacheLayout,
                  shard_ids: list[int], prev: list | None, backend: str, directory: str, data_ref, use_gpu: bool):
     """Ray task: shards `shard_ids` of the stream entering rack position `end`, one at a time
     (first yields its node and the FLOPs of building one row, then each shard's arrays, or
     for the arrow backend writes each shard and yields its size)."""
     import torch
 
-    config = StackWiseConfig.from_dict(config)  # this run's corruption, not the checkpoint's run's
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    rack = load_rack(checkpoint, config=config).rack.to(device)
+    rack = load_rack(checkpoint, config=config).rack.to(device)  # this run's corruption, not the checkpoint's run's
     train_ds, _, tokenizer = load_data(config, data_ref)
     masking = TimeStepMasking(config, tokenizer)
     T = config.data.seq_len
@@ -112,7 +111,7 @@ def build(config: StackWiseConfig, checkpoint: str, stack_id: int, start: int, e
         n = max(1, min(tasks, len(todo)))
         groups = [todo[k::n] for k in range(n)]
         runs = [(ids, build_shards.options(scheduling_strategy=outside, num_gpus=1 if use_gpu else 0).remote(
-            config.to_dict(), checkpoint, stack_id, start, end, layout, ids, prev.shards if prev else None, backend,
+            config.validate(), checkpoint, stack_id, start, end, layout, ids, prev.shards if prev else None, backend,
             directory, data_ref, use_gpu)) for ids in groups]
         try:
             for ids, generator in runs:

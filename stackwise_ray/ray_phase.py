@@ -32,7 +32,7 @@ def fit_phase(config: StackWiseConfig, part: str, inputs: PhaseInputs | None, st
     r = config.ray
     labels = labels or {"experiment": name, "trial": name}
     run = run_name(labels, part)
-    job = PhaseJob(config.to_dict(), name, inputs, train_steps, labels, storage.join(store, f"{name}.fault"),
+    job = PhaseJob(config.validate(), name, inputs, train_steps, labels, storage.join(store, f"{name}.fault"),
                    time.time(), data_ref, links, board)
     trainer = TorchTrainer(
         train_loop_per_worker,

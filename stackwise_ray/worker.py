@@ -47,7 +47,7 @@ class PhaseInputs:
 @dataclass(frozen=True)
 class PhaseJob:
     """What a phase's workers are started with."""
-    config: dict  # the run's config (StackWiseConfig.to_dict)
+    config: StackWiseConfig  # the run's config, validated on the driver (not again here)
     name: str  # the phase id
     inputs: PhaseInputs | None  # None: wait for `links` to hand them over (a prestarted phase)
     train_steps: int | None  # None: the configured steps of a phase
@@ -81,7 +81,7 @@ def start_builder(config: StackWiseConfig, inputs: PhaseInputs) -> ProgressiveRa
 def train_loop_per_worker(loop_config: dict) -> dict:
     job: PhaseJob = loop_config["job"]
     t_enter = time.time()
-    config = StackWiseConfig.from_dict(job.config)
+    config = job.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train_ds, val_ds, tokenizer = load_data(config, job.data_ref)
