@@ -49,12 +49,14 @@ def stdlib_corpus(tmp: str) -> str:
     return path
 
 
-def sweep_config(corpus: str, lrs, seeds, steps: int, match: str, grid: bool):
-    tune = {"lrs": lrs, "seeds": seeds, "baseline_match": match}
+def sweep_config(corpus: str, lrs, seeds, steps: int, match: str | None, grid: bool, arm: dict | None = None):
+    """The experiment on `corpus`; `match` None: no baseline; `arm`: progressive values
+    ({key: value} under training.progressive) replacing the grid's."""
+    tune = {"lrs": lrs, "seeds": seeds, "baseline": "end_to_end" if match else "none", "baseline_match": match or "flops"}
     if not grid:
         tune["search_space"] = {}
     return config({"data": {"source": corpus, "format": "jsonl", "val_fraction": VAL_FRACTION},
-                   "training": {"steps_per_stack": steps}, "tune": tune}, base=EXPERIMENT)
+                   "training": {"steps_per_stack": steps, "progressive": arm or {}}, "tune": tune}, base=EXPERIMENT)
 
 
 def read(experiment: str, tag: str, baseline_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -92,6 +94,54 @@ def run(tmp: str, lrs, seeds, steps: int) -> tuple[pd.DataFrame, pd.DataFrame, d
     return pd.concat([ra, rb]), pd.concat([ca, cb]), facts
 
 
+def edge_extensions(results: pd.DataFrame) -> list[tuple[str, float]]:
+    """(arm, next LR) for every arm whose best LR is the grid's largest (next: twice it) or
+    smallest (next: half of it) among the LRs it ran."""
+    out = []
+    for arm, rows in results[results["val_loss"].notna()].groupby("arm"):
+        means = rows.groupby("training.lr")["val_loss"].mean()
+        best = means.idxmin()
+        if best == means.index.max():
+            out.append((arm, float(best) * 2))
+        elif best == means.index.min():
+            out.append((arm, float(best) / 2))
+    return out
+
+
+def arm_values(results: pd.DataFrame, arm: str) -> dict:
+    """The training.progressive values that make `arm` (a progressive arm's grid columns)."""
+    row = results[results["arm"] == arm].iloc[0]
+    prefix = "training.progressive."
+    return {c.removeprefix(prefix): row[c] for c in results.columns if c.startswith(prefix) and pd.notna(row[c])}
+
+
+def extend(keep_dir: str, rounds: int = 2) -> None:
+    """Run every arm whose best LR sits at the edge of the LRs it ran one LR further out
+    (up to `rounds` times), adding the trials to the kept run."""
+    results, curves, facts = kept(keep_dir)
+    tmp = tempfile.mkdtemp(prefix="quality-corpus-")
+    try:
+        corpus = stdlib_corpus(tmp)
+        for r in range(rounds):
+            todo = edge_extensions(results)
+            for k, (arm, lr) in enumerate(todo):
+                baseline = {STEP_MATCHED: "flops_and_steps", FLOP_MATCHED: "flops"}.get(arm)
+                cfg = sweep_config(corpus, [lr], facts["seeds"], facts["steps"], baseline, False,
+                                   None if baseline else arm_values(results, arm))
+                wall, exp = run_sweep(cfg, f"quality_x{r}{k}")
+                rx, cx = read(exp, f"X{r}{k}", arm)  # its baseline, or its only progressive arm, is `arm`
+                if baseline:
+                    rx, cx = rx[rx["arm"] == arm], cx[cx["arm"] == arm]
+                else:
+                    rx["arm"], cx["arm"] = arm, arm
+                results, curves = pd.concat([results, rx]), pd.concat([curves, cx])
+                facts.setdefault("extensions", []).append({"arm": arm, "lr": lr, "wall": wall, "trials": len(rx)})
+                facts["trials"] += len(rx)
+            keep(keep_dir, results, curves, facts)
+    finally:
+        shutil.rmtree(tmp)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lrs", type=float, nargs="+", default=LRS)
@@ -100,7 +150,11 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/benchmarks.md alone")
     parser.add_argument("--keep", help="also write both sweeps' results.csv and curves.csv, and facts.json, here")
     parser.add_argument("--from", dest="source", help="write the report from a --keep directory instead of running")
+    parser.add_argument("--extend", action="store_true",
+                        help="with --from: first run every arm whose best LR is at the grid's edge one LR further out")
     args = parser.parse_args()
+    if args.source and args.extend:
+        extend(args.source)
     if args.source:
         results, curves, facts = kept(args.source)
     else:
@@ -111,6 +165,9 @@ def main() -> None:
             shutil.rmtree(tmp)
         if args.keep:
             keep(args.keep, results, curves, {**facts, "lrs": args.lrs, "seeds": args.seeds, "steps": args.steps})
+            if args.extend:
+                extend(args.keep)
+                results, curves, facts = kept(args.keep)
     body = report(results, curves, facts, args)
     print(body) if args.no_write else write_section("p6", "P6: progressive vs end-to-end at equal compute", body)
 
@@ -134,17 +191,14 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in comparison_rows(rows)])
 
 
-def edge_lrs(rows: list[dict], lrs) -> list[str]:
-    return [r["arm"] for r in rows if r["lr"] in (min(lrs), max(lrs))]
-
-
 def lr_table(results: pd.DataFrame) -> str:
     """Mean final val_loss over seeds for every arm and LR: the whole grid, not only the best."""
     done = results[results["val_loss"].notna()]
     grid = done.pivot_table(index="arm", columns="training.lr", values="val_loss", aggfunc="mean")
     head = ["arm"] + [f"lr {lr:.3g}" for lr in grid.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([arm] + [f"{v:.4f}" for v in row]) + " |" for arm, row in grid.iterrows()]
+    lines += ["| " + " | ".join([arm] + ["-" if pd.isna(v) else f"{v:.4f}" for v in row]) + " |"
+              for arm, row in grid.iterrows()]
     return "\n".join(lines)
 
 
@@ -153,14 +207,16 @@ def report(results, curves, facts, args) -> str:
         args.lrs, args.seeds, args.steps = facts["lrs"], facts["seeds"], facts["steps"]
     versus_steps = against(results, curves, STEP_MATCHED)
     versus_flops = against(results, curves, FLOP_MATCHED)
-    edges = edge_lrs(versus_steps, args.lrs)
+    edges = [arm for arm, _ in edge_extensions(results)]
+    extended = "".join(f" {x['arm']} also ran LR {x['lr']:.3g} ({x['trials']} trials, {x['wall'] / 60:.0f} min), its "
+                       "best LR having been at the edge of the grid." for x in facts.get("extensions", []))
     return (
         f"`{EXPERIMENT}` (d_model 128, 4 heads, 3 stacks of 1 block, seq_len 128, byte tokenizer, batch 16, "
         f"{args.steps} steps per stack, in every phase 20 warmup steps then cosine decay to a tenth of the LR, validation every 50 steps on the whole validation "
         f"split) on the standard library's `.py` files as JSONL ({facts['corpus_mb']:.1f} MB, "
         f"{facts['train_examples']:,} training windows, val_fraction {VAL_FRACTION}). Every arm ran every LR of "
         f"{args.lrs} with seeds {args.seeds}: {facts['trials']} trials, sweep A {facts['wall_a'] / 60:.0f} min, "
-        f"sweep B {facts['wall_b'] / 60:.0f} min. No arm reads more than a small fraction of the corpus (column "
+        f"sweep B {facts['wall_b'] / 60:.0f} min.{extended} No arm reads more than a small fraction of the corpus (column "
         "*epochs*), so this is the one-pass regime, not repeated passes over a small corpus.\n\n"
         "Arms: `trunk_strategy=frozen` is the source document's growth (append; the trunk frozen and its "
         "outputs cached); `full` trains the whole rack after each growth (G_stack, MSG, LiGO train everything); "
@@ -173,8 +229,8 @@ def report(results, curves, facts, args) -> str:
         f"over seeds):\n\n{markdown_table(versus_steps)}\n\n"
         f"**Against the FLOPs-matched baseline**:\n\n{markdown_table(versus_flops)}\n\n"
         f"**Every learning rate** (mean final val_loss over seeds):\n\n{lr_table(results)}\n\n"
-        + (f"Best LR at the edge of the grid for: {'; '.join(edges)}; a wider grid might move these arms.\n\n"
-           if edges else "Every arm's best LR lies inside the grid.\n\n")
+        + (f"Best LR still at the edge of the LRs it ran for: {'; '.join(edges)}; a wider grid might improve these "
+           "arms.\n\n" if edges else "Every arm's best LR lies inside the LRs it ran.\n\n")
         + f"What this does not show: one small model (0.6 M parameters in its blocks) and {3 * args.steps} steps; one corpus "
         "(Python source); CPU float32. Whether the ordering holds at larger scale, with longer training or "
         "with other data is not measured here."

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import adapters
-from .config import ConfigError, StackWiseConfig, can_copy_weights
+from .config import ConfigError, StackWiseConfig, can_copy_weights, stack_lora_params
 from .data import load_tokenizer
 from .model import Rack, Stack
 from .plan import PhasePlan, phase_plan
@@ -54,7 +54,7 @@ def create_stack_from_config(stack_id: int, n_blocks: int, config: StackWiseConf
     apply_precision(stack, precision)
     stack.precision, stack.compute_dtype = precision, compute_dtype(precision)
     if p.qlora_enabled:
-        rank, alpha = adapters.stack_lora_params(stack_id, p)
+        rank, alpha = stack_lora_params(stack_id, p)
         adapters.add_adapter(stack, adapters.STACK_ADAPTER, rank, alpha, p.qlora_dropout)
     return stack
 

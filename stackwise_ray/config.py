@@ -114,6 +114,35 @@ class ProgressiveConfig:
     random_token_fraction: float = 0.1  # random token; the rest keep their token
 
 
+def pattern_value(base: float, pattern: str, stack_idx: int) -> float:
+    """Value of a rank/alpha pattern at a stack: increasing 16,32,64..; decreasing 16,8,4..
+    (never below 1); linear 16,32,48..; constant 16,16,16.."""
+    if pattern == "increasing":
+        return base * 2**stack_idx
+    if pattern == "decreasing":
+        return max(1, base / 2**stack_idx)
+    if pattern == "linear":
+        return base * (stack_idx + 1)
+    if pattern == "constant":
+        return base
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def stack_lora_params(stack_idx: int, p: ProgressiveConfig) -> tuple[int, float]:
+    """(rank, alpha) of stack `stack_idx`'s stack LoRA under qlora_strategy."""
+    if p.qlora_strategy == "simplified":
+        return p.qlora_rank, p.qlora_alpha
+    if p.qlora_strategy == "progressive":
+        rank = pattern_value(p.qlora_rank, p.qlora_rank_pattern, stack_idx)
+        return int(rank), pattern_value(p.qlora_alpha, p.qlora_alpha_pattern, stack_idx)
+    if p.qlora_strategy == "variable":
+        entry = p.qlora_configs.get(stack_idx)
+        if entry is None:
+            raise ValueError(f"training.progressive.qlora_configs: no entry for stack {stack_idx}")
+        return int(entry["rank"]), entry["alpha"]
+    raise ValueError(f"unknown qlora_strategy {p.qlora_strategy!r}")
+
+
 @dataclass
 class TrainingConfig:
     seed: int = 0
@@ -392,11 +421,6 @@ class StackWiseConfig:
             fail("training.progressive.progressive_qlora", "trunk_strategy full trains the trunk's own weights, so a trunk adapter would only be a redundant low-rank copy of their update: set it to false, or use trunk_strategy qlora")
         if p.new_stack_init != "copy":
             return
-        from .adapters import (
-            stack_lora_params,  # adapters imports torch: not before a config is refused
-        )
-
-
         for k in range(1, self.target_stacks):
             source, new = self.stack_precision(k - 1), self.stack_precision(k)
             if not can_copy_weights(source, new):

@@ -15,8 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .adapters import stack_lora_params
-from .config import StackWiseConfig
+from .config import StackWiseConfig, stack_lora_params
 from .time_mapping import depth_time_step
 
 
