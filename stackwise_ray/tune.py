@@ -99,7 +99,7 @@ def param_space(config: StackWiseConfig) -> dict:
 
 
 def _grid_value(variants: list[dict], key: str, default):
-    return lambda config: variants[config["variant"]].get(key, default)
+    return lambda spec: variants[spec.config["variant"]].get(key, default)
 
 
 def trial_values(base: StackWiseConfig, params: dict) -> tuple[str, dict]:
