@@ -8,12 +8,15 @@ started at random or as a copy of the stack below (new_stack_init: copy); agains
 end-to-end baseline matched on FLOPs and optimizer steps (sweep A) and on FLOPs alone
 (sweep B). Sweep B's only progressive arm is the base config, whose phases sweep A has
 already trained: its phase store starts as a copy of sweep A's, so B trains only its
-baseline. The corpus is the running Python's standard library as JSONL, built in a
+baseline. Then every arm whose best LR is the largest (smallest) it ran runs again at
+twice (half) that LR, up to two times, so no arm is reported at the edge of its grid
+untested. The corpus is the running Python's standard library as JSONL, built in a
 temporary directory and deleted afterwards.
 
-    python benchmarks/quality.py                      # the published run (about 1 h on 2 CPUs)
+    python benchmarks/quality.py                      # the published run (about 2 h on 2 CPUs)
     python benchmarks/quality.py --lrs 1e-3 --seeds 0 --steps 20 --no-write   # a smoke run
     python benchmarks/quality.py --from DIR       # the report again, from a run made with --keep DIR
+    python benchmarks/quality.py --from DIR --extend   # extend a kept run's edge arms first
 """
 
 from __future__ import annotations
@@ -148,10 +151,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/benchmarks.md alone")
-    parser.add_argument("--keep", help="also write both sweeps' results.csv and curves.csv, and facts.json, here")
+    parser.add_argument("--keep", help="write the sweeps' results.csv and curves.csv, and facts.json, here")
     parser.add_argument("--from", dest="source", help="write the report from a --keep directory instead of running")
     parser.add_argument("--extend", action="store_true",
-                        help="with --from: first run every arm whose best LR is at the grid's edge one LR further out")
+                        help="with --from: first run every arm whose best LR is at the grid's edge one LR further out "
+                             "(a fresh run always does)")
     args = parser.parse_args()
     if args.source and args.extend:
         extend(args.source)
@@ -163,11 +167,10 @@ def main() -> None:
             results, curves, facts = run(tmp, args.lrs, args.seeds, args.steps)
         finally:
             shutil.rmtree(tmp)
-        if args.keep:
-            keep(args.keep, results, curves, {**facts, "lrs": args.lrs, "seeds": args.seeds, "steps": args.steps})
-            if args.extend:
-                extend(args.keep)
-                results, curves, facts = kept(args.keep)
+        out = args.keep or tempfile.mkdtemp(prefix="quality-kept-")
+        keep(out, results, curves, {**facts, "lrs": args.lrs, "seeds": args.seeds, "steps": args.steps})
+        extend(out)  # an arm whose best LR is at the grid's edge is not tuned yet
+        results, curves, facts = kept(out)
     body = report(results, curves, facts, args)
     print(body) if args.no_write else write_section("p6", "P6: progressive vs end-to-end at equal compute", body)
 

@@ -1,4 +1,4 @@
-"""Run every benchmark, one after another (about 75 minutes on 2 CPUs); each rewrites
+"""Run every benchmark, one after another (about 3 hours on 2 CPUs, 2 of them P6's quality.py); each rewrites
 its own section of docs/benchmarks.md."""
 
 import os
