@@ -14,7 +14,8 @@ untested. The corpus is the running Python's standard library as JSONL, built in
 temporary directory and deleted afterwards.
 
     python benchmarks/quality.py                      # the published run (about 2 h on 2 CPUs)
-    python benchmarks/quality.py --lrs 1e-3 --seeds 0 --steps 20 --no-write   # a smoke run
+    python benchmarks/quality.py --lrs 1e-3 --seeds 0 --steps 20 --no-write   # a smoke run (one LR is every
+                                                      # arm's edge: each then runs 2 more LRs)
     python benchmarks/quality.py --from DIR       # the report again, from a run made with --keep DIR
     python benchmarks/quality.py --from DIR --extend   # extend a kept run's edge arms first
 """
