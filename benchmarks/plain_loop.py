@@ -8,7 +8,7 @@ import time
 import torch
 
 from stackwise_ray.builder import ProgressiveRackBuilder
-from stackwise_ray.cache import cache_dtype, compute_cache, plan_layout
+from stackwise_ray.cache import compute_cache, plan_layout
 from stackwise_ray.config import StackWiseConfig
 from stackwise_ray.data import GlobalBatches, ProgressiveDataLoader, build_datasets
 from stackwise_ray.masking import TimeStepMasking
@@ -33,7 +33,7 @@ def run_plain(config: StackWiseConfig, threads: int) -> list[dict]:
             start = cache[0] if cache is not None and cache[0] == plan.position - 1 else 0
             prev = cache[1] if start else None
             steps = phase_steps(config.training, len(train_ds) // B)
-            dtype = cache_dtype(plan, [p.precision for p in phases], config.ray.cache_dtype)
+            dtype = plan.dtype
             rows = plan_layout(config, train_ds, steps, dtype).positions  # the examples the phase reads, as on Ray
             cache = (plan.position, compute_cache(builder.rack, train_ds, masking, k, start, plan.position,
                                                   prev, positions=rows, dtype=dtype))

@@ -106,7 +106,7 @@ class ProgressiveRackBuilder:
                 setattr(config.model, key, value)
         elif model_overrides:
             raise TypeError("pass model settings either in config or as keyword arguments, not both")
-        self.config = config.validate(check_files=False, import_code=import_code)
+        self.config = config.validate()
         self.import_code = import_code
         p = config.training.progressive
         self.building_mode = building_mode or p.building_mode

@@ -35,8 +35,6 @@ from . import storage
 from .checkpoint import sha256_file
 from .config import StackWiseConfig
 from .data import GlobalBatches, TokenDataset
-from .plan import CachePlan
-from .precision import compute_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORED = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}  # bfloat16: its bits
@@ -92,21 +90,6 @@ class ActivationCache:
     def arrays(self) -> dict:
         return {"example_ids": self.example_ids, "input_ids": self.input_ids, "hidden": self.hidden,
                 "dtype": self.dtype}
-
-
-# ---------------------------------------------------------------- which cache a phase uses
-# (which one, if any, is the phase's PhasePlan.cache: plan.py)
-
-def cache_dtype(cache: CachePlan, precisions: list[str], configured: str | None = None) -> str:
-    """`configured` (ray.cache_dtype), else the dtype the cached stream is computed in
-    (lossless): the embedding's (float32) for trunk inputs, the last trunk stack's (of
-    the stacks' `precisions`, in rack order) for trunk outputs."""
-    if configured is not None:
-        return configured
-    if cache.position == 0:
-        return "float32"
-    dtype = compute_dtype(precisions[cache.position - 1])
-    return next((name for name, d in DTYPES.items() if d == dtype), "float32")
 
 
 @dataclass(frozen=True)

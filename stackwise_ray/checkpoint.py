@@ -159,7 +159,7 @@ def read_rack_metadata(directory: str, listed: set[str]) -> tuple[dict, StackWis
     if not isinstance(meta, dict) or meta.get("format") != 1:
         _bad(path, "format", "must be 1 (a rack.json written by save_rack)")
     try:
-        config = StackWiseConfig.from_dict(meta.get("config")).validate(check_files=False, import_code=False)
+        config = StackWiseConfig.from_dict(meta.get("config")).validate()
     except ConfigError as e:
         raise CorruptCheckpointError(f"{path}: config.{e}") from None
     if config.data.tokenizer not in ("byte", TOKENIZER):  # a path elsewhere on this machine: refused

@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import storage
-from .config import ConfigError, StackWiseConfig, check_fits
+from .config import ConfigError, StackWiseConfig, apply_cli_overrides
 from .errors import fail
 
 BAD_INPUT = 2  # the exit status of a command refused by its input
@@ -34,46 +34,61 @@ def refuse(where: str | None, e: BaseException | str) -> int:
 
 
 def load_for_command(path: str, storage_path: str | None, check_data: bool = True,
-                     address: str | None = None, name: str | None = None) -> StackWiseConfig | None:
-    """What train and tune do first: check --name, load the YAML, apply --storage (or
-    normalise ray.storage_path), validate, check that a GPU run has a GPU, that the storage path is writable, and the
-    config against its tokenizer and data (a bad data file fails here, before Ray starts).
-    On bad input, print one line naming the file and return None (the command exits with
-    status 2)."""
+                     address: str | None = None, name: str | None = None,
+                     overrides: list[str] = ()) -> StackWiseConfig | None:
+    """What train and tune do first: check --name, load the YAML, apply the command line's
+    `key=value` overrides and --storage (or normalise ray.storage_path), validate the
+    schema, then `preflight`. On bad input, print one line naming the file and return None
+    (the command exits with status 2)."""
     try:
         if name is not None:
             storage.check_name(name)
-        config = StackWiseConfig.from_yaml(path)
+        config = apply_cli_overrides(StackWiseConfig.from_yaml(path), list(overrides))
         # the one place a command's storage path is normalised, before the config is validated
         config.ray.storage_path = storage.storage_dir(storage_path or config.ray.storage_path)
         config = config.validate()
-        from .ray_runtime import probe, resolve_address
-
-        ray_address, source = resolve_address(config, address)
-        if ray_address is not None and check_data:  # a run, not a dry run: before anything is written
-            probe(ray_address, source)
-        if config.ray.use_gpu and not (address or config.ray.address or os.environ.get("RAY_ADDRESS")):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError("ray.use_gpu: true, but this machine has no CUDA GPU (set it to false, or give "
-                                  "the address of a cluster with GPU workers: ray.address, RAY_ADDRESS or --address)")
-        storage.check_storage(config.ray.storage_path)
-        if check_data or config.data.tokenizer != "byte":
-            check_against_data(config, check_data)
+        preflight(config, address, build_data=check_data)
         return config
     except (ConfigError, ValueError) as e:
         refuse(path, e)
         return None
 
 
-def check_against_data(config: StackWiseConfig, load_data: bool) -> None:
-    """What validate cannot know: the tokenizer's vocabulary and the number of examples."""
-    from .data import load_tokenizer, token_store_location
+def preflight(config: StackWiseConfig, address: str | None = None, build_data: bool = True) -> None:
+    """Everything a validated config needs from this machine and the outside world, checked
+    before Ray starts or anything is written: the Ray address answers, a GPU run has a GPU,
+    the storage path is writable, the data and tokenizer files, tracking packages and a
+    custom time mapping (preflight.py, for every value a sweep may give), the tokenizer's
+    vocabulary against model.vocab_size, the rack against this machine's memory, and, with
+    `build_data`, the token store (built where missing) against the batch size."""
+    from . import preflight as checks
+    from .ray_runtime import probe, resolve_address
 
-    tokenizer, m = load_tokenizer(config.data.tokenizer), config.model
-    if m.vocab_size is not None and m.vocab_size < tokenizer.vocab_size:
-        fail("model.vocab_size", f"must be >= the tokenizer's {tokenizer.vocab_size:,} ids, got {m.vocab_size:,}")
-    check_fits(config, m.vocab_size or tokenizer.vocab_size)
-    if load_data:  # builds the token store where it is missing; checks the example counts, batch size included
-        token_store_location(config, tokenizer, for_training=True)
+    ray_address, source = resolve_address(config, address)
+    if ray_address is not None and build_data:  # a run, not a dry run
+        probe(ray_address, source)
+    if config.ray.use_gpu and not (address or config.ray.address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("ray.use_gpu: true, but this machine has no CUDA GPU (set it to false, or give "
+                              "the address of a cluster with GPU workers: ray.address, RAY_ADDRESS or --address)")
+    storage.check_storage(config.ray.storage_path)
+    checks.check_files(config)
+    vocab_size = None
+    if config.data.tokenizer != "byte":
+        from .data import load_tokenizer
+
+        vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
+        if config.model.vocab_size is not None and config.model.vocab_size < vocab_size:
+            fail("model.vocab_size", f"must be >= the tokenizer's {vocab_size:,} ids, got {config.model.vocab_size:,}")
+    checks.check(config, vocab_size)
+    if build_data:  # builds the token store where it is missing; checks the example counts, batch size included
+        from .data import token_store_location
+
+        token_store_location(config, for_training=True)
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides typed by the schema, e.g. training.lr=1e-3 ray.num_workers=2")

@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import math
 import os
 import types
@@ -25,11 +24,13 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import ConfigError, clip, fail, first_line, show
-from .time_mapping import MAPPINGS, check_mapping_name, load_time_mapping, resolve_mapping
+from .time_mapping import MAPPINGS, check_mapping_name, resolve_mapping
 
 PRECISIONS = ("full", "half", "bfloat16", "nvfp4", "qlora")
 QUANTIZED_PRECISIONS = ("nvfp4", "qlora")
 BYTES_PER_WEIGHT = {"full": 4, "half": 2, "bfloat16": 2, "nvfp4": 0.5, "qlora": 0.5}
+# the dtype a stack of each precision computes in (4-bit weights are dequantized to float32)
+COMPUTE_DTYPES = {"full": "float32", "half": "float16", "bfloat16": "bfloat16", "nvfp4": "float32", "qlora": "float32"}
 BYTE_VOCAB_SIZE = 260  # data.ByteTokenizer: 256 bytes and 4 special ids
 # seeds reach torch.manual_seed as seed * 100_003 + epoch, which must stay below 2**63
 MAX_SEED = 2**31 - 1
@@ -43,75 +44,94 @@ def can_copy_weights(source: str, new: str) -> bool:
     return source == new or (source not in QUANTIZED_PRECISIONS and new not in QUANTIZED_PRECISIONS)
 
 
+# What a setting can do to a phase: each field declares one (its metadata's "identity"),
+# and phase_store.phase_identity hashes exactly the fields whose declaration says so.
+HASHED = "hashed"  # can change a phase's weights or the numbers it reports: hashed into every phase's id
+TRUNK = "trunk"  # changes how a trunk is treated: hashed into the ids of phases 1.. (phase 0 has no trunk)
+PLANNED = "planned"  # reaches the ids through the phase plans (plan.py: a stack's blocks, precision, side,
+# LoRA, time step, and a cache dtype that rounds), so two configs with the same plans share phases
+IGNORED = "ignored"  # cannot change what a phase produces (tests/test_phase_identity.py trains both ways)
+IDENTITIES = (HASHED, TRUNK, PLANNED, IGNORED)
+
+
+def setting(default=dataclasses.MISSING, identity: str = "", doc: str = "", factory=dataclasses.MISSING):
+    """A config field with its one-line meaning and what it can do to a phase (IDENTITIES):
+    the phase identity, the configuration reference (docs/configuration.md) and the
+    tests read these, so a setting is described once, beside its definition."""
+    if identity not in IDENTITIES or not doc:
+        raise TypeError(f"a setting declares its identity ({', '.join(IDENTITIES)}) and a doc line")
+    return field(default=default, default_factory=factory, metadata={"identity": identity, "doc": doc})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: Optional[int] = None  # None: taken from the tokenizer
-    d_model: int = 128
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None: as many as n_heads (no grouped KV)
-    d_ff: Optional[int] = None  # None: SwiGLU's usual 8/3 * d_model, rounded up to 32
-    blocks_per_stack: int = 2
-    max_seq_len: int = 128
-    attention: Literal["auto", "bidirectional", "causal"] = "auto"  # auto: causal for clm
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    vocab_size: Optional[int] = setting(None, HASHED, "ids the embedding holds, at least the tokenizer's; null: the tokenizer's (byte: 260)")
+    d_model: int = setting(128, HASHED, "width of the residual stream")
+    n_heads: int = setting(4, HASHED, "attention heads; the head size d_model/n_heads must be even (rotary embeddings)")
+    n_kv_heads: Optional[int] = setting(None, HASHED, "key/value heads, fewer for grouped KV; null: n_heads")
+    d_ff: Optional[int] = setting(None, HASHED, "SwiGLU hidden size; null: 8/3 d_model rounded up to 32")
+    blocks_per_stack: int = setting(2, PLANNED, "transformer blocks in each stack")
+    max_seq_len: int = setting(128, HASHED, "longest sequence the rack takes (rotary tables, sampling context)")
+    attention: Literal["auto", "bidirectional", "causal"] = setting("auto", HASHED, "auto: causal for clm, bidirectional otherwise")
+    tie_embeddings: bool = setting(True, HASHED, "the head shares the token embedding")
+    rope_theta: float = setting(10000.0, HASHED, "rotary embedding base")
+    norm_eps: float = setting(1e-5, HASHED, "RMSNorm epsilon")
+    init_std: float = setting(0.02, HASHED, "standard deviation of the initial weights")
 
 
 @dataclass
 class DataConfig:
-    source: str = "pydoc"  # "pydoc" (ships with Python) or a .txt/.jsonl/.parquet path
-    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
-    text_field: str = "text"
-    target_field: Optional[str] = None  # for training_objective: custom
-    tokenizer: str = "byte"  # "byte" or a tokenizers JSON file
-    seq_len: int = 128
-    val_fraction: float = 0.1
-    batch_size: int = 16
-    max_examples: Optional[int] = None
-    split_seed: int = 0  # the split stays fixed when the training seed changes
+    source: str = setting("pydoc", HASHED, "pydoc (Python's own documentation, bundled) or a .txt (paragraphs), .jsonl or .parquet file; its content is hashed too")
+    format: Literal["auto", "text", "jsonl", "parquet"] = setting("auto", HASHED, "auto: from the file's extension")
+    text_field: str = setting("text", HASHED, "the JSONL/Parquet field holding a record's text")
+    target_field: Optional[str] = setting(None, HASHED, "the field holding targets, for training_objective: custom")
+    tokenizer: str = setting("byte", HASHED, "byte (UTF-8 bytes and 4 special ids) or a tokenizers JSON file")
+    seq_len: int = setting(128, HASHED, "tokens per example window")
+    val_fraction: float = setting(0.1, HASHED, "share of the examples held out for validation")
+    batch_size: int = setting(16, HASHED, "global batch, split over ray.num_workers; at most the training examples")
+    max_examples: Optional[int] = setting(None, HASHED, "use only the first N examples; null: all")
+    split_seed: int = setting(0, HASHED, "seed of the train/validation split (fixed when training.seed changes)")
 
 
 @dataclass
 class ProgressiveConfig:
-    enabled: bool = True  # the source document's switch; only true is accepted
-    trunk_strategy: Literal["frozen", "qlora", "full"] = "frozen"  # full: the whole rack trains after growth
-    new_stack_init: Literal["random", "copy"] = "random"  # copy: from the adjacent trained stack (G_stack)
-    new_stack_precision: Literal["full", "half", "bfloat16", "nvfp4", "qlora"] = "full"
-    cache_activations: bool = True
+    enabled: bool = setting(True, IGNORED, "the source document's switch; only true is accepted (the end-to-end rack is tune.baseline)")
+    trunk_strategy: Literal["frozen", "qlora", "full"] = setting("frozen", TRUNK, "frozen: the trunk does not train; qlora: only its LoRA adapters train; full: the whole rack trains after growth")
+    new_stack_init: Literal["random", "copy"] = setting("random", TRUNK, "copy: a new stack starts as a copy of the trained stack beside it (stack k-1)")
+    new_stack_precision: Literal["full", "half", "bfloat16", "nvfp4", "qlora"] = setting("full", PLANNED, "precision of stacks stack_precisions does not name")
+    cache_activations: bool = setting(True, IGNORED, "cache trunk activations between phases (false: recompute the trunk every step)")
     # stack LoRA: one adapter per stack, added when the stack is created
-    qlora_enabled: bool = False
-    qlora_rank: int = 16
-    qlora_alpha: float = 32
-    qlora_dropout: float = 0.0
-    qlora_strategy: Literal["simplified", "progressive", "variable"] = "simplified"
-    qlora_rank_pattern: Literal["increasing", "decreasing", "linear", "constant"] = "constant"
-    qlora_alpha_pattern: Literal["increasing", "decreasing", "linear", "constant"] = "constant"
-    qlora_configs: dict = field(default_factory=dict)  # {stack_idx: {rank, alpha}}
+    qlora_enabled: bool = setting(False, PLANNED, "a LoRA adapter (peft) on every stack when it is created")
+    qlora_rank: int = setting(16, PLANNED, "the stack adapters' rank (qlora_strategy simplified; the base of progressive patterns)")
+    qlora_alpha: float = setting(32.0, PLANNED, "the stack adapters' alpha")
+    qlora_dropout: float = setting(0.0, HASHED, "dropout on the stack adapters' input, in [0, 1)")
+    qlora_strategy: Literal["simplified", "progressive", "variable"] = setting("simplified", PLANNED, "simplified: one rank; progressive: rank and alpha patterns; variable: qlora_configs")
+    qlora_rank_pattern: Literal["increasing", "decreasing", "linear", "constant"] = setting("constant", PLANNED, "progressive: increasing r*2^k, decreasing r/2^k (at least 1), linear r*(k+1), constant")
+    qlora_alpha_pattern: Literal["increasing", "decreasing", "linear", "constant"] = setting("constant", PLANNED, "progressive: the same patterns for alpha")
+    qlora_configs: dict = setting(identity=PLANNED, doc="variable: {stack index: {rank, alpha}} for every stack built", factory=dict)
     # progressive (trunk) QLoRA: a second adapter on every trunk stack
-    progressive_qlora: bool = False
-    progressive_qlora_rank: int = 8
-    progressive_qlora_alpha: float = 16
-    max_stacks: int = 12
-    target_stacks: Optional[int] = None  # None: max_stacks
-    blocks_per_stack: Optional[int] = None  # None: model.blocks_per_stack
-    stack_precisions: dict = field(default_factory=dict)  # {stack_idx: precision}
-    building_mode: Literal["append", "prepend"] = "append"
+    progressive_qlora: bool = setting(False, TRUNK, "a second adapter (trunk) on every stack once it is in the trunk")
+    progressive_qlora_rank: int = setting(8, TRUNK, "the trunk adapters' rank")
+    progressive_qlora_alpha: float = setting(16.0, TRUNK, "the trunk adapters' alpha")
+    max_stacks: int = setting(12, PLANNED, "most stacks a rack may hold (1 to 1024); a custom time mapping receives it")
+    target_stacks: Optional[int] = setting(None, IGNORED, "stacks a run trains; null: max_stacks")
+    blocks_per_stack: Optional[int] = setting(None, PLANNED, "blocks in each stack; null: model.blocks_per_stack")
+    stack_precisions: dict = setting(identity=PLANNED, doc="{stack index: precision} overrides of new_stack_precision", factory=dict)
+    building_mode: Literal["append", "prepend"] = setting("append", TRUNK, "append: a new stack goes after the trunk; prepend: before it (the loss flows through the trunk)")
     # time
-    time_interpretation: Literal["input", "depth"] = "depth"
-    time_embedding_dim: int = 512
-    time_encoding_type: Literal["sinusoidal", "learned"] = "sinusoidal"
-    stack_time_mapping: str = "linear"  # linear | exponential | custom | module:function
-    custom_time_mapping: Optional[str] = None  # module:function for stack_time_mapping: custom
-    time_per_stack: int = 100
-    num_time_steps: int = 1000
+    time_interpretation: Literal["input", "depth"] = setting("depth", HASHED, "depth: each stack's time step follows its index; input: t ~ U[0,1) per example, fed to every stack")
+    time_embedding_dim: int = setting(512, HASHED, "width of the time features, projected to d_model in each stack")
+    time_encoding_type: Literal["sinusoidal", "learned"] = setting("sinusoidal", HASHED, "sinusoidal features or a learned table")
+    stack_time_mapping: str = setting("linear", PLANNED, "linear (k*time_per_stack), exponential (time_per_stack*(2^k-1)), custom, or module:function")
+    custom_time_mapping: Optional[str] = setting(None, PLANNED, "module:function f(stack_idx, max_stacks, num_time_steps) -> int, for stack_time_mapping custom; the only code a config can name")
+    time_per_stack: int = setting(100, PLANNED, "time steps between consecutive stacks")
+    num_time_steps: int = setting(1000, HASHED, "time steps in all; the mask rate runs from min_mask_rate to max_mask_rate over them")
     # objective and corruption
-    training_objective: Literal["mlm", "clm", "custom"] = "mlm"
-    min_mask_rate: float = 0.15  # mask rate at time step 0
-    max_mask_rate: float = 0.9  # mask rate at the last time step
-    mask_token_fraction: float = 0.8  # of corrupted positions: mask token
-    random_token_fraction: float = 0.1  # random token; the rest keep their token
+    training_objective: Literal["mlm", "clm", "custom"] = setting("mlm", HASHED, "mlm: masked tokens; clm: next token (last position out of the loss); custom: targets from the data")
+    min_mask_rate: float = setting(0.15, HASHED, "mask rate at time step 0")
+    max_mask_rate: float = setting(0.9, HASHED, "mask rate at the last time step")
+    mask_token_fraction: float = setting(0.8, HASHED, "of the corrupted positions: share given the mask token")
+    random_token_fraction: float = setting(0.1, HASHED, "share given a random token; the rest keep their token")
 
 
 def pattern_value(base: float, pattern: str, stack_idx: int) -> float:
@@ -145,34 +165,34 @@ def stack_lora_params(stack_idx: int, p: ProgressiveConfig) -> tuple[int, float]
 
 @dataclass
 class TrainingConfig:
-    seed: int = 0
-    steps_per_stack: int = 200
-    epochs_per_stack: Optional[int] = None  # if set, overrides steps_per_stack
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_batches: int = 8
-    log_every: int = 10
-    checkpoint_every: int = 100  # in-phase checkpoint every N steps (0: only at the end), for worker restarts
-    eval_every: int = 0  # 0: off; N: the whole validation split every N steps (a learning curve), and at the end
+    seed: int = setting(0, HASHED, "training seed (new stacks, batch order, corruption), in [0, 2^31-1]")
+    steps_per_stack: int = setting(200, HASHED, "optimizer steps in each phase")
+    epochs_per_stack: Optional[int] = setting(None, HASHED, "if set, each phase trains this many epochs instead of steps_per_stack")
+    lr: float = setting(3e-3, HASHED, "peak learning rate (AdamW)")
+    min_lr: float = setting(3e-4, HASHED, "learning rate at a phase's last step (cosine after warmup)")
+    warmup_steps: int = setting(20, HASHED, "linear warmup steps at the start of each phase")
+    weight_decay: float = setting(0.0, HASHED, "AdamW weight decay")
+    grad_clip: float = setting(1.0, HASHED, "gradient norm clip; 0: off")
+    eval_batches: int = setting(8, HASHED, "validation batches a phase's final numbers average over (without eval_every)")
+    log_every: int = setting(10, IGNORED, "steps between loss-curve points and progress lines")
+    checkpoint_every: int = setting(100, IGNORED, "steps between in-phase checkpoints a restarted worker group continues from; 0: only at the end")
+    eval_every: int = setting(0, HASHED, "0: off; N: the whole validation split every N steps and at the end (a learning curve; the final numbers then cover the whole split)")
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
 @dataclass
 class RayConfig:
-    num_workers: int = 1  # Ray Train workers per phase (DDP across them)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1
-    cache_backend: Literal["object_store", "arrow"] = "object_store"
-    storage_path: str = "runs"  # relative paths are made absolute against the working directory
-    address: Optional[str] = None  # None: RAY_ADDRESS or a local Ray
-    max_failures: int = 2  # worker failures a phase survives (it restarts from its last in-phase checkpoint)
-    cache_max_bytes: Optional[int] = None  # None: half the object store, or half the free disk for arrow
-    cache_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # None: the cached stack's compute dtype
-    cache_shard_mb: int = 64  # a cache is built, stored and read in shards of about this size
-    inject_worker_failure: Optional[str] = None  # testing aid: "stack:step" makes a worker exit once there
+    num_workers: int = setting(1, HASHED, "Ray Train workers per phase (DDP; 2 workers match 1 up to float rounding)")
+    use_gpu: bool = setting(False, HASHED, "GPU workers (CUDA kernels compute other float roundings than the CPU's)")
+    cpus_per_worker: float = setting(1.0, IGNORED, "CPUs (and torch threads) per worker")
+    cache_backend: Literal["object_store", "arrow"] = setting("object_store", IGNORED, "where cache shards live: Ray objects, or Parquet files under the storage path")
+    storage_path: str = setting("runs", IGNORED, "root of run directories: a local or mounted path, file://, or an object-store URI (s3://, gs://, ...)")
+    address: Optional[str] = setting(None, IGNORED, "Ray cluster address; null: RAY_ADDRESS or a local Ray")
+    max_failures: int = setting(2, IGNORED, "worker failures a phase survives (it restarts from its last in-phase checkpoint)")
+    cache_max_bytes: Optional[int] = setting(None, IGNORED, "a larger cache is skipped and the trunk recomputed; null: half the object store (arrow: half the free disk)")
+    cache_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = setting(None, PLANNED, "bytes of a cached activation; null: the cached stack's compute dtype (lossless); a narrower one rounds what the phase trains on")
+    cache_shard_mb: int = setting(64, IGNORED, "caches are built, stored and read in shards of about this size (1 to 16,384)")
+    inject_worker_failure: Optional[str] = setting(None, IGNORED, "testing aid: 'stack:step' makes a worker exit once there")
 
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -180,30 +200,28 @@ SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 @dataclass
 class TuneConfig:
-    search_space: dict = field(default_factory=dict)  # {key path: {grid|choice|uniform|loguniform|randint: ...}}
-    num_samples: int = 1
-    metric: Literal["val_loss", "val_ppl", "val_accuracy"] = "val_loss"
-    mode: Literal["min", "max"] = "min"
-    max_concurrent_trials: int = 2
-    scheduler: Literal["none", "asha", "median"] = "none"
-    grace_period: int = 1  # stacks a trial trains before the scheduler may stop it
-    reduction_factor: float = 2
-    searcher: Literal["none", "optuna"] = "none"
-    baseline: Literal["none", "end_to_end"] = "none"
-    # flops: the baseline keeps data.batch_size and trains as many steps as the budget pays for;
-    # flops_and_steps: it trains as many steps as a progressive run, its batch set to fit the budget
-    baseline_match: Literal["flops", "flops_and_steps"] = "flops"
-    lrs: list = field(default_factory=list)  # a learning-rate grid every arm (and the baseline) runs; []: training.lr
-    seeds: list = field(default_factory=list)  # training seeds every arm runs; []: training.seed
-    share_phases: bool = True  # trials reuse each other's finished phases (false: every trial trains its own)
+    search_space: dict = setting(identity=IGNORED, doc="{key path: {grid|choice|uniform|loguniform|randint: values}}", factory=dict)
+    num_samples: int = setting(1, IGNORED, "repeats of the grid (sampled keys are drawn per trial)")
+    metric: Literal["val_loss", "val_ppl", "val_accuracy"] = setting("val_loss", IGNORED, "what the schedulers and the best trial go by")
+    mode: Literal["min", "max"] = setting("min", IGNORED, "min or max of metric")
+    max_concurrent_trials: int = setting(2, IGNORED, "trials running at once")
+    scheduler: Literal["none", "asha", "median"] = setting("none", IGNORED, "Ray Tune's ASHA or median stopping, with stacks_done as the time axis")
+    grace_period: int = setting(1, IGNORED, "stacks a trial trains before the scheduler may stop it")
+    reduction_factor: float = setting(2.0, IGNORED, "ASHA's reduction factor")
+    searcher: Literal["none", "optuna"] = setting("none", IGNORED, "optuna: Ray Tune's OptunaSearch (choice and ranges only)")
+    baseline: Literal["none", "end_to_end"] = setting("none", IGNORED, "end_to_end: add the compute-matched baseline trial")
+    baseline_match: Literal["flops", "flops_and_steps"] = setting("flops", IGNORED, "flops: the baseline keeps data.batch_size and trains the steps the budget pays for; flops_and_steps: as many steps as a progressive run, its batch fitted to the budget")
+    lrs: list = setting(identity=IGNORED, doc="learning rates every arm (and the baseline) runs, min_lr scaled in proportion; []: training.lr", factory=list)
+    seeds: list = setting(identity=IGNORED, doc="training seeds every (arm, learning rate) runs; []: training.seed", factory=list)
+    share_phases: bool = setting(True, IGNORED, "trials reuse each other's finished phases (false: every trial trains its own)")
 
 
 @dataclass
 class TrackingConfig:
-    mlflow: Optional[str] = None  # "local": a file store in the run (or sweep) directory; or a tracking URI
-    tensorboard: bool = False  # event files in RUN_DIR/tensorboard (a sweep: EXPERIMENT_DIR/tensorboard/<trial>)
-    wandb: Literal["off", "offline", "online"] = "off"  # offline: written locally, `wandb sync` later
-    experiment: Optional[str] = None  # MLflow experiment / W&B project; default: the run's or sweep's name
+    mlflow: Optional[str] = setting(None, IGNORED, "local (a file store in the run or sweep directory) or a tracking URI")
+    tensorboard: bool = setting(False, IGNORED, "event files in RUN_DIR/tensorboard (a sweep: EXPERIMENT_DIR/tensorboard/<trial>)")
+    wandb: Literal["off", "offline", "online"] = setting("off", IGNORED, "offline: written locally, `wandb sync` later")
+    experiment: Optional[str] = setting(None, IGNORED, "MLflow experiment / W&B project; null: the run's or sweep's name")
 
 
 @dataclass
@@ -249,6 +267,10 @@ class StackWiseConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """The config as YAML that from_yaml reads back (a run's and a sweep's config.yaml)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     # ---- derived values: one place that resolves the "None means ..." defaults ----
     @property
     def progressive(self) -> ProgressiveConfig:
@@ -270,24 +292,23 @@ class StackWiseConfig:
             return self.training.progressive.training_objective == "clm"
         return self.model.attention == "causal"
 
-    def validate(self, check_files: bool = True, import_code: bool = True) -> "StackWiseConfig":
-        """Raise ConfigError naming the first bad key. check_files=False skips the data and
-        tokenizer file and tracking package checks (loading a trained rack elsewhere needs none);
-        import_code=False checks only the shape of a custom time mapping's name, without
-        importing or calling it (a rack from elsewhere must not run code it names).
+    def validate(self) -> "StackWiseConfig":
+        """Raise ConfigError naming the first bad key: the schema only (types, ranges,
+        combinations). Nothing here reads a file, imports code or asks the machine; what a
+        run needs from this machine and the outside world is preflight.py's, which the
+        commands run before Ray starts (cli.preflight).
 
         Returns a validated copy, its spellings normalised (stack indices as ints, the
         `stack_time_mapping: module:function` shorthand as custom); `self` is left as it
         is. Validating that copy again, unchanged, returns it at once."""
-        done = getattr(self, "_validated", None)
-        if done and check_files <= done[0] and import_code <= done[1] and done[2] == repr(self):
+        if getattr(self, "_validated", None) == repr(self):
             return self
         out = copy.deepcopy(self)
-        out._check(check_files, import_code)
-        out._validated = (check_files, import_code, repr(out))  # not a field: to_dict and == ignore it
+        out._check()
+        out._validated = repr(out)  # not a field: to_dict and == ignore it
         return out
 
-    def _check(self, check_files: bool, import_code: bool) -> None:
+    def _check(self) -> None:
         """validate()'s checks, normalising `self` (a fresh copy) as they go."""
         # attribute assignment bypasses from_dict, so types are checked again here
         _check_types(self, "")
@@ -365,15 +386,11 @@ class StackWiseConfig:
         if p.training_objective == "custom" and d.target_field is None:
             fail("data.target_field", "training_objective custom needs targets from the data: name their field here")
         self._validate_precisions()
-        if check_files:  # a run here; a rack loaded for sampling needs no training batch
-            check_fits(self, m.vocab_size or BYTE_VOCAB_SIZE)
         self._validate_lora()
         self._validate_growth()
-        self._validate_time(import_code)
-        self._validate_tune(check_files, import_code)
-        if check_files:  # what this machine must have for a run: data, tokenizer, tracking packages
-            _validate_data_source(d)
-            self._validate_tracking()
+        self._validate_time()
+        self._validate_tune()
+        self._validate_tracking()
 
     def stack_precision(self, stack_idx: int) -> str:
         p = self.training.progressive
@@ -428,7 +445,7 @@ class StackWiseConfig:
             if p.qlora_enabled and stack_lora_params(k, p) != stack_lora_params(k - 1, p):
                 fail("training.progressive.new_stack_init", f"copy gives stack {k} the LoRA adapter of stack {k - 1}, but qlora_strategy {p.qlora_strategy} gives them different (rank, alpha): {stack_lora_params(k - 1, p)} and {stack_lora_params(k, p)}")
 
-    def _validate_time(self, import_code: bool) -> None:
+    def _validate_time(self) -> None:
         p = self.training.progressive
         p.stack_time_mapping, p.custom_time_mapping = resolve_mapping(p.stack_time_mapping, p.custom_time_mapping)
         if p.stack_time_mapping not in MAPPINGS:
@@ -436,25 +453,10 @@ class StackWiseConfig:
         if p.stack_time_mapping == "custom":
             if p.custom_time_mapping is None:
                 fail("training.progressive.custom_time_mapping", "stack_time_mapping custom needs 'module:function' here")
-            if not import_code:
-                check_mapping_name(p.custom_time_mapping)
-                return
-            fn = load_time_mapping(p.custom_time_mapping)
-            for k in range(self.target_stacks):
-                try:
-                    step = fn(k, p.max_stacks, p.num_time_steps)
-                except BaseException as e:  # SystemExit too: a mapping must not end the command
-                    fail("training.progressive.custom_time_mapping", f"{clip(p.custom_time_mapping)} raised {type(e).__name__} for stack {k}: {first_line(e)}")
-                if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < p.num_time_steps:
-                    fail("training.progressive.custom_time_mapping", f"{clip(p.custom_time_mapping)} returned {show(step)} for stack {k}; expected an int in [0, {p.num_time_steps})")
-
+            check_mapping_name(p.custom_time_mapping)
 
     def _validate_tracking(self) -> None:
         t = self.tracking
-        for key, on, package in (("mlflow", t.mlflow is not None, "mlflow"), ("tensorboard", t.tensorboard, "tensorboard"),
-                                 ("wandb", t.wandb != "off", "wandb")):
-            if on and importlib.util.find_spec(package) is None:
-                fail(f"tracking.{key}", f"needs the {package} package: pip install 'stackwise-ray[tracking]'")
         if t.mlflow is not None and t.mlflow != "local" and "://" not in t.mlflow and t.mlflow != "databricks":
             fail("tracking.mlflow", f"must be local or a tracking URI (http://..., sqlite:///..., databricks), got {show(t.mlflow)}")
 
@@ -469,7 +471,7 @@ class StackWiseConfig:
         if t.baseline_match != "flops" and t.baseline != "end_to_end":
             fail("tune.baseline_match", "matches the end-to-end baseline: set tune.baseline: end_to_end")
 
-    def _validate_tune(self, check_files: bool, import_code: bool) -> None:
+    def _validate_tune(self) -> None:
         t = self.tune
         _positive(t, "tune", "num_samples", "max_concurrent_trials", "grace_period")
         if t.reduction_factor <= 1:
@@ -495,7 +497,7 @@ class StackWiseConfig:
                     fail(f"{key}.{kind}", f"must be a non-empty list, got {show(values)}")
                 for value in values:  # every value must make a valid config
                     try:
-                        apply_overrides(self, {path: value}).validate(check_files, import_code)
+                        apply_overrides(self, {path: value}).validate()
                     except ConfigError as e:
                         fail(f"{key}.{kind}", f"value {show(value)}: {e}")
             else:
@@ -511,7 +513,7 @@ class StackWiseConfig:
                     fail(key, f"{kind} draws fractions; {path} is an integer: use randint")
                 for bound in values:  # the key's rules are ranges, so both bounds decide
                     try:
-                        apply_overrides(self, {path: bound}).validate(check_files, import_code)
+                        apply_overrides(self, {path: bound}).validate()
                     except ConfigError as e:
                         fail(f"{key}.{kind}", f"bound {show(bound)}: {e}")
 
@@ -529,19 +531,20 @@ def _validate_protocol_list(t, key: str, path: str, ok, what: str) -> None:
         fail(f"tune.{key}", "a searcher picks its own points; tune.lrs and tune.seeds need searcher: none")
 
 
-def _field_type(config, path: str, key: str):
-    """The declared type of the config key at `path` (a.b.c), or a ConfigError naming `key`."""
+def _field_type(config, path: str, key: str, allow_tune: bool = False):
+    """The declared type of the config key at `path` (a.b.c), or a ConfigError naming `key`
+    (a sweep cannot sweep its own tune section; an override can set it)."""
     obj, parts = config, path.split(".")
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
-        if part not in names or (i == 0 and part == "tune"):
+        if part not in names or (i == 0 and part == "tune" and not allow_tune):
             near = difflib.get_close_matches(part, names, n=1)
             fail(key, f"no such config key{f' (did you mean {show(near[0])}?)' if near else ''}")
         tp = _hints(type(obj))[part]
         obj = getattr(obj, part)
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                fail(key, "is a whole section; sweep one of its keys")
+                fail(key, "is a whole section; name one of its keys")
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             return args[0] if typing.get_origin(tp) in (Union, types.UnionType) else tp
 
@@ -561,60 +564,57 @@ def apply_overrides(config: StackWiseConfig, overrides: dict) -> StackWiseConfig
     return out
 
 
-def check_fits(config: StackWiseConfig, vocab_size: int) -> None:
-    """Refuse a run whose rack and one batch cannot fit in this machine's memory, before
-    anything allocates them, naming the key of the largest term of the estimate."""
-    if config.ray.address or os.environ.get("RAY_ADDRESS"):
-        return  # a cluster's nodes are not this machine: there Ray's own memory monitor speaks
-    memory = _machine_memory()
-    weights, activations = footprint(config, vocab_size)
-    total = {name: sum(n for _, n in terms) for name, terms in (("weights", weights), ("activations", activations))}
-    if memory is not None and sum(total.values()) > memory:
-        key = max(weights + activations, key=lambda term: term[1])[0]
-        fail(key, f"a rack of {config.target_stacks} stacks needs at least {_bytes(sum(total.values()))} (weights and "
-                   f"buffers {_bytes(total['weights'])}, one batch's activations {_bytes(total['activations'])}), "
-                   f"more than this machine's {_bytes(memory)}")
+def apply_cli_overrides(config: StackWiseConfig, overrides: list[str]) -> StackWiseConfig:
+    """`key.path=value` overrides from a command line (nanoGPT's configurator, Hydra),
+    applied to `config` in place and returned. A value is typed by its field: numbers,
+    true/false, null for an optional key, a string as written, YAML for a mapping or
+    list. An unknown key or a bad value raises ConfigError naming the override."""
+    for text in overrides:
+        where = f"override {clip(text, 120)!r}"
+        path, sep, raw = text.partition("=")
+        if not sep or not path:
+            fail(where, "must be key.path=value, e.g. training.lr=1e-3")
+        try:
+            _field_type(config, path, path, allow_tune=True)  # an unknown key, or a whole section
+        except ConfigError as e:
+            fail(where, str(e))
+        *parents, last = path.split(".")
+        obj = config
+        for part in parents:
+            obj = getattr(obj, part)
+        tp = _hints(type(obj))[last]
+        try:
+            value = _parse_override(tp, raw, path)
+            _check_value(tp, value, path)
+        except ConfigError as e:
+            fail(where, str(e))
+        setattr(obj, last, value)
+    return config
 
 
-def footprint(config: StackWiseConfig, vocab_size: int) -> tuple[list, list]:
-    """Lower bounds, in bytes, of the rack's weights and buffers and of one training batch's
-    activations (no optimizer state, one hidden state per block), each as a list of
-    (the key that drives a term, its bytes)."""
-    m, d, p = config.model, config.data, config.training.progressive
-    head_dim, blocks, n = m.d_model // m.n_heads, config.blocks_per_stack, config.target_stacks
-    kv_dim = (m.n_kv_heads or m.n_heads) * head_dim
-    d_ff = m.d_ff or 8 * m.d_model // 3
-    per_weight = sum(BYTES_PER_WEIGHT[config.stack_precision(k)] for k in range(n))  # over all stacks
-    table = p.num_time_steps * p.time_embedding_dim if p.time_encoding_type == "learned" else 0
-    weights = [
-        ("model.vocab_size", 4 * vocab_size * m.d_model * (1 if m.tie_embeddings else 2)),
-        ("model.d_model", per_weight * blocks * (2 * m.d_model * (m.d_model + kv_dim) + 2 * m.d_model)),
-        ("model.d_ff" if m.d_ff else "model.d_model", per_weight * blocks * 3 * m.d_model * d_ff),
-        ("training.progressive.time_embedding_dim", per_weight * (p.time_embedding_dim + 1) * m.d_model),
-        ("training.progressive.num_time_steps", per_weight * table),
-        ("model.max_seq_len", 4 * m.max_seq_len * head_dim),  # rotary cos and sin tables
-    ]
-    activations = [
-        ("data.batch_size", 4 * d.batch_size * d.seq_len * m.d_model * blocks),
-        ("model.vocab_size" if m.vocab_size else "data.batch_size", 4 * d.batch_size * d.seq_len * vocab_size),  # logits
-    ]
-    return weights, activations
-
-
-def _machine_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # not on this platform
-        return None
-
-
-def _bytes(n: float) -> str:
-    if n >= 2**60:
-        return f"{n:.1e} bytes"
-    for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
-        if n >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{n / 2**10:.1f} KiB"
+def _parse_override(tp, raw: str, path: str):
+    """The value a command-line string means for a field of type `tp`."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        if raw.strip().lower() in ("null", "none", "~", ""):
+            return None
+        return _parse_override(next(a for a in args if a is not type(None)), raw, path)
+    if typing.get_origin(tp) is Literal or tp is str:
+        return raw
+    if tp is bool:
+        words = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+        if raw.strip().lower() not in words:
+            fail(path, f"must be true or false, got {show(raw)}")
+        return words[raw.strip().lower()]
+    if tp in (int, float):
+        try:
+            return tp(raw)
+        except ValueError:
+            fail(path, f"must be {_type_name(tp)}, got {show(raw)}")
+    try:  # a mapping or a list, as YAML
+        return _Loader(raw.encode()).get_single_data()
+    except yaml.YAMLError as e:
+        fail(path, f"YAML syntax error: {first_line(e)}")
 
 
 def load_config(path: str | os.PathLike) -> StackWiseConfig:
@@ -755,6 +755,8 @@ def _check_types(obj, path):
             _check_types(value, full)
         else:
             _check_value(hints[f.name], value, full)
+            if isinstance(value, int) and not isinstance(value, bool) and float in typing.get_args(hints[f.name]) + (hints[f.name],):
+                setattr(obj, f.name, float(value))  # 32 and 32.0 are one setting (and hash alike)
 
 
 def _type_name(tp):
@@ -797,13 +799,6 @@ def _int_keys(d: dict, path: str, max_stacks: int) -> dict:
         if not 0 <= int(k) < max_stacks:
             fail(f"{path}.{k}", f"no such stack: indices run from 0 to max_stacks-1={max_stacks - 1}")
     return out
-
-
-def _validate_data_source(d: DataConfig) -> None:
-    if d.source != "pydoc" and not os.path.isfile(d.source):
-        fail("data.source", f"no such file: {clip(d.source)} (use 'pydoc' for the bundled corpus)")
-    if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
-        fail("data.tokenizer", f"no such file: {clip(d.tokenizer)} (use 'byte' for the built-in byte tokenizer)")
 
 
 def _kind(value) -> str:

@@ -49,6 +49,20 @@ def rack_loss(rack: Rack, batch: dict, start: int = 0, device: torch.device | st
                 hidden=b.get("trunk_activations"), start=start if "trunk_activations" in b else 0)
 
 
+def rounding_hook(rack: Rack, position: int, dtype: str):
+    """Round the residual stream entering rack `position` to `dtype` in training forwards, as
+    a cache in that dtype stores it: a phase whose rounding cache was refused trains on what
+    its identity says (plan.CachePlan.rounds). Evaluations (no grad) see the stream as it is,
+    as they do in a cached phase. Returns the hook's handle."""
+    target = getattr(torch, dtype)
+    module = rack.embed if position == 0 else rack.stacks[position - 1]
+
+    def round_output(_module, _args, output):
+        return output.to(target).to(output.dtype) if torch.is_grad_enabled() else output
+
+    return module.register_forward_hook(round_output)
+
+
 def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps: int,
                 val_batches: Iterable[dict] | None = None, start: int = 0,
                 device: torch.device | str = "cpu",

@@ -1,16 +1,20 @@
 """Content-addressed phases: a finished phase is reused by any run or trial that needs it.
 
-A phase's identity hashes everything that can change what phases 0..k produce: the
-model, data and training settings, and, per stack 0..k, how it was added (blocks,
-precision, side), its LoRA rank/alpha and time step, plus the trunk strategy once a trunk
-exists. Keys that cannot change the result (target_stacks, cache settings, storage) are
-left out, so a sweep over later-stack strategies shares its common early phases.
+A phase's identity hashes exactly what can change what phases 0..k produce, as each
+config field declares it (config.setting): every HASHED setting; the TRUNK settings
+(trunk strategy, building mode, trunk adapters, new_stack_init) once there is a trunk;
+and, per stack 0..k, what its plan says (blocks, precision, side, LoRA rank/alpha, time
+step, and the cache dtype where it rounds), which is where the PLANNED settings arrive.
+IGNORED settings (target_stacks, cache backend and sizes, storage, logging, the tune and
+tracking sections) are in no id, so a sweep over later-stack strategies shares its common
+early phases. The data's content enters through its token store's key.
 
 Layout under the store root:
     <id>/<run>/checkpoint_*/  the Ray Train run of the phase (named after experiment, trial, stack)
     <id>/done.json       completion record, written atomically after the phase
     <id>.lock            held (flock) by the run training that phase (an object store:
                          a lease in a Ray actor, locks.py)
+    identity.json        {"version": IDENTITY_VERSION}: how the ids in this store were made
 """
 
 from __future__ import annotations
@@ -24,45 +28,45 @@ from typing import Callable
 
 from . import storage
 from .checkpoint import CorruptCheckpointError, load_metadata, verify_checkpoint
-from .config import StackWiseConfig
+from .config import HASHED, TRUNK, StackWiseConfig
 from .locks import FileLock, LeaseLock
 from .plan import PhasePlan
 
-TRUNK_KEYS = ("trunk_strategy", "building_mode", "progressive_qlora", "progressive_qlora_rank",
-              "progressive_qlora_alpha")
-IRRELEVANT_KEYS = {"enabled", "cache_activations", "target_stacks", "stack_precisions", "qlora_configs",
-                   "qlora_strategy", "qlora_rank_pattern", "qlora_alpha_pattern", "qlora_rank", "qlora_alpha",
-                   "stack_time_mapping", "custom_time_mapping", "time_per_stack", "max_stacks", "new_stack_init",
-                   *TRUNK_KEYS}
+# 2: ids from the fields' declarations (before: a list of keys left out); a store of another
+# version is not reused (its phases are trained again, with one warning)
+IDENTITY_VERSION = 2
+VERSION_FILE = "identity.json"
+
+
+def declared_settings(config, identities: tuple[str, ...], prefix: str = "") -> dict:
+    """{key path: value} of every setting of `config` (a section) whose declared identity is
+    one of `identities`, sections walked in order."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(declared_settings(value, identities, f"{prefix}{f.name}."))
+        elif f.metadata["identity"] in identities:
+            out[prefix + f.name] = value
+    return out
 
 
 def phase_identity(config: StackWiseConfig, plans: list[PhasePlan], k: int, data_key: str | None = None) -> str:
     """The id of phase k of `plans` (plan.plan_phases): a hash of everything that
-    determines its weights. The data enters as config.data and `data_key` (the token
-    store's key, a hash of the source's content), so an edited file at the same path
-    never reuses a phase."""
-    p = config.training.progressive
-    training = {f.name: getattr(config.training, f.name) for f in dataclasses.fields(config.training)
-                if f.name != "progressive"}
-    stacks = []
-    for j in range(k + 1):
-        stacks.append({
-            "n_blocks": plans[j].n_blocks, "precision": plans[j].precision,
-            "at_input_side": plans[j].at_input_side if j > 0 else None,  # a first stack has no side
-            "lora": plans[j].lora,
-            "time_step": plans[j].time_step,
-        })
+    determines its weights and reported numbers. The data enters as config.data and
+    `data_key` (the token store's key, a hash of the source's content), so an edited file
+    at the same path never reuses a phase."""
+    stacks = [{
+        "n_blocks": plan.n_blocks, "precision": plan.precision,
+        "at_input_side": plan.at_input_side if j > 0 else None,  # a first stack has no side
+        "lora": plan.lora, "time_step": plan.time_step,
+        "cache_dtype": plan.cache.dtype if plan.cache.rounds else None,
+    } for j, plan in enumerate(plans[:k + 1])]
     parts = {
-        "model": dataclasses.asdict(config.model),
-        "data": dataclasses.asdict(config.data),
-        "training": training,
-        "progressive": {key: v for key, v in dataclasses.asdict(p).items() if key not in IRRELEVANT_KEYS},
-        "trunk": {key: getattr(p, key) for key in TRUNK_KEYS} if k > 0 else None,
-        # stack 0 has nothing to copy; absent when random, so stores from before the key stay valid
-        **({"new_stack_init": p.new_stack_init} if k > 0 and p.new_stack_init != "random" else {}),
-        "num_workers": config.ray.num_workers,
+        "version": IDENTITY_VERSION,
+        "settings": declared_settings(config, (HASHED, TRUNK) if k > 0 else (HASHED,)),
         "stacks": stacks,
-        **({"data_content": data_key} if data_key is not None else {}),
+        "data_content": data_key,
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return f"s{k:02d}-{digest[:16]}"
@@ -116,6 +120,21 @@ class PhaseStore:
         so a store can be moved or mounted elsewhere."""
         record = {**record, "checkpoint": storage.relative(record["checkpoint"], self.root)}
         storage.write_json(self._record_path(phase_id), record)
+        if not storage.exists(storage.join(self.root, VERSION_FILE)):
+            storage.write_json(storage.join(self.root, VERSION_FILE), {"version": IDENTITY_VERSION})
+
+    def check_version(self) -> None:
+        """Warn, in one line, where this store holds phases identified another way (a store
+        written before identity version 2): their ids cannot match, so they are trained again
+        rather than reused wrongly."""
+        try:
+            version = storage.read_json(storage.join(self.root, VERSION_FILE)).get("version")
+        except (OSError, ValueError, AttributeError):
+            version = None
+        if version != IDENTITY_VERSION and self.finished_count():
+            warnings.warn(f"phase store {self.root}: its {self.finished_count()} finished phases have ids of phase identity "
+                          f"version {version or 1}, this is version {IDENTITY_VERSION}: none is reused, phases are trained "
+                          "again")
 
     def claim(self, phase_id: str) -> "FileLock | LeaseLock":
         """The phase's lock (release it when done, or use it as a context manager): a

@@ -15,16 +15,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import StackWiseConfig, stack_lora_params
+from .config import COMPUTE_DTYPES, StackWiseConfig, stack_lora_params
 from .time_mapping import depth_time_step
 
 
 @dataclass(frozen=True)
 class CachePlan:
-    """What a phase reads from a cache: the stream entering rack position `position`."""
+    """What a phase reads from a cache: the stream entering rack position `position`,
+    stored in `dtype`. `rounds`: that dtype is narrower than the one the stream is
+    computed in, so the phase trains on rounded values (cached, or recomputed and
+    rounded alike: phase.rounding_hook); it is then part of the phase's identity."""
     kind: str  # "trunk_outputs" | "trunk_inputs" | "none"
     position: int
     reason: str
+    dtype: str = "float32"
+    rounds: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,19 @@ class PhasePlan:
         """This phase with its trunk recomputed every step instead of read from its cache
         (a cache refused for memory)."""
         trunk, _ = trunk_and_cache(self.stack_id, self.trunk_strategy, self.building_mode, cache_activations=False)
-        return dataclasses.replace(self, trunk=trunk, cache=CachePlan("none", 0, reason))
+        cache = self.cache
+        return dataclasses.replace(self, trunk=trunk, cache=CachePlan("none", cache.position, reason, cache.dtype,
+                                                                      cache.rounds))
+
+
+def cache_dtype(config: StackWiseConfig, cache: CachePlan, below: str | None) -> tuple[str, bool]:
+    """(dtype, rounds) of `cache`: ray.cache_dtype, else the dtype the cached stream is
+    computed in (lossless): the embedding's (float32) for trunk inputs, for trunk outputs
+    that of the stack below the position, whose precision is `below`. It rounds where it
+    is narrower than that, or another 16-bit format."""
+    computed = "float32" if cache.position == 0 or below is None else COMPUTE_DTYPES[below]
+    configured = config.ray.cache_dtype or computed
+    return configured, configured not in (computed, "float32")
 
 
 def trunk_and_cache(stack_id: int, trunk_strategy: str, building_mode: str,
@@ -76,14 +93,20 @@ def trunk_and_cache(stack_id: int, trunk_strategy: str, building_mode: str,
 
 
 def phase_plan(config: StackWiseConfig, stack_id: int, n_blocks: int | None = None, precision: str | None = None,
-               at_input_side: bool | None = None, time_step: int | None = None) -> PhasePlan:
+               at_input_side: bool | None = None, time_step: int | None = None,
+               below_precision: str | None = None) -> PhasePlan:
     """The plan of phase `stack_id` of `config` (a validated config); the stack's shape
-    defaults to the config's, `time_step` None to the config's time mapping."""
+    defaults to the config's, `time_step` None to the config's time mapping,
+    `below_precision` (of the stack below the cache's position) to the config's."""
     p = config.training.progressive
     trunk, cache = trunk_and_cache(stack_id, p.trunk_strategy, p.building_mode, p.cache_activations)
     # from phase 1 on the embedding feeds the trunk, whose outputs may be cached: it stays
     # fixed unless the whole rack trains
     embedding = stack_id == 0 or p.trunk_strategy == "full"
+    if cache.kind != "none":
+        below = None if cache.position == 0 else below_precision or config.stack_precision(cache.position - 1)
+        dtype, rounds = cache_dtype(config, cache, below)
+        cache = dataclasses.replace(cache, dtype=dtype, rounds=rounds)
     return PhasePlan(
         stack_id=stack_id,
         n_blocks=n_blocks or config.blocks_per_stack,
@@ -107,8 +130,14 @@ def plan_phases(config: StackWiseConfig, target_stacks: int | None = None, added
         raise ValueError(f"target_stacks {target} exceeds training.progressive.max_stacks={p.max_stacks}")
     if len(added) > target:
         raise ValueError(f"the rack builder already holds {len(added)} stacks, more than target_stacks={target}")
-    plans = [phase_plan(config, k, s["n_blocks"], s["precision"], s["at_input_side"]) for k, s in enumerate(added)]
-    for k in range(len(added), target):
-        own = default_precision is None or k in p.stack_precisions
-        plans.append(phase_plan(config, k, precision=None if own else default_precision))
+    plans = []
+    for k in range(target):
+        if k < len(added):
+            shape = added[k]
+        else:
+            own = default_precision is None or k in p.stack_precisions
+            shape = {"n_blocks": None, "precision": None if own else default_precision, "at_input_side": None}
+        below = plans[k - 1].precision if k > 0 else None  # a trunk-output cache's position is k (append)
+        plans.append(phase_plan(config, k, shape["n_blocks"], shape["precision"], shape["at_input_side"],
+                                below_precision=below))
     return plans

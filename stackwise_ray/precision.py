@@ -15,15 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stackwise_ray.config import PRECISIONS
+from stackwise_ray.config import COMPUTE_DTYPES, PRECISIONS
 
-_COMPUTE_DTYPE = {
-    "full": torch.float32,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "nvfp4": torch.float32,
-    "qlora": torch.float32,
-}
+_COMPUTE_DTYPE = {precision: getattr(torch, name) for precision, name in COMPUTE_DTYPES.items()}
 
 NF4_BLOCK = 64  # values per absmax scale in bitsandbytes' 4-bit formats (its default blocksize)
 NVFP4_NOTE = "nvfp4 emulated: weights stored as packed E2M1 + FP8 scales, dequantized to float32 per matmul"

@@ -1,4 +1,4 @@
-"""python -m stackwise_ray.train experiments/x.yaml [--storage PATH] [--name NAME] [--resume]
+"""python -m stackwise_ray.train experiments/x.yaml [KEY=VALUE ...] [--storage PATH] [--name NAME] [--resume]
 
 One progressive run (no sweep): one Ray Train phase per stack, then a per-stack table.
 The trained rack lands in RUN_DIR/final.
@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .cli import BAD_INPUT, error_line, load_for_command
+from .cli import BAD_INPUT, add_overrides_argument, error_line, load_for_command
 from .ray_runtime import RayAddressError, dashboard_line, run_in_thread, start, stop_on_signals
 
 
@@ -43,8 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--name", help="run directory name (default: the YAML file's name)")
     parser.add_argument("--resume", action="store_true", help="continue the run, skipping finished phases")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output here, not in the log")
-    args = parser.parse_args(argv)
-    config = load_for_command(args.config, args.storage, name=args.name)
+    add_overrides_argument(parser)
+    args = parser.parse_intermixed_args(argv)
+    config = load_for_command(args.config, args.storage, name=args.name, overrides=args.overrides)
     if config is None:
         return BAD_INPUT
     from . import storage

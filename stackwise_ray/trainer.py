@@ -7,6 +7,7 @@ Run directory (`storage_path/name/`, a local path or a storage URI: storage.py):
     phases/<phase id>/cache_position_*/  Arrow caches built from that phase's rack: Parquet
                                      shards, manifest.json written last
     final/                           the trained rack (a copy of the last phase's checkpoint)
+    config.yaml                      the config the run ran (command-line overrides included)
     summary.json                     per-stack history
 Phases are content-addressed (phase_store.py): a phase with a completion record is reused,
 by a resumed run or by another trial of a sweep sharing the store, never retrained.
@@ -22,7 +23,7 @@ import ray
 
 from . import ray_cache, ray_metrics, storage
 from .builder import ProgressiveRackBuilder
-from .cache import cache_dtype, plan_layout
+from .cache import plan_layout
 from .checkpoint import load_metadata, load_rack
 from .config import StackWiseConfig
 from .data import dataset_from_user, open_datasets, token_store_location
@@ -38,6 +39,12 @@ from .worker import PhaseInputs
 
 class RunDirError(ValueError):
     pass
+
+
+def write_config(directory: str, config: StackWiseConfig) -> None:
+    """`directory/config.yaml`: the config a run (or a sweep) ran, command-line overrides
+    included; `python -m stackwise_ray.train directory/config.yaml` reruns a run's."""
+    storage.write_bytes(storage.join(directory, "config.yaml"), config.to_yaml().encode())
 
 
 class ProgressiveTrainer:
@@ -99,10 +106,12 @@ class ProgressiveTrainer:
         self.check_run_dir()
         ensure_ray(config)
         storage.makedirs(self.run_dir)
+        write_config(self.run_dir, config)
         self._watch()
         data_ref = ray.put(dataset_from_user(dataloader, config)) if dataloader is not None else self._token_store()
         data_key = storage.basename(data_ref) if isinstance(data_ref, str) else None
         ids = [phase_identity(config, plans, k, data_key) for k in range(len(plans))]
+        self.store.check_version()
         prestarter = Prestarter(self._room_for_two_phases(config) if self.prestart is None else self.prestart)
         history, prev, self._kept_cache = [], None, None  # a run starts without a cache
         try:
@@ -199,7 +208,9 @@ class ProgressiveTrainer:
         self.check_run_dir()
         ensure_ray(config)
         storage.makedirs(self.run_dir)
+        write_config(self.run_dir, config)
         data_key = storage.basename(self._token_store())
+        self.store.check_version()
         phase_id = f"e2e-{phase_identity(config, plans, len(plans) - 1, data_key)[4:]}-{train_steps}"
 
         def train(recovered: str | None) -> tuple[dict, str]:
@@ -270,7 +281,7 @@ class ProgressiveTrainer:
             return None, cache, info
         train_ds = self._train_split(data_ref)
         steps = phase_steps(config.training, len(train_ds) // config.data.batch_size)
-        layout = plan_layout(config, train_ds, steps, cache_dtype(use, [p.precision for p in plans], config.ray.cache_dtype))
+        layout = plan_layout(config, train_ds, steps, use.dtype)
         incremental = cache is not None and cache.position == use.position - 1 and cache.layout.key == layout.key
         reused = cache is not None and cache.position == use.position and cache.layout.key == layout.key \
             and cache.layout.dtype == layout.dtype

@@ -1,4 +1,4 @@
-"""python -m stackwise_ray.tune experiments/x.yaml [--address ADDR] [--resume] [--storage PATH] [--name NAME] [--dry-run]
+"""python -m stackwise_ray.tune experiments/x.yaml [KEY=VALUE ...] [--address ADDR] [--resume] [--storage PATH] [--name NAME] [--dry-run]
 
 A Ray Tune sweep of progressive runs: the search space is the YAML's `tune:` section.
 Trials are arms (grid points, and the end-to-end baseline) x tune.lrs x tune.seeds.
@@ -21,7 +21,7 @@ import sys
 import time
 
 from . import storage
-from .cli import BAD_INPUT, error_line, load_for_command, refuse
+from .cli import BAD_INPUT, add_overrides_argument, error_line, load_for_command, refuse
 from .config import ConfigError, StackWiseConfig, apply_overrides
 from .storage import storage_dir
 from .ray_runtime import run_in_thread, stop_on_signals
@@ -299,7 +299,8 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
     curves.csv (per trial and validation point: report.py's loss-vs-FLOPs curves) and
     best_config.yaml from a ResultGrid."""
     import pandas as pd
-    import yaml
+
+    from .report import best_trial
 
     swept = swept_paths(config)
     rows, phases, curves = [], [], []
@@ -340,11 +341,10 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
     storage.write_frame_csv(storage.join(experiment_dir, "phases.csv"), pd.DataFrame(phases))
     storage.write_frame_csv(storage.join(experiment_dir, "curves.csv"), pd.DataFrame(curves, columns=CURVE_FIELDS))
     storage.write_frame_csv(storage.join(experiment_dir, "comparison.csv"), pd.DataFrame(compare(experiment_dir)))
-    scored = [r for r in rows if r["val_loss"] is not None and r["status"] != "ERROR"]
-    if scored:
-        best = (min if config.tune.mode == "min" else max)(scored, key=lambda r: r[config.tune.metric])
-        storage.write_bytes(storage.join(experiment_dir, "best_config.yaml"),
-                            yaml.safe_dump(best["_config"].to_dict(), sort_keys=False).encode())
+    best = best_trial(table, config.tune.metric, config.tune.mode)  # the report's rule too
+    if best is not None:
+        chosen = next(r for r in rows if r["trial_id"] == best["trial_id"])
+        storage.write_bytes(storage.join(experiment_dir, "best_config.yaml"), chosen["_config"].to_yaml().encode())
     return rows
 
 
@@ -432,8 +432,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--dry-run", action="store_true", help="print the trials without running them")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output here, not in the log")
-    args = parser.parse_args(argv)
-    config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address, name=args.name)
+    add_overrides_argument(parser)
+    args = parser.parse_intermixed_args(argv)
+    config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address, name=args.name,
+                              overrides=args.overrides)
     if config is None:
         return BAD_INPUT
     try:  # a baseline that cannot be matched is refused before Ray starts
@@ -457,6 +459,8 @@ def main(argv=None) -> int:
         console.start()
         console.line(start_ray(config, args.address))
         console.capture_ray_worker_logs()
+        # the sweep as it runs, command-line overrides included: the report reads its metric and mode
+        storage.write_bytes(storage.join(experiment_dir, "config.yaml"), config.to_yaml().encode())
         if args.resume and tune.Tuner.can_restore(experiment_dir):
             tuner = tune.Tuner.restore(experiment_dir, trainable=trainable(config, experiment_dir), resume_errored=True)
         else:

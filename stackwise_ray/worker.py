@@ -26,7 +26,7 @@ from .config import StackWiseConfig
 from .data import GlobalBatches, ProgressiveDataLoader, load_data
 from .flops import end_to_end_flops, plan_flops
 from .masking import TimeStepMasking
-from .phase import evaluate, phase_steps, train_stack
+from .phase import evaluate, phase_steps, rounding_hook, train_stack
 from .plan import PhasePlan
 from .ray_cache import open_reader
 
@@ -104,6 +104,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     val_batches = ProgressiveDataLoader(GlobalBatches(val_ds, min(B, len(val_ds)), seed, shuffle=False), masking,
                                         stack_id)
     trunk_forwards, hooks = count_trunk_forwards(rack, stack_id)
+    plan = inputs.plans[0]
+    if not inputs.end_to_end and cache is None and plan.cache.rounds:  # a refused cache that would have rounded
+        hooks.append(rounding_hook(rack, plan.cache.position, plan.cache.dtype))
     steps = job.train_steps or phase_steps(config.training, len(train_batches.base_dataloader))
     resume = read_in_phase_checkpoint(rack)
     progress = Progress(job, stack_id, steps, B * T, config.training.log_every, rank)

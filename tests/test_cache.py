@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stackwise_ray.builder import ProgressiveRackBuilder
-from stackwise_ray.cache import (ShardReader, StaleCacheError, cache_bytes, cache_complete, cache_dtype, compute_cache,
+from stackwise_ray.cache import (ShardReader, StaleCacheError, cache_bytes, cache_complete, compute_cache,
                                  compute_shard, plan_layout, read_shard, shard_intact, shard_path,
                                  write_manifest, write_shard)
 from stackwise_ray.data import GlobalBatches, ProgressiveDataLoader, build_datasets
@@ -141,9 +141,14 @@ def test_a_bfloat16_cache_of_a_bfloat16_stack_is_lossless_and_half_the_bytes():
     config = tiny_config(data={"max_examples": 40}, new_stack_precision="bfloat16")
     builder, train, masking = grown(config, 2)
     plan = phase_plan(config, 2).cache
-    assert cache_dtype(plan, ["bfloat16", "bfloat16"]) == "bfloat16"
-    assert cache_dtype(plan, ["bfloat16", "bfloat16"], configured="float16") == "float16"  # ray.cache_dtype
-    assert cache_dtype(phase_plan(tiny_config(trunk_strategy="qlora", qlora_enabled=True), 2).cache, ["qlora"] * 2) == "float32"
+    assert (plan.dtype, plan.rounds) == ("bfloat16", False)
+    config.ray.cache_dtype = "float16"  # another 16-bit format rounds a bfloat16 stream
+    assert (phase_plan(config.validate(), 2).cache.dtype, phase_plan(config.validate(), 2).cache.rounds) == ("float16", True)
+    config.ray.cache_dtype = "float32"  # wider: lossless
+    assert phase_plan(config.validate(), 2).cache.rounds is False
+    config.ray.cache_dtype = None
+    qlora = phase_plan(tiny_config(trunk_strategy="qlora", qlora_enabled=True), 2).cache
+    assert (qlora.kind, qlora.dtype, qlora.rounds) == ("trunk_inputs", "float32", False)
     rack = builder.build_rack()
     full = compute_cache(rack, train, masking, 2, 0, 2)
     half = compute_cache(rack, train, masking, 2, 0, 2, dtype="bfloat16")
@@ -228,3 +233,25 @@ def test_a_cache_build_stopped_midway_is_not_taken_as_complete(tmp_path):
     path = tmp_path / "cache" / "shard_00001.parquet"
     path.write_bytes(path.read_bytes()[:-10])
     assert not cache_complete(directory, layout)
+
+
+def test_a_refused_rounding_cache_is_recomputed_and_rounded_as_the_cache_would_store_it():
+    """plan.CachePlan.rounds: a phase whose bfloat16 cache of a float32 trunk is refused
+    trains on the recomputed stream rounded to bfloat16 (phase.rounding_hook), which is what
+    its phase id says; evaluations see the stream as it is."""
+    from stackwise_ray.phase import rounding_hook
+
+    config = tiny_config(data={"max_examples": 40})
+    builder, train, masking = grown(config, 2)
+    rack = builder.build_rack().eval()
+    cache = compute_cache(rack, train, masking, 1, 0, 1, dtype="bfloat16")
+    batch = masking.generate_masks_for_stack({"input_ids": train.input_ids[:8], "example_ids": train.example_ids[:8]}, 1)
+    x, t = batch["input_ids"], batch["time_step"]
+    cached, _ = rack(x, t, hidden=cache.lookup(batch["example_ids"], x), start=1)
+    exact, _ = rack(x, t)
+    hook = rounding_hook(rack, 1, "bfloat16")
+    rounded, _ = rack(x, t)  # a training forward: grad enabled
+    with torch.no_grad():
+        evaluated, _ = rack(x, t)
+    hook.remove()
+    assert torch.equal(rounded, cached) and not torch.equal(rounded, exact) and torch.equal(evaluated, exact)

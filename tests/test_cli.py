@@ -178,3 +178,27 @@ def test_vocab_size_below_a_tokenizer_files_is_refused_once_it_is_loaded(tmp_pat
     assert load_for_command(str(path), str(tmp_path / "runs"), check_data=False) is None
     assert capsys.readouterr().err == f"error: {path}: model.vocab_size: must be >= the tokenizer's 7 ids, got 6\n"
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("training.lr=abc", "override 'training.lr=abc': training.lr: must be a number, got 'abc'"),
+    ("training.lrr=1e-3", "override 'training.lrr=1e-3': training.lrr: no such config key (did you mean 'lr'?)"),
+    ("ray.num_workers=1.5", "override 'ray.num_workers=1.5': ray.num_workers: must be an integer, got '1.5'"),
+    ("training.min_lr=1", "training.min_lr: must be in [0, training.lr=0.003], got 1.0"),  # the schema after it
+    ("training.lr", "override 'training.lr': must be key.path=value, e.g. training.lr=1e-3"),
+])
+def test_a_bad_override_is_one_line_naming_it_and_writes_nothing(tmp_path, override, expected):
+    path = tmp_path / "x.yaml"
+    path.write_text("{}\n")
+    for module in ("stackwise_ray.train", "stackwise_ray.tune"):
+        out = run_cli(module, str(path), override, "--storage", str(tmp_path / "runs"))
+        assert out.returncode == 2 and out.stderr == f"error: {path}: {expected}\n", out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_overrides_reach_a_dry_run_typed_by_the_schema(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("tune: {search_space: {training.progressive.trunk_strategy: {grid: [frozen, full]}}}\n")
+    out = run_cli("stackwise_ray.tune", str(path), "--dry-run", "tune.lrs=[1.0e-3, 3.0e-3]", "tune.seeds=[0, 1]")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("8 trials (8 grid points: 2 arms x 2 lrs x 2 seeds;")

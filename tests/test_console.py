@@ -1,10 +1,13 @@
 """What the train command shows: our lines on the terminal, Ray's in the run's log file."""
 
 import io
+import json
 import os
 import re
 import subprocess
 import sys
+
+import yaml
 
 from stackwise_ray.console import Console, progress_text
 
@@ -46,9 +49,14 @@ def test_train_shows_progress_and_rows_and_sends_ray_to_the_log(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run([sys.executable, "-m", "stackwise_ray.train", str(config), "--storage", str(tmp_path / "runs")],
+    # two command-line overrides, after a flag: the stored config shows them
+    result = subprocess.run([sys.executable, "-m", "stackwise_ray.train", str(config), "--storage", str(tmp_path / "runs"),
+                             "training.lr=2e-3", "training.progressive.time_per_stack=50"],
                             capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    for stored in (yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text()),
+                   json.loads((tmp_path / "runs" / "tiny" / "final" / "rack.json").read_text())["config"]):
+        assert stored["training"]["lr"] == 2e-3 and stored["training"]["progressive"]["time_per_stack"] == 50
     out, log = result.stdout, (tmp_path / "runs" / "tiny" / "train.log").read_text()
     lines = out.splitlines()
     assert lines[0] == f"log: {tmp_path / 'runs' / 'tiny' / 'train.log'}  (Ray's and the libraries' output; --verbose shows it here)"
@@ -57,6 +65,8 @@ def test_train_shows_progress_and_rows_and_sends_ray_to_the_log(tmp_path):
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["stack", "precision"])
     rows = [line.split()[0] for line in lines[header + 1:] if re.match(r"\s+\d+\s+full\s", line)]
     assert rows == ["0", "1"]  # one row per phase, each as its phase ends (stack 1's progress comes between)
+    row1 = next(line for line in lines[header + 1:] if re.match(r"\s+1\s+full\s", line))
+    assert row1.split()[2] == "50"  # stack 1's time step, from the override
     assert lines[-1].startswith("trained rack: ")
     for noise in ("RayTrainWorker", "TrainController", "Reporting training result", "Traceback", "kernels-community"):
         assert noise not in out + result.stderr, noise

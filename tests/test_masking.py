@@ -224,7 +224,7 @@ def test_stored_time_steps_replace_the_mapping():
     tm = importlib.import_module("tests.time_mappings")
     cfg = StackWiseConfig.from_dict({"training": {"progressive": {
         "stack_time_mapping": "custom", "custom_time_mapping": "tests.time_mappings:my_mapping",
-        "building_mode": "prepend", "max_stacks": 4}}}).validate(import_code=False)
+        "building_mode": "prepend", "max_stacks": 4}}}).validate()
     tm.CALLS.clear()
     m = TimeStepMasking(cfg, tokenizer=TinyTokenizer(), time_steps={0: 5, 1: 40, 2: 9})
     assert m.custom_fn is None and m.get_time_step_for_stack(1) == 40

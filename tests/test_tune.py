@@ -169,7 +169,7 @@ def test_trials_carry_one_short_column_per_swept_key():
         "baseline": "end_to_end", "search_space": {
             "training.progressive.trunk_strategy": {"grid": ["frozen", "qlora"]},
             "training.progressive.building_mode": {"grid": ["append", "prepend"]},
-            "training.lr": {"loguniform": [1e-3, 1e-2]}}}}).validate(check_files=False)
+            "training.lr": {"loguniform": [1e-3, 1e-2]}}}}).validate()
     trials = [spec["config"] for _, spec in generate_variants({"config": param_space(config)})]
     # Tune's table shows the parameters by these names: short, one column each
     assert all(set(t) == {"variant", "trunk_strategy", "building_mode", "lr", "kind"} for t in trials)
