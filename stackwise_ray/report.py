@@ -28,12 +28,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+import yaml  # noqa: E402
+
 from . import storage  # noqa: E402
 from .cli import refuse  # noqa: E402
+from .config import StackWiseConfig  # noqa: E402
 
 # Older sweeps or partial runs may lack some columns; they are added empty so the report still renders.
-RESULT_COLUMNS = ["trial_id", "kind", "status", "val_loss", "flops", "wall_s", "phases_trained", "phases_reused",
-                  "error", "arm", "budget", "steps", "tokens", "epochs"]
+RESULT_COLUMNS = ["trial_id", "kind", "status", "val_loss", "val_ppl", "val_accuracy", "flops", "wall_s",
+                  "phases_trained", "phases_reused", "error", "arm", "budget", "steps", "tokens", "epochs"]
 PHASE_COLUMNS = ["trial_id", "kind", "stack", "val_loss", "cum_flops", "wall_s", "peak_memory_mb", "status"]
 CURVE_COLUMNS = ["trial_id", "kind", "arm", "global_step", "flops", "val_loss"]
 COMPARE_PLOT = "compare_loss_vs_flops.png"  # with an `arm` column (a sweep by this version)
@@ -41,7 +44,7 @@ PLOTS = {"val_loss_per_stack": "val_loss_per_stack.png", "phase_time_memory": "p
          "loss_vs_flops": "loss_vs_flops.png"}
 
 
-NUMERIC_COLUMNS = {"val_loss", "flops", "wall_s", "phases_trained", "phases_reused", "stack", "cum_flops",
+NUMERIC_COLUMNS = {"val_loss", "val_ppl", "val_accuracy", "flops", "wall_s", "phases_trained", "phases_reused", "stack", "cum_flops",
                    "peak_memory_mb", "budget", "steps", "tokens", "epochs", "global_step"}
 TEXT_COLUMNS = ("trial_id", "kind", "status", "error", "arm")
 
@@ -147,22 +150,38 @@ def plot_loss_vs_flops(results, phases, labels, path: str) -> None:
     finish(fig, ax, path)
 
 
-def best_trial(results: pd.DataFrame):
-    """Lowest val_loss among trials that did not error; progressive trials first, since the
-    point is to compare them with the baseline."""
-    scored = results[(results["status"] != "ERROR") & results["val_loss"].notna()]
-    progressive = scored[scored["kind"] != "baseline"]
-    pool = progressive if not progressive.empty else scored
-    return None if pool.empty else pool.loc[pool["val_loss"].idxmin()]
+BEST_RULE = ("the progressive trial that trained every stack (not stopped by a scheduler, not errored) with the "
+             "best final {metric} ({mode}); ties go to the first trial; the baseline is compared with it, never chosen")
 
 
-def comparison_lines(results: pd.DataFrame, labels: dict) -> list[str]:
-    best = best_trial(results)
+def best_trial(results: pd.DataFrame, metric: str = "val_loss", mode: str = "min"):
+    """The best trial of a sweep (BEST_RULE): the one definition both tune's
+    best_config.yaml and the report's summary use. None where no trial qualifies."""
+    pool = results[(results["kind"] != "baseline") & (results["status"] == "TERMINATED") & results[metric].notna()]
+    if pool.empty:
+        return None
+    return pool.loc[pool[metric].idxmin() if mode == "min" else pool[metric].idxmax()]
+
+
+def sweep_metric(experiment_dir: str) -> tuple[str, str]:
+    """(tune.metric, tune.mode) of the sweep in `experiment_dir` (its config.yaml), by
+    default val_loss and min."""
+    path = storage.join(experiment_dir, "config.yaml")
+    try:
+        tune = StackWiseConfig.from_dict(yaml.safe_load(storage.read_text(path))).tune
+        return tune.metric, tune.mode
+    except (OSError, ValueError, yaml.YAMLError):  # a sweep from before config.yaml, or a damaged one
+        return "val_loss", "min"
+
+
+def comparison_lines(results: pd.DataFrame, labels: dict, metric: str = "val_loss", mode: str = "min") -> list[str]:
+    best = best_trial(results, metric, mode)
     if best is None:
-        return ["No trial finished with a validation loss."]
-    lines = [f"Best trial: {labels[best['trial_id']]}, val_loss {best['val_loss']:.4f}."]
+        return ["No progressive trial trained every stack."]
+    lines = [f"Best trial: {labels[best['trial_id']]}, {metric} {best[metric]:.4f} (best trial: "
+             f"{BEST_RULE.format(metric=metric, mode=mode)})."]
     baseline = results[(results["kind"] == "baseline") & results["val_loss"].notna()]
-    if best["kind"] != "baseline" and not baseline.empty:
+    if not baseline.empty:
         b = baseline.iloc[0]
         diff = best["val_loss"] - b["val_loss"]
         ratio = best["flops"] / b["flops"] if b["flops"] else float("nan")
@@ -373,7 +392,7 @@ def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     plot_loss_vs_flops(results, phases, labels, paths["loss_vs_flops"])
     title = f"Sweep report: {os.path.basename(storage.resolve(experiment_dir)[1])}"
     header, rows = table_rows(results)
-    lines = comparison_lines(results, labels)
+    lines = comparison_lines(results, labels, *sweep_metric(experiment_dir))
     compared = comparison(results, curves)
     compare = (COMPARE_HEADER, comparison_rows(compared), COMPARE_NOTES) if compared else None
     if compared:

@@ -159,3 +159,24 @@ def test_comparison_table_at_each_arms_best_lr_with_welch_intervals(tmp_path):
     assert "Welch's t-test" in md
     with open(tmp_path / "report" / "compare_loss_vs_flops.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
+
+
+def test_one_rule_names_the_best_trial_for_tune_and_the_report(tmp_path):
+    """best_trial is what tune's best_config.yaml and the report's summary both use: a
+    finished progressive trial, by the sweep's own metric and mode (its config.yaml)."""
+    from stackwise_ray.config import StackWiseConfig
+    from stackwise_ray.report import best_trial
+
+    write_sweep(tmp_path)
+    results = pd.read_csv(tmp_path / "results.csv")
+    stopped = {**results.iloc[0].to_dict(), "trial_id": "t_stopped", "status": "STOPPED", "val_loss": 1.0}
+    results = pd.concat([results, pd.DataFrame([stopped])], ignore_index=True)
+    results.loc[results["trial_id"] == "t_base", "val_loss"] = 0.5  # a better baseline is compared, not chosen
+    results["val_accuracy"] = [0.6, 0.4, None, 0.9, 0.95]  # by accuracy, t_frozen is the best finished trial
+    results.to_csv(tmp_path / "results.csv", index=False)
+    assert best_trial(results)["trial_id"] == "t_lora"  # lowest val_loss among finished progressive trials
+    assert best_trial(results, "val_accuracy", "max")["trial_id"] == "t_frozen"
+    config = StackWiseConfig.from_dict({"tune": {"metric": "val_accuracy", "mode": "max"}}).validate()
+    (tmp_path / "config.yaml").write_text(config.to_yaml())  # what the tune command writes
+    md = open(write_report(str(tmp_path))["summary_md"]).read()
+    assert "Best trial: t_frozen" in md and "val_accuracy 0.6000" in md
