@@ -189,7 +189,7 @@ class RayConfig:
     storage_path: str = setting("runs", IGNORED, "root of run directories: a local or mounted path, file://, or an object-store URI (s3://, gs://, ...)")
     address: Optional[str] = setting(None, IGNORED, "Ray cluster address; null: RAY_ADDRESS or a local Ray")
     max_failures: int = setting(2, IGNORED, "worker failures a phase survives (it restarts from its last in-phase checkpoint)")
-    cache_max_bytes: Optional[int] = setting(None, IGNORED, "a larger cache is skipped and the trunk recomputed; null: half the object store (arrow: half the free disk)")
+    cache_max_bytes: Optional[int] = setting(None, IGNORED, "a larger cache is skipped and the trunk recomputed; null: half the object store (arrow: half the free disk; no limit on an object-store storage_path)")
     cache_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = setting(None, PLANNED, "bytes of a cached activation; null: the cached stack's compute dtype (lossless); a narrower one rounds what the phase trains on")
     cache_shard_mb: int = setting(64, IGNORED, "caches are built, stored and read in shards of about this size (1 to 16,384)")
     inject_worker_failure: Optional[str] = setting(None, IGNORED, "testing aid: 'stack:step' makes a worker exit once there")
