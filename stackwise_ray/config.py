@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import ConfigError, clip, fail, first_line, show
+from .local_files import open_regular, source_problem
 from .time_mapping import MAPPINGS, check_mapping_name, load_time_mapping, resolve_mapping
 
 PRECISIONS = ("full", "half", "bfloat16", "nvfp4", "qlora")
@@ -35,6 +36,9 @@ BYTE_VOCAB_SIZE = 260  # data.ByteTokenizer: 256 bytes and 4 special ids
 MAX_SEED = 2**31 - 1
 MAX_STACKS = 1024  # validation loops over the stacks (precisions, time steps)
 MAX_GRID_POINTS = 1000  # trials in a grid; each grid or choice value is validated as a whole config
+MAX_TRIALS = 10_000  # grid points x num_samples: Tune holds every trial in the driver
+# one sweep runs in one experiment directory on one Ray: no trial can have its own
+UNSWEPT_KEYS = {"ray.storage_path": "--storage", "ray.address": "--address"}
 
 
 def can_copy_weights(source: str, new: str) -> bool:
@@ -219,7 +223,7 @@ class StackWiseConfig:
     def from_yaml(cls, path: str | os.PathLike) -> "StackWiseConfig":
         path = os.fspath(path)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # a FIFO would block the command: refused unopened
                 text = f.read(MAX_YAML_BYTES + 1)
             if len(text) > MAX_YAML_BYTES:
                 raise ConfigError(f"larger than {MAX_YAML_BYTES // 2**20} MiB; a config is a few KB")
@@ -484,9 +488,13 @@ class StackWiseConfig:
         points *= max(1, len(t.lrs)) * max(1, len(t.seeds))
         if points > MAX_GRID_POINTS:
             fail("tune.search_space", f"the grid has {points:,} points; at most {MAX_GRID_POINTS:,} trials")
+        _check_trial_count(t.num_samples, points)
+        _check_repeats_measure_something(t)
+        _check_protocol_overrides(t)
         for path, spec in t.search_space.items():
             key = f"tune.search_space.{path}"
             field_type = _field_type(self, str(path), key)
+            _check_sweepable(str(path), key)
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
                 fail(key, f"must be a mapping with one of {', '.join(SEARCH_KINDS)}, got {show(spec)}")
             kind, values = next(iter(spec.items()))
@@ -498,6 +506,7 @@ class StackWiseConfig:
                         apply_overrides(self, {path: value}).validate(check_files, import_code)
                     except ConfigError as e:
                         fail(f"{key}.{kind}", f"value {show(value)}: {e}")
+                _refuse_duplicates(f"{key}.{kind}", values, field_type)
             else:
                 if (not isinstance(values, list) or len(values) != 2
                         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in values)
@@ -514,6 +523,44 @@ class StackWiseConfig:
                         apply_overrides(self, {path: bound}).validate(check_files, import_code)
                     except ConfigError as e:
                         fail(f"{key}.{kind}", f"bound {show(bound)}: {e}")
+
+
+def _check_trial_count(num_samples: int, points: int) -> None:
+    if num_samples * points > MAX_TRIALS:
+        fail("tune.num_samples", f"{num_samples:,} x {points:,} grid points = {num_samples * points:,} trials; "
+                                 f"at most {MAX_TRIALS:,}")
+
+
+def _check_repeats_measure_something(t) -> None:
+    """num_samples repeats a sweep; where nothing is drawn (every swept key is a grid, or
+    none), each repeat is the same deterministic trial: one measurement counted twice."""
+    if t.num_samples > 1 and not any(isinstance(s, dict) and "grid" not in s for s in t.search_space.values()):
+        fail("tune.num_samples", f"{t.num_samples} repeats of a sweep that draws nothing (no choice, uniform, "
+                                 "loguniform or randint key) would run every trial again with the same seed: set "
+                                 "num_samples: 1 (tune.seeds repeats with new seeds)")
+
+
+def _check_protocol_overrides(t) -> None:
+    """tune.lrs sets training.min_lr of each trial (its ratio to lr is kept): a swept
+    min_lr would be overridden, and the table would show values that never ran."""
+    if t.lrs and "training.min_lr" in t.search_space:
+        fail("tune.lrs", "sets each trial's training.min_lr (keeping the base min_lr/lr ratio), so "
+                         "tune.search_space.training.min_lr would never run as swept: sweep one of them")
+
+
+def _check_sweepable(path: str, key: str) -> None:
+    if path in UNSWEPT_KEYS:
+        fail(key, f"cannot differ between the trials of one sweep (they share one experiment directory and one Ray): "
+                  f"set it in the ray section or with {UNSWEPT_KEYS[path]}")
+
+
+def _refuse_duplicates(key: str, values: list, field_type) -> None:
+    """A grid or choice value listed twice, compared as the trials see it (1e-3 and 0.001
+    are one value; an int given for a float key is that float)."""
+    typed = [float(v) if field_type is float and isinstance(v, int) and not isinstance(v, bool) else v for v in values]
+    for i, v in enumerate(typed):
+        if any(type(v) is type(w) and v == w for w in typed[:i]):
+            fail(key, f"lists the value {show(v)} twice; each value is one arm of the comparison")
 
 
 def _validate_protocol_list(t, key: str, path: str, ok, what: str) -> None:
@@ -800,10 +847,10 @@ def _int_keys(d: dict, path: str, max_stacks: int) -> dict:
 
 
 def _validate_data_source(d: DataConfig) -> None:
-    if d.source != "pydoc" and not os.path.isfile(d.source):
-        fail("data.source", f"no such file: {clip(d.source)} (use 'pydoc' for the bundled corpus)")
-    if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
-        fail("data.tokenizer", f"no such file: {clip(d.tokenizer)} (use 'byte' for the built-in byte tokenizer)")
+    if d.source != "pydoc" and (problem := source_problem(d.source)):
+        fail("data.source", f"{problem}: {clip(d.source)} (use 'pydoc' for the bundled corpus)")
+    if d.tokenizer != "byte" and (problem := source_problem(d.tokenizer)):
+        fail("data.tokenizer", f"{problem}: {clip(d.tokenizer)} (use 'byte' for the built-in byte tokenizer)")
 
 
 def _kind(value) -> str:
