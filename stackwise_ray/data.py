@@ -404,7 +404,7 @@ def token_store_location(config: StackWiseConfig, tokenizer=None, for_training: 
     is published (a refused run writes nothing)."""
     d = config.data
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(d.tokenizer)
-    root = storage.join(storage.storage_dir(config.ray.storage_path), "tokens")
+    root = storage.join(storage.storage_dir(config.ray.storage_path), storage.TOKENS_DIR)
     location = storage.join(root, token_store.store_key(store_identity(d, tokenizer)))
 
     def check(meta: dict) -> int:
