@@ -178,3 +178,98 @@ def test_vocab_size_below_a_tokenizer_files_is_refused_once_it_is_loaded(tmp_pat
     assert load_for_command(str(path), str(tmp_path / "runs"), check_data=False) is None
     assert capsys.readouterr().err == f"error: {path}: model.vocab_size: must be >= the tokenizer's 7 ids, got 6\n"
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- a received rack chooses nothing this machine reads or writes
+
+def received_rack(tmp_path, storage_path: str, source: str, max_examples=None):
+    """A rack whose stored config names a storage path and a data file of the sender's choosing."""
+    from stackwise_ray.checkpoint import save_rack
+
+    builder = ProgressiveRackBuilder(tiny_config(data={"max_examples": max_examples}))
+    builder.add_stack()
+    builder.config.ray.storage_path, builder.config.data.source = storage_path, source
+    save_rack(builder, str(tmp_path / "rack"))
+    return str(tmp_path / "rack")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("storage_kind", ["local", "s3"])
+def test_evaluating_a_received_rack_reads_and_writes_only_where_the_user_says(tmp_path, monkeypatch, capsys,
+                                                                             storage_kind):
+    import json
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.mkfifo(elsewhere / "data.txt")  # a read of the rack's data file would block: the test would time out
+    named_storage = (str(elsewhere / "storage") if storage_kind == "local" else
+                     f"s3://their-bucket/runs?endpoint_override=127.0.0.1:{free_port()}&scheme=http")
+    rack = received_rack(tmp_path, named_storage, str(elsewhere / "data.txt"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    from stackwise_ray.sample import main
+
+    # without --data: one line saying what to pass, nothing read
+    assert main([rack, "--evaluate", "--length", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: --evaluate: the rack was trained on ") and "pass --data PATH" in err
+    # the user's data, into a temporary token store that is removed again
+    mine = tmp_path / "mine.txt"
+    mine.write_text("Some text of my own, paragraph after paragraph.\n\n" * 200)
+    assert main([rack, "--evaluate", "--data", str(mine), "--length", "4"]) == 0
+    out, _ = capsys.readouterr()
+    assert "'val_loss'" in out.splitlines()[0]
+    assert [p.name for p in elsewhere.iterdir()] == ["data.txt"] and list(scratch.iterdir()) == []
+    # with --storage: the token store is kept there
+    assert main([rack, "--evaluate", "--data", str(mine), "--storage", str(tmp_path / "mine"), "--length", "4"]) == 0
+    [store] = (tmp_path / "mine" / "tokens").iterdir()
+    assert json.loads((store / "meta.json").read_text())["source"] == str(mine)
+    assert [p.name for p in elsewhere.iterdir()] == ["data.txt"]
+
+
+def test_evaluating_a_rack_trained_on_the_bundled_corpus_needs_no_data(tmp_path, monkeypatch, capsys):
+    rack = received_rack(tmp_path, str(tmp_path / "elsewhere"), "pydoc", max_examples=200)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    from stackwise_ray.sample import main
+
+    assert main([rack, "--evaluate", "--length", "4"]) == 0
+    assert "'val_loss'" in capsys.readouterr().out
+    assert not (tmp_path / "elsewhere").exists() and list(scratch.iterdir()) == []
+    assert main([rack, "--data", str(rack)]) == 2  # a flag that does nothing without --evaluate
+    assert capsys.readouterr().err == "error: --data: only used with --evaluate\n"
+    assert main([rack, "--evaluate", "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --data {tmp_path}: not a regular file (a directory)\n"
+
+
+def test_sampling_a_rack_whose_weights_are_not_finite_is_one_line(tmp_path, capsys):
+    import torch
+
+    from stackwise_ray.checkpoint import save_rack
+    from stackwise_ray.sample import main
+
+    builder = ProgressiveRackBuilder(tiny_config())
+    builder.add_stack()
+    with torch.no_grad():
+        builder.build_rack().embed.weight[3, 0] = float("inf")
+    save_rack(builder, str(tmp_path))
+    assert main([str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"error: {tmp_path / 'model.safetensors'}: weights are not finite "
+                                 "(NaN or inf in embed.weight)\n")
+
+
+@pytest.mark.timeout(60)
+def test_sampling_a_run_directory_on_unreachable_object_storage_is_one_line(tmp_path, capsys):
+    import time
+
+    from stackwise_ray.sample import main
+
+    uri = f"s3://bucket/runs/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http&region=us-east-1"
+    t0 = time.monotonic()
+    assert main([uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {uri}: cannot be reached: ") and err.count("\n") == 1
+    assert time.monotonic() - t0 < 20
