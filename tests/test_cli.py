@@ -273,3 +273,111 @@ def test_sampling_a_run_directory_on_unreachable_object_storage_is_one_line(tmp_
     err = capsys.readouterr().err
     assert err.startswith(f"error: {uri}: cannot be reached: ") and err.count("\n") == 1
     assert time.monotonic() - t0 < 20
+
+
+# ---------------------------------------------------------------- run directories, flags, full disks
+
+TINY_YAML = ("model: {d_model: 32, n_heads: 2, blocks_per_stack: 1, max_seq_len: 32}\n"
+             "data: {seq_len: 32, batch_size: 8, max_examples: 120}\n"
+             "training: {steps_per_stack: 8, eval_batches: 2, warmup_steps: 2, "
+             "progressive: {time_embedding_dim: 16, max_stacks: 1}}\n")
+
+
+def test_a_linked_train_log_on_resume_is_refused_and_its_target_left_alone(tmp_path, capsys):
+    from stackwise_ray.train import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("someone else's file\n")
+    (tmp_path / "runs" / "tiny" / "train.log").symlink_to(target)
+    assert main([str(config), "--storage", str(tmp_path / "runs"), "--resume"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"error: {tmp_path / 'runs' / 'tiny' / 'train.log'}: a symbolic link; a run writes "
+                                 "its files only inside its directory (remove the link)\n")
+    assert target.read_text() == "someone else's file\n"
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    ("train", ["x.yaml", "--bogus"], "error: unrecognized arguments: --bogus"),
+    ("train", ["x.yaml", "--name", "--resume"], "error: --name: expected one argument"),
+    ("tune", ["x.yaml", "--bogus"], "error: unrecognized arguments: --bogus"),
+    ("tune", ["x.yaml", "--name", "--dry-run"], "error: --name: expected one argument"),
+    ("report", ["d", "--bogus"], "error: unrecognized arguments: --bogus"),
+    ("export", ["r", "o", "--format", "onnx"], "error: --format: invalid choice: 'onnx'"),
+])
+def test_a_bad_flag_is_one_line_and_status_2_for_every_command(capsys, module, argv, expected):
+    import importlib
+
+    main = importlib.import_module(f"stackwise_ray.{module}").main
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("module", ["train", "tune"])
+@pytest.mark.parametrize("name, expected", [
+    ("tokens", "--name: 'tokens' is where the token stores live under the storage path"),
+    ("-x", "--name: '-x' starts with '-': it would read as a flag"),
+])
+def test_a_name_that_collides_with_the_token_stores_or_reads_as_a_flag_is_refused(tmp_path, capsys, module, name,
+                                                                                  expected):
+    import importlib
+
+    config = tmp_path / "x.yaml"
+    config.write_text(TINY_YAML)
+    main = importlib.import_module(f"stackwise_ray.{module}").main
+    assert main([str(config), "--storage", str(tmp_path / "runs"), f"--name={name}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {config}: {expected}")
+    tokens = tmp_path / "tokens.yaml"  # the default name is the file's: checked the same way
+    tokens.write_text(TINY_YAML)
+    assert main([str(tokens), "--storage", str(tmp_path / "runs")]) == 2
+    assert "is where the token stores live" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_a_full_disk_mid_run_is_one_line_naming_the_path_and_what_was_kept(tmp_path, monkeypatch, capsys):
+    """Ray is not started: the run's body is replaced by one that finishes a phase, then
+    fails the way a phase's checkpoint upload does on a full disk (wrapped by Ray)."""
+    import errno
+
+    import stackwise_ray.train as train
+    from stackwise_ray.checkpoint import save_rack
+    from stackwise_ray.trainer import ProgressiveTrainer
+
+    def full_disk_in_phase_1(self):
+        builder = ProgressiveRackBuilder(self.config)
+        builder.add_stack()
+        checkpoint = os.path.join(self.store.root, "s00-done", "run", "checkpoint_000000")
+        save_rack(builder, checkpoint, extra={"metrics": {"val_loss": 1.0}})
+        self.store.finish("s00-done", {"checkpoint": checkpoint, "metrics": {"val_loss": 1.0}})
+        where = os.path.join(self.store.root, "s01-next", "run", "checkpoint_000000", "model.safetensors")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", where)
+        except OSError as e:
+            raise RuntimeError("Training failed due to a worker error") from e
+
+    monkeypatch.setattr(train, "start", lambda config, **kw: None)
+    monkeypatch.setattr(train, "dashboard_line", lambda context: "Ray dashboard: (not started)")
+    monkeypatch.setattr(ProgressiveTrainer, "train_progressively", full_disk_in_phase_1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    assert train.main([str(config), "--storage", str(tmp_path / "runs"), "--verbose"]) == 2
+    phases = tmp_path / "runs" / "tiny" / "phases"
+    err = capsys.readouterr().err
+    assert err == (f"error: {phases / 's01-next' / 'run' / 'checkpoint_000000' / 'model.safetensors'}: No space left "
+                   f"on device (1 finished phase(s) kept in {phases}; free some space, then rerun with --resume)\n")
+
+
+def test_a_full_disk_is_found_behind_rays_wrappers():
+    import errno
+
+    from stackwise_ray.cli import disk_full
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/x")
+    wrapper = type("WorkerGroupError", (RuntimeError,), {})("worker 0 failed")
+    wrapper.worker_failures = {0: RuntimeError("boom"), 1: full}
+    assert disk_full(wrapper) is full
+    assert disk_full(RuntimeError("(RayTaskError) OSError: [Errno 28] No space left on device")).errno == errno.ENOSPC
+    assert disk_full(RuntimeError("boom")) is None and disk_full(OSError(errno.EACCES, "denied")) is None
