@@ -247,6 +247,15 @@ def load_rack(directory: str, device: str | torch.device = "cpu",
     return builder
 
 
+def finite_weights_problem(rack: torch.nn.Module) -> str | None:
+    """Which weight is not finite (NaN or inf), or None. A diverged or tampered rack loads
+    (its shapes fit), but every logit it computes is NaN: sampling would fail inside torch."""
+    for name, tensor in rack.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"weights are not finite (NaN or inf in {name})"
+    return None
+
+
 def load_weights(rack: torch.nn.Module, path: str) -> None:
     """Load a safetensors file into `rack`, restoring bitsandbytes 4-bit weights from their
     stored quant state (a plain load_state_dict does not accept those keys)."""

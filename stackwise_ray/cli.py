@@ -5,6 +5,7 @@ checks a run makes before Ray starts or anything is written."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -52,6 +53,42 @@ def load_for_command(path: str, storage_path: str | None, check_data: bool = Tru
     except (ConfigError, ValueError) as e:
         refuse(path, e)
         return None
+
+
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The full-disk OSError behind `error`, or None: it may be `error` itself or one of its
+    causes, or come wrapped by Ray from a worker (Ray Train's WorkerGroupError holds each
+    worker's error; a RayTaskError names its cause, and its text keeps the original's)."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        failures = getattr(e, "worker_failures", None)
+        todo += list(failures.values()) if isinstance(failures, dict) else []
+    if os.strerror(errno.ENOSPC) in str(error):  # a remote error that kept only its text
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
+def disk_full_line(full: OSError, where: str, store) -> str:
+    """The one line a command that ran out of disk ends with: the path, and what is kept
+    (`store`: the run's or sweep's phase_store.PhaseStore; its finished phases are reused by
+    --resume)."""
+    try:
+        kept = store.finished_count()
+    except (OSError, ValueError):  # the store itself is unreadable
+        kept = None
+    what = f"{kept} finished phase(s) kept in {store.root}" if kept is not None else f"finished phases in {store.root}"
+    return error_line(full.filename or where, f"{full.strerror or 'no space left on device'} ({what}; free some "
+                                              "space, then rerun with --resume)")
 
 
 def preflight(config: StackWiseConfig, address: str | None = None, build_data: bool = True) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import ConfigError, clip, fail, first_line, show
+from .local_files import open_regular
 from .time_mapping import MAPPINGS, check_mapping_name, resolve_mapping
 
 PRECISIONS = ("full", "half", "bfloat16", "nvfp4", "qlora")
@@ -36,6 +37,9 @@ BYTE_VOCAB_SIZE = 260  # data.ByteTokenizer: 256 bytes and 4 special ids
 MAX_SEED = 2**31 - 1
 MAX_STACKS = 1024  # validation loops over the stacks (precisions, time steps)
 MAX_GRID_POINTS = 1000  # trials in a grid; each grid or choice value is validated as a whole config
+MAX_TRIALS = 10_000  # grid points x num_samples: Tune holds every trial in the driver
+# one sweep runs in one experiment directory on one Ray: no trial can have its own
+UNSWEPT_KEYS = {"ray.storage_path": "--storage", "ray.address": "--address"}
 
 
 def can_copy_weights(source: str, new: str) -> bool:
@@ -65,7 +69,7 @@ def setting(default=dataclasses.MISSING, identity: str = "", doc: str = "", fact
 
 @dataclass
 class ModelConfig:
-    vocab_size: Optional[int] = setting(None, HASHED, "ids the embedding holds, at least the tokenizer's; null: the tokenizer's (byte: 260)")
+    vocab_size: Optional[int] = setting(None, HASHED, "ids the embedding holds, at least the tokenizer's largest id + 1; null: exactly that (byte: 260)")
     d_model: int = setting(128, HASHED, "width of the residual stream")
     n_heads: int = setting(4, HASHED, "attention heads; the head size d_model/n_heads must be even (rotary embeddings)")
     n_kv_heads: Optional[int] = setting(None, HASHED, "key/value heads, fewer for grouped KV; null: n_heads")
@@ -237,7 +241,7 @@ class StackWiseConfig:
     def from_yaml(cls, path: str | os.PathLike) -> "StackWiseConfig":
         path = os.fspath(path)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # a FIFO would block the command: refused unopened
                 text = f.read(MAX_YAML_BYTES + 1)
             if len(text) > MAX_YAML_BYTES:
                 raise ConfigError(f"larger than {MAX_YAML_BYTES // 2**20} MiB; a config is a few KB")
@@ -486,9 +490,13 @@ class StackWiseConfig:
         points *= max(1, len(t.lrs)) * max(1, len(t.seeds))
         if points > MAX_GRID_POINTS:
             fail("tune.search_space", f"the grid has {points:,} points; at most {MAX_GRID_POINTS:,} trials")
+        _check_trial_count(t.num_samples, points)
+        _check_repeats_measure_something(t)
+        _check_protocol_overrides(t)
         for path, spec in t.search_space.items():
             key = f"tune.search_space.{path}"
             field_type = _field_type(self, str(path), key)
+            _check_sweepable(str(path), key)
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
                 fail(key, f"must be a mapping with one of {', '.join(SEARCH_KINDS)}, got {show(spec)}")
             kind, values = next(iter(spec.items()))
@@ -500,6 +508,7 @@ class StackWiseConfig:
                         apply_overrides(self, {path: value}).validate()
                     except ConfigError as e:
                         fail(f"{key}.{kind}", f"value {show(value)}: {e}")
+                _refuse_duplicates(f"{key}.{kind}", values, field_type)
             else:
                 if (not isinstance(values, list) or len(values) != 2
                         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in values)
@@ -516,6 +525,44 @@ class StackWiseConfig:
                         apply_overrides(self, {path: bound}).validate()
                     except ConfigError as e:
                         fail(f"{key}.{kind}", f"bound {show(bound)}: {e}")
+
+
+def _check_trial_count(num_samples: int, points: int) -> None:
+    if num_samples * points > MAX_TRIALS:
+        fail("tune.num_samples", f"{num_samples:,} x {points:,} grid points = {num_samples * points:,} trials; "
+                                 f"at most {MAX_TRIALS:,}")
+
+
+def _check_repeats_measure_something(t) -> None:
+    """num_samples repeats a sweep; where nothing is drawn (every swept key is a grid, or
+    none), each repeat is the same deterministic trial: one measurement counted twice."""
+    if t.num_samples > 1 and not any(isinstance(s, dict) and "grid" not in s for s in t.search_space.values()):
+        fail("tune.num_samples", f"{t.num_samples} repeats of a sweep that draws nothing (no choice, uniform, "
+                                 "loguniform or randint key) would run every trial again with the same seed: set "
+                                 "num_samples: 1 (tune.seeds repeats with new seeds)")
+
+
+def _check_protocol_overrides(t) -> None:
+    """tune.lrs sets training.min_lr of each trial (its ratio to lr is kept): a swept
+    min_lr would be overridden, and the table would show values that never ran."""
+    if t.lrs and "training.min_lr" in t.search_space:
+        fail("tune.lrs", "sets each trial's training.min_lr (keeping the base min_lr/lr ratio), so "
+                         "tune.search_space.training.min_lr would never run as swept: sweep one of them")
+
+
+def _check_sweepable(path: str, key: str) -> None:
+    if path in UNSWEPT_KEYS:
+        fail(key, f"cannot differ between the trials of one sweep (they share one experiment directory and one Ray): "
+                  f"set it in the ray section or with {UNSWEPT_KEYS[path]}")
+
+
+def _refuse_duplicates(key: str, values: list, field_type) -> None:
+    """A grid or choice value listed twice, compared as the trials see it (1e-3 and 0.001
+    are one value; an int given for a float key is that float)."""
+    typed = [float(v) if field_type is float and isinstance(v, int) and not isinstance(v, bool) else v for v in values]
+    for i, v in enumerate(typed):
+        if any(type(v) is type(w) and v == w for w in typed[:i]):
+            fail(key, f"lists the value {show(v)} twice; each value is one arm of the comparison")
 
 
 def _validate_protocol_list(t, key: str, path: str, ok, what: str) -> None:

@@ -19,8 +19,14 @@ import warnings
 
 import ray
 
+from .local_files import NotRegularFileError, open_log
+
 POLL_S = 0.5
 PLAIN_EVERY_S = 10.0
+
+
+class LogFileError(ValueError):
+    """The command's log cannot be opened safely (a link, not a regular file); the message names it."""
 
 
 @ray.remote(num_cpus=0)
@@ -82,7 +88,10 @@ class Console:
         if self.log_path is None:
             return self
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-        log = open(self.log_path, "a", buffering=1, encoding="utf-8")
+        try:
+            log = open_log(self.log_path)  # a link planted there is refused, never written through
+        except NotRegularFileError as e:
+            raise LogFileError(f"{e.filename}: {e.strerror}") from None
         saved_fds = os.dup(1), os.dup(2)
         self.out = os.fdopen(os.dup(saved_fds[0]), "w", buffering=1, encoding="utf-8")
         self.err = os.fdopen(os.dup(saved_fds[1]), "w", buffering=1, encoding="utf-8")
@@ -108,7 +117,9 @@ class Console:
             return  # another Ray version: its lines stay where Ray puts them
         log = self._saved[4]
         dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", lambda data: worker.print_worker_logs(data, log, False))
+        # Ray's log thread may still deliver lines after close (a command ending on an error)
+        dispatcher.add_handler("ray_print_logs",
+                               lambda data: None if log.closed else worker.print_worker_logs(data, log, False))
 
     def close(self) -> None:
         self.stop_watching()

@@ -30,8 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import storage, token_store
 from .config import DataConfig, StackWiseConfig
+from .errors import first_line, show
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index
+MAX_TARGET_ID = 2**31 - 1  # targets are stored as int32
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -103,7 +105,9 @@ class HFTokenizer:
         bos, eos = find(_BOS), find(_EOS)
         self.bos_id = bos if bos is not None else self.pad_id
         self.eos_id = eos if eos is not None else self.pad_id
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # ids may be sparse (a WordLevel vocabulary with explicit ids, added tokens): the
+        # embedding and the token store's id dtype must hold the largest id, not the count
+        self.vocab_size = 1 + max([*self._tok.get_vocab(with_added_tokens=True).values(), self.bos_id, self.eos_id])
         self.special_ids = frozenset({self.pad_id, self.mask_id, self.bos_id, self.eos_id})
 
     def encode(self, text: str) -> list[int]:
@@ -306,6 +310,8 @@ def _json_object(line: str, where: str) -> dict:
         raise ValueError(f"{where}: invalid JSON: {e.msg}") from None
     except RecursionError:
         raise ValueError(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer past Python's 4300-digit limit
+        raise ValueError(f"{where}: invalid JSON: {first_line(e)}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -328,7 +334,7 @@ def _parquet_batches(src: str, text_field: str, target_field: str | None):
             raise ValueError(f"{src}: missing column {name!r} (columns: {', '.join(names)})")
     row, any_text = 0, False
     columns = [text_field] if target_field is None else [text_field, target_field]
-    for batch in pf.iter_batches(batch_size=PARQUET_ROWS, columns=columns):
+    for batch in _parquet_reads(pf, columns, src):
         texts = batch.column(text_field).to_pylist()
         targets = batch.column(target_field).to_pylist() if target_field else [None] * len(texts)
         out_texts, out_targets = [], []
@@ -342,6 +348,22 @@ def _parquet_batches(src: str, text_field: str, target_field: str | None):
         yield Batch(out_texts, out_targets if target_field is not None else None, False, row)
     if not any_text:
         raise ValueError(f"{src}: no text in field {text_field!r}")
+
+
+def _parquet_reads(pf, columns: list[str], src: str):
+    """pf's record batches; a page that cannot be decoded (a corrupt file) is one line
+    naming the file and the first row of the batch it belongs to."""
+    row, batches = 0, pf.iter_batches(batch_size=PARQUET_ROWS, columns=columns)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - pyarrow reports a corrupt page as OSError or ArrowInvalid
+            raise ValueError(f"{src}: rows {row} to {row + PARQUET_ROWS - 1}: unreadable Parquet data: "
+                             f"{first_line(e)}") from None
+        row += batch.num_rows
+        yield batch
 
 
 def _record(obj: dict, text_field, target_field, where) -> dict:
@@ -358,6 +380,9 @@ def _record(obj: dict, text_field, target_field, where) -> dict:
     ok = isinstance(target, str) or (isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in target))
     if not ok:
         raise ValueError(f"{where}: field {target_field!r} must be a string or a list of token ids, got {type(target).__name__}")
+    bad = next((t for t in target if not 0 <= t <= MAX_TARGET_ID), None) if isinstance(target, list) else None
+    if bad is not None:  # JSON has no integer limit: 2**70 parses
+        raise ValueError(f"{where}: field {target_field!r}: {show(bad)} is not a token id (ids are in [0, 2**31))")
     return {"text": text, "target": target}
 
 
@@ -404,10 +429,11 @@ def token_store_location(config: StackWiseConfig, tokenizer=None, for_training: 
     is published (a refused run writes nothing)."""
     d = config.data
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(d.tokenizer)
-    root = storage.join(storage.storage_dir(config.ray.storage_path), "tokens")
+    root = storage.join(storage.storage_dir(config.ray.storage_path), storage.TOKENS_DIR)
     location = storage.join(root, token_store.store_key(store_identity(d, tokenizer)))
 
     def check(meta: dict) -> int:
+        _check_id_width(meta, tokenizer, location)
         n = _example_count(meta, d)
         n_train = n - validation_size(n, d.val_fraction)
         if for_training and d.batch_size > n_train:
@@ -415,6 +441,14 @@ def token_store_location(config: StackWiseConfig, tokenizer=None, for_training: 
         return n
 
     return token_store.ensure(location, lambda stage: _write_store(stage, d, tokenizer), check=check)
+
+
+def _check_id_width(meta: dict, tokenizer, location: str) -> None:
+    """A store whose ids are narrower than the tokenizer's largest id (built before sparse
+    ids were counted) holds wrapped ids: refused, never trained on."""
+    if np.dtype(meta["dtype"]).itemsize < token_store.id_dtype(tokenizer.vocab_size).itemsize:
+        raise ValueError(f"{location}: holds ids as {meta['dtype']}, too narrow for the tokenizer's ids up to "
+                         f"{tokenizer.vocab_size - 1:,}; remove that directory to rebuild it")
 
 
 def _example_count(meta: dict, d: DataConfig) -> int:
@@ -440,7 +474,7 @@ def _write_store(stage: str, d: DataConfig, tokenizer) -> dict:
                     ids = _encode(tokenizer.encode_joined, batch.texts, d.source)
                     if meta["documents"] and not batch.continues:
                         ids = np.concatenate([[tokenizer.eos_id], ids])  # between documents
-                    f.write(np.ascontiguousarray(ids, dtype=dtype).data)
+                    f.write(_stored_ids(ids, dtype, d.source).data)
                     meta["tokens"] += len(ids)
                     meta["documents"] += len(batch.texts) - batch.continues
                     progress.update(done := batch.done)
@@ -449,13 +483,23 @@ def _write_store(stage: str, d: DataConfig, tokenizer) -> dict:
             with open(os.path.join(stage, "inputs.bin"), "wb") as fi, open(os.path.join(stage, "targets.bin"), "wb") as ft:
                 for batch in iter_batches(d):
                     inputs, targets = _paired_examples(tokenizer, batch, d.seq_len, d.source, meta["examples"])
-                    fi.write(np.ascontiguousarray(inputs, dtype=dtype).data)
+                    fi.write(_stored_ids(inputs, dtype, d.source).data)
                     ft.write(targets.data)
                     meta["examples"] += len(inputs)
                     progress.update(done := batch.done)
     finally:
         progress.close(done)
     return {**meta, "dtype": dtype.name, "source": d.source, "tokenizer": d.tokenizer, "vocab_size": tokenizer.vocab_size}
+
+
+def _stored_ids(ids, dtype: np.dtype, source: str) -> np.ndarray:
+    """`ids` as the store's dtype; an id that does not fit is refused (numpy would wrap it:
+    70,000 stored as 4,464 in uint16)."""
+    ids = np.asarray(ids)
+    if ids.size and int(ids.max()) > np.iinfo(dtype).max:
+        raise ValueError(f"{source}: the tokenizer gave id {int(ids.max()):,}, more than the token store's {dtype.name} "
+                         "holds (the tokenizer's vocabulary does not list it)")
+    return np.ascontiguousarray(ids, dtype=dtype)
 
 
 def _encode(fn, texts: list[str], source: str):

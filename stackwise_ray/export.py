@@ -22,15 +22,16 @@ float32, so their logits agree up to that rounding.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 
 import torch
 
+from . import storage
 from .adapters import lora_layers
-from .cli import refuse
+from .checkpoint import WEIGHTS, finite_weights_problem
+from .cli import OneLineParser, refuse
 
 
 class ExportError(ValueError):
@@ -182,7 +183,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def export_hf(builder, out: str) -> str:
-    """Write `builder`'s rack to the directory `out` (made beside it, then renamed into place)."""
+    """Write `builder`'s rack to the directory `out`: made under a fresh name beside it, then
+    renamed into place (replacing what is there: the command checks first, out_problem). On
+    failure nothing is left: the partial directory and the parents made for it are removed."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
     llama_config, state = to_llama(builder)
@@ -194,34 +197,72 @@ def export_hf(builder, out: str) -> str:
     # the rack's own sampling never emits its special ids (sample.py); generate() does the same
     model.generation_config = GenerationConfig(suppress_tokens=special, pad_token_id=tokenizer.pad_id,
                                                bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    hf_tokenizer(tokenizer).save_pretrained(tmp)
-    os.replace(tmp, out)
+    out = os.path.abspath(out)
+    made = storage.missing_dirs(os.path.dirname(out))  # deepest first
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    stage = None
+    try:
+        stage = storage.fresh_dir_beside(out)
+        model.save_pretrained(stage, safe_serialization=True)
+        hf_tokenizer(tokenizer).save_pretrained(stage)
+        os.chmod(stage, 0o755)  # mkdtemp's 0700
+        storage.replace_dir(stage, out)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        for directory in made:
+            try:
+                os.rmdir(directory)
+            except OSError:  # something else was put there meanwhile
+                break
+        raise
     return out
 
 
+def out_problem(out: str, force: bool) -> str | None:
+    """Why OUT cannot be written, or None: it must name a directory; one that exists must
+    be empty unless --force (a file, a link or a directory with files is then replaced)."""
+    if os.path.basename(out.rstrip("/")) in ("", ".", ".."):
+        return f"must name a new directory, got {out!r}"
+    if not os.path.lexists(out) or force:
+        return None
+    if os.path.islink(out) or not os.path.isdir(out):
+        return f"already exists ({'a symbolic link' if os.path.islink(out) else 'a file'}); choose a new directory " \
+               "or pass --force to replace it"
+    if os.listdir(out):
+        return "already exists and holds files; choose a new directory or pass --force to replace it"
+    return None
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stackwise_ray.export", description=__doc__.splitlines()[2])
+    parser = OneLineParser(prog="python -m stackwise_ray.export", description=__doc__.splitlines()[2])
     parser.add_argument("run_dir", help="a run directory (its final/ rack) or a checkpoint directory")
-    parser.add_argument("out", help="directory to write (must not exist)")
+    parser.add_argument("out", help="directory to write (new, or empty)")
     parser.add_argument("--format", choices=["hf"], default="hf", help="hf: a transformers model directory")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     args = parser.parse_args(argv)
     from .sample import resolve
 
+    if problem := out_problem(args.out, args.force):
+        return refuse(args.out or "OUT", problem)
     try:
-        if os.path.exists(args.out):
-            raise ExportError(f"{args.out}: already exists; choose a new directory")
         path = resolve(args.run_dir)
         from .checkpoint import load_rack
 
         builder = load_rack(path)
         check_exportable(builder.config)
-        export_hf(builder, args.out)
-    except (ExportError, FileNotFoundError, ValueError) as e:
+        if problem := finite_weights_problem(builder.rack):
+            raise ExportError(f"{storage.join(path, WEIGHTS)}: {problem}")
+    except (ExportError, OSError, ValueError) as e:  # OSError: a run directory that cannot be read
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return refuse(args.out if msg.startswith(args.out) else args.run_dir, msg)
+        return refuse(args.run_dir, msg)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per shard would make an error line one of several
+    try:
+        export_hf(builder, args.out)
+    except OSError as e:  # a read-only or full destination: nothing was left there
+        return refuse(args.out, f"cannot write there: {e.strerror or e}")
     print(f"transformers model: {os.path.abspath(args.out)}")
     return 0
 

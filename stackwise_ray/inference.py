@@ -14,7 +14,11 @@ from .phase import evaluate
 
 def evaluate_rack(builder: ProgressiveRackBuilder, val_ds=None) -> dict:
     """Validation numbers computed exactly as the last phase reported them: the same
-    batches, the same corruption (keyed by example id) and the full rack from tokens."""
+    batches, the same corruption (keyed by example id) and the full rack from tokens.
+
+    `val_ds` None reads the data the rack's config names, under its storage path: for
+    your own racks. A rack from elsewhere gets the split of data you name
+    (sample.evaluation_split), so that its config chooses nothing this machine reads."""
     config = builder.config
     if val_ds is None:
         _, val_ds, _ = build_datasets(config)

@@ -29,6 +29,7 @@ from typing import Callable
 from . import storage
 from .checkpoint import CorruptCheckpointError, load_metadata, verify_checkpoint
 from .config import HASHED, TRUNK, StackWiseConfig
+from .errors import clip
 from .locks import FileLock, LeaseLock
 from .plan import PhasePlan
 
@@ -79,25 +80,73 @@ class PhaseStore:
     def __init__(self, root: str):
         self.root = root  # made by the first lock or write: a run refused before it starts writes nothing
 
-    def record(self, phase_id: str) -> dict | None:
+    def record(self, phase_id: str, plans: list[PhasePlan] | None = None) -> dict | None:
         """The completion record of a finished phase whose checkpoint is intact, or None. A
-        phase whose record cannot be read, or whose checkpoint fails its checksums, is
-        forgotten (and so trained again)."""
+        phase whose record cannot be read, names a checkpoint outside the phase's own
+        directory, or whose checkpoint fails its checksums or holds other stacks than
+        `plans` (the phase's plans, stack 0 to its own) is forgotten (and so trained again)."""
         path = self._record_path(phase_id)
-        record = self._read(path)
+        record = None if self._is_link(path) else self._read(path)  # a link could make us read anything
         if record is None:
-            if storage.exists(path):
+            if storage.exists(path) or self._is_link(path):
                 warnings.warn(f"phase {phase_id} is trained again: {path} is not a completion record")
-                storage.remove(path)
+                self._forget(path)
             return None
-        record["checkpoint"] = storage.join(self.root, record["checkpoint"])
-        try:
-            verify_checkpoint(record["checkpoint"])
-        except CorruptCheckpointError as e:
-            warnings.warn(f"phase {phase_id} is trained again: {e}")
-            storage.remove(path)
+        checkpoint = self._inside(phase_id, record["checkpoint"])
+        problem = ("its done.json names a checkpoint outside the phase's directory: "
+                   f"{clip(str(record['checkpoint']))}") if checkpoint is None else self._unusable(checkpoint, plans)
+        if problem is not None:
+            warnings.warn(f"phase {phase_id} is trained again: {problem}")
+            self._forget(path)
             return None
+        record["checkpoint"] = checkpoint
         return record
+
+    def _inside(self, phase_id: str, relative: str) -> str | None:
+        """The location of `relative` (as finish wrote it: `<phase id>/<run>/checkpoint_*`),
+        or None where it leaves `<root>/<phase id>/`: an absolute path, a URI, `..`, or a
+        link inside the phase directory that points out of it."""
+        parts = relative.split("/")
+        if len(parts) < 2 or parts[0] != phase_id or any(p in ("", ".", "..") or "\\" in p for p in parts):
+            return None  # absolute paths and URIs start with an empty part or a scheme
+        location = storage.join(self.root, *parts)
+        if not storage.is_remote(self.root):
+            phase_dir = os.path.realpath(os.path.join(self.root, phase_id))
+            if os.path.commonpath([os.path.realpath(location), phase_dir]) != phase_dir:
+                return None
+        return location
+
+    @staticmethod
+    def _unusable(checkpoint: str, plans: list[PhasePlan] | None) -> str | None:
+        """Why a checkpoint cannot stand for the phase, or None: it must pass its checksums
+        and hold the stacks the phase's plans describe (the count, and each stack's blocks,
+        precision, time step and side)."""
+        try:
+            verify_checkpoint(checkpoint)
+            meta = load_metadata(checkpoint) if plans is not None else {}
+        except (CorruptCheckpointError, OSError, ValueError) as e:
+            return str(e)
+        if plans is None:
+            return None
+        stored, steps = meta.get("plan"), meta.get("time_steps")
+        if not isinstance(stored, list) or not isinstance(steps, dict) or len(stored) != len(plans):
+            return f"{checkpoint} holds {len(stored) if isinstance(stored, list) else 'no'} stacks; the phase has {len(plans)}"
+        for k, (s, p) in enumerate(zip(stored, plans)):
+            # a first stack has no side (phase_identity): a reusing run may build the other way
+            if (not isinstance(s, dict) or (s.get("n_blocks"), s.get("precision")) != (p.n_blocks, p.precision)
+                    or (k > 0 and s.get("at_input_side") != p.at_input_side) or steps.get(str(k)) != p.time_step):
+                return f"{checkpoint}: stack {k} is not the one the phase's plan describes"
+        return None
+
+    def _is_link(self, path: str) -> bool:
+        return not storage.is_remote(path) and os.path.islink(path)
+
+    def _forget(self, path: str) -> None:
+        """Remove a completion record (a link: the link itself, never what it points at)."""
+        if self._is_link(path):
+            os.unlink(path)
+        else:
+            storage.remove(path)
 
     def _record_path(self, phase_id: str) -> str:
         return storage.join(self.root, phase_id, "done.json")
@@ -153,33 +202,36 @@ class PhaseStore:
         return FileLock.acquire(os.path.join(self.root, f"{phase_id}.lock"), blocking)
 
     def train_once(self, phase_id: str, train: Callable[[str | None], tuple[dict, str]],
-                   claim=None) -> tuple[dict, str]:
+                   claim=None, plans: list[PhasePlan] | None = None) -> tuple[dict, str]:
         """(record, status) of phase `phase_id`, trained at most once across runs: "reused"
         where it is finished; else, under its claim (`claim`: one the caller holds
         already), `train(checkpoint)` returns its record and status ("recovered" or
         "trained"), which is written as the phase's completion record. `checkpoint` is one a
-        run of the phase wrote before a crash that came before its record, or None."""
-        record = self.record(phase_id)
+        run of the phase wrote before a crash that came before its record, or None. `plans`
+        (the phase's, stack 0 to its own): what a reused or recovered checkpoint must hold."""
+        record = self.record(phase_id, plans)
         if record is not None:
             return record, "reused"
         with claim if claim is not None else self.claim(phase_id):
-            record = self.record(phase_id)  # another run may have finished it while we waited
+            record = self.record(phase_id, plans)  # another run may have finished it while we waited
             if record is not None:
                 return record, "reused"
-            record, status = train(self.finished_checkpoint(phase_id))
+            record, status = train(self.finished_checkpoint(phase_id, plans))
             self.finish(phase_id, record)
         return record, status
 
-    def finished_checkpoint(self, phase_id: str) -> str | None:
+    def finished_checkpoint(self, phase_id: str, plans: list[PhasePlan] | None = None) -> str | None:
         """A checkpoint that a run of phase `phase_id` wrote whole, with its final metrics
-        (e.g. before a crash that came before its record), or None."""
+        (e.g. before a crash that came before its record), inside the phase's directory and
+        holding the stacks of `plans` where given, or None."""
         phase = storage.join(self.root, phase_id)
         runs = [storage.join(phase, d) for d in storage.listdir(phase)]
         checkpoints = sorted((c, run) for run in runs for c in storage.listdir(run) if c.startswith("checkpoint_"))
         for path in [storage.join(run, c) for c, run in reversed(checkpoints)]:
+            if self._inside(phase_id, storage.relative(path, self.root).replace(os.sep, "/")) is None:
+                continue  # a link out of the phase's directory
             try:
-                verify_checkpoint(path)
-                if "metrics" in load_metadata(path):
+                if self._unusable(path, plans) is None and "metrics" in load_metadata(path):
                     return path
             except (OSError, KeyError, ValueError):  # incomplete, corrupt or in-phase: not a finished phase
                 continue

@@ -16,6 +16,7 @@ import os
 
 from .config import BYTES_PER_WEIGHT, StackWiseConfig, apply_overrides
 from .errors import ConfigError, clip, fail, first_line, show
+from .local_files import source_problem
 from .time_mapping import load_time_mapping
 
 MAPPING_KEY = "training.progressive.custom_time_mapping"
@@ -44,10 +45,10 @@ def check_one(config: StackWiseConfig, vocab_size: int | None) -> None:
 
 def check_files(config: StackWiseConfig) -> None:
     d = config.data
-    if d.source != "pydoc" and not os.path.isfile(d.source):
-        fail("data.source", f"no such file: {clip(d.source)} (use 'pydoc' for the bundled corpus)")
-    if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
-        fail("data.tokenizer", f"no such file: {clip(d.tokenizer)} (use 'byte' for the built-in byte tokenizer)")
+    if d.source != "pydoc" and (problem := source_problem(d.source)):
+        fail("data.source", f"{problem}: {clip(d.source)} (use 'pydoc' for the bundled corpus)")
+    if d.tokenizer != "byte" and (problem := source_problem(d.tokenizer)):
+        fail("data.tokenizer", f"{problem}: {clip(d.tokenizer)} (use 'byte' for the built-in byte tokenizer)")
 
 
 def check_tracking(config: StackWiseConfig) -> None:

@@ -72,7 +72,15 @@ def _hold() -> None:
 
 
 def tags(labels: dict, phase: str, stack: int) -> dict:
-    return {"experiment": labels["experiment"], "trial": labels["trial"], "phase": phase, "stack": str(stack)}
+    return {"experiment": ascii_tag(labels["experiment"]), "trial": ascii_tag(labels["trial"]), "phase": phase,
+            "stack": str(stack)}
+
+
+def ascii_tag(text: str) -> str:
+    """`text` as Ray takes it for a metric tag: ASCII only (Ray encodes tags as ASCII, and
+    Ray Train tags its own metrics with the run's name). Other characters become their
+    code point: `café` -> `caf-u00e9`, so different names stay different."""
+    return "".join(c if c.isascii() else f"-u{ord(c):04x}" for c in text)
 
 
 def phase_progress(t: dict, step: int, steps: int, loss: float, tokens_per_s: float) -> None:

@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 from . import storage
 from .checkpoint import load_metadata
 from .config import StackWiseConfig
+from .ray_metrics import ascii_tag
 from .worker import PhaseInputs, PhaseJob, train_loop_per_worker
 
 
@@ -55,6 +56,7 @@ def fit_phase(config: StackWiseConfig, part: str, inputs: PhaseInputs | None, st
 
 
 def run_name(labels: dict, part: str) -> str:
-    """`sweep_trunk_mode.t003.s02` (a run of its own: `quickstart.s02`)."""
+    """`sweep_trunk_mode.t003.s02` (a run of its own: `quickstart.s02`), in ASCII: Ray Train
+    tags its metrics with it, and a non-ASCII tag fails its controller (ray_metrics.ascii_tag)."""
     names = [labels["experiment"]] + ([labels["trial"]] if labels["trial"] != labels["experiment"] else [])
-    return ".".join(names + [part])
+    return ascii_tag(".".join(names + [part]))

@@ -47,6 +47,8 @@ LOCAL_RAY_ENV_DEFAULTS = {
 }
 PROBE_TIMEOUT_S = 3.0
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
+PROMISED_EXIT_S = 6.0  # README: a command ends this long after a signal at the latest
+EXIT_MARGIN_S = 1.0
 
 
 class RayAddressError(ConfigError):
@@ -184,14 +186,17 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def stop_on_signals(grace_s: float = 6.0):
+def stop_on_signals(grace_s: float = PROMISED_EXIT_S - EXIT_MARGIN_S):
     """For a command's main (a decorator too): SIGINT and SIGTERM shut Ray down and end
-    the process within seconds, with status 130.
+    the process within PROMISED_EXIT_S seconds, with status 130.
 
     Python runs a signal handler only between bytecodes of the main thread, and ray.init
     can sit in C++ for 40 s and more: a watcher thread, woken by the signal itself
     (signal.set_wakeup_fd), ends the process `grace_s` after the first signal, at once
-    after a second one (a local Ray's processes then end with it: Ray's reaper)."""
+    after a second one (a local Ray's processes then end with it: Ray's reaper). The
+    grace is shorter than the promise: a watcher firing at the promised second itself
+    ended the process after it (the exit of a process with Ray's threads, on a loaded
+    machine, takes a moment)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

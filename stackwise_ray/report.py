@@ -12,7 +12,6 @@ From Python: `write_report(experiment_dir, out_dir)` returns the paths it wrote.
 
 from __future__ import annotations
 
-import argparse
 import html
 import io
 import os
@@ -31,8 +30,9 @@ from scipy import stats  # noqa: E402
 import yaml  # noqa: E402
 
 from . import storage  # noqa: E402
-from .cli import refuse  # noqa: E402
+from .cli import OneLineParser, refuse  # noqa: E402
 from .config import StackWiseConfig  # noqa: E402
+from .local_files import read_regular  # noqa: E402
 
 # Older sweeps or partial runs may lack some columns; they are added empty so the report still renders.
 RESULT_COLUMNS = ["trial_id", "kind", "status", "val_loss", "val_ppl", "val_accuracy", "flops", "wall_s",
@@ -55,9 +55,11 @@ class BadTableError(ValueError):
 
 def read_table(path: str, columns: list[str]) -> pd.DataFrame:
     try:
-        data = storage.read_bytes(path)
+        data = storage.read_bytes(path) if storage.is_remote(path) else read_regular(path)  # a FIFO: refused, not read
     except FileNotFoundError:
         data = b""
+    except OSError as e:  # a directory, a FIFO, no permission
+        raise BadTableError(f"{path}: cannot read: {e.strerror or e}") from None
     if b"\0" in data:
         raise BadTableError(f"{path}: a binary file, not CSV")
     try:
@@ -218,7 +220,8 @@ COMPARE_HEADER = ["arm", "best LR", "seeds", "final val_loss (mean ± std)", "vs
                   "steps", "tokens", "epochs", "FLOPs to reach baseline", "compute-matched"]
 COMPARE_NOTES = [
     "Each arm at its best LR: the lowest mean final val_loss over seeds (trials that errored or were stopped "
-    "early left out). std: sample standard deviation over seeds. "
+    "early left out). seeds: distinct training seeds (trials that repeat a seed measured one thing and count "
+    "once). std: sample standard deviation over seeds. "
     "vs baseline: the arm's mean final val_loss minus the baseline's (both at their best LR), with a 95% confidence "
     "interval from Welch's t-test over seeds (unequal variances); an interval that contains 0 is no significant "
     "difference. FLOPs, steps, tokens and epochs: means over seeds; epochs: examples seen / training examples.",
@@ -239,17 +242,18 @@ def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
     done = done[done["arm"].notna()]
     chosen = {arm: best_lr(rows) for arm, rows in done.groupby("arm", sort=False)}
     base = chosen.get("baseline")
-    base_loss = base[1]["val_loss"].mean() if base is not None else float("nan")
+    base_losses = per_seed(base[1]) if base is not None else pd.Series(dtype=float)
+    base_loss = base_losses.mean() if base is not None else float("nan")
     base_flops = base[1]["flops"].mean() if base is not None else float("nan")
     out = []
     for arm, (lr, rows) in chosen.items():
-        losses = rows["val_loss"]
-        diff, low, high = welch(losses, base[1]["val_loss"]) if base is not None and arm != "baseline" else (float("nan"),) * 3
+        losses = per_seed(rows)
+        diff, low, high = welch(losses, base_losses) if base is not None and arm != "baseline" else (float("nan"),) * 3
         curve = mean_curve(curves, rows["trial_id"])
         reach = flops_to_reach(curve["flops"].tolist(), curve["val_loss"].tolist(), base_loss) if len(curve) else None
         flops, budget = rows["flops"].mean(), rows["budget"].max() if "budget" in rows else float("nan")
-        out.append({"arm": arm, "lr": lr, "seeds": len(rows), "val_loss_mean": losses.mean(),
-                    "val_loss_std": losses.std(ddof=1) if len(rows) > 1 else float("nan"),
+        out.append({"arm": arm, "lr": lr, "seeds": len(losses), "val_loss_mean": losses.mean(),
+                    "val_loss_std": losses.std(ddof=1) if len(losses) > 1 else float("nan"),
                     "diff": diff, "ci_low": low, "ci_high": high, "flops": flops,
                     **{k: rows[k].mean() if k in rows else float("nan") for k in ("steps", "tokens", "epochs")},
                     "flops_to_reach": reach, "reach_ratio": reach / base_flops if reach is not None else None,
@@ -268,6 +272,15 @@ def best_lr(rows: pd.DataFrame):
         return None, rows
     lr = rows.groupby(LR)["val_loss"].mean().idxmin()
     return lr, rows[rows[LR] == lr]
+
+
+def per_seed(rows: pd.DataFrame) -> pd.Series:
+    """Final val_loss per distinct training seed. A trial is deterministic given its seed:
+    trials repeating a seed (num_samples repeats, a grid value listed twice) measured one
+    thing, so they count once, and a spread or interval needs distinct seeds. Without a
+    seed column every trial ran the base config's seed."""
+    seeds = rows[SEED] if SEED in rows else pd.Series(0, index=rows.index)
+    return rows["val_loss"].groupby(seeds.fillna(-1)).mean()
 
 
 def welch(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
@@ -383,8 +396,25 @@ def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     results = read_table(storage.join(experiment_dir, "results.csv"), RESULT_COLUMNS)  # before anything is written
     phases = read_table(storage.join(experiment_dir, "phases.csv"), PHASE_COLUMNS)
     curves = read_table(storage.join(experiment_dir, "curves.csv"), CURVE_COLUMNS)
-    out_dir = tempfile.mkdtemp(prefix="report-") if upload_to else out_dir or os.path.join(experiment_dir, "report")
-    os.makedirs(out_dir, exist_ok=True)
+    target = upload_to or out_dir or os.path.join(experiment_dir, "report")
+    if not upload_to:
+        os.makedirs(target, exist_ok=True)
+    # written in a fresh directory, then moved into place: a link planted where a file
+    # goes is replaced, never written through
+    out_dir = tempfile.mkdtemp(prefix=".report-", dir=None if upload_to else target)
+    try:
+        paths = _write_files(experiment_dir, command, results, phases, curves, out_dir)
+        if upload_to:  # a sweep in object storage gets its report there too
+            storage.upload(out_dir, upload_to)
+        else:
+            for path in paths.values():
+                os.replace(path, os.path.join(target, os.path.basename(path)))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return {k: storage.join(target, os.path.basename(v)) for k, v in paths.items()}
+
+
+def _write_files(experiment_dir, command, results, phases, curves, out_dir) -> dict:
     labels = trial_labels(results)
     paths = {name: os.path.join(out_dir, file) for name, file in PLOTS.items()}
     plot_val_loss(results, phases, labels, paths["val_loss_per_stack"])
@@ -404,25 +434,31 @@ def write_report(experiment_dir: str, out_dir: str | None = None) -> dict:
         f.write(markdown(title, command, header, rows, lines, compare))
     with open(paths["summary_html"], "w") as f:
         f.write(html_page(title, command, header, rows, lines, compare))
-    if upload_to:  # a sweep in object storage gets its report there too
-        storage.upload(out_dir, upload_to)
-        shutil.rmtree(out_dir)
-        paths = {k: storage.join(upload_to, os.path.basename(v)) for k, v in paths.items()}
     return paths
 
 
+def out_dir_problem(out: str | None) -> str | None:
+    """Why the report cannot go to `out` (a local path), or None."""
+    if out is None or storage.is_remote(out) or not os.path.lexists(out):
+        return None
+    return None if os.path.isdir(out) and not os.path.islink(out) else "not a directory (a report is a directory of files)"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stackwise_ray.report",
-                                     description="Plots and a summary of a sweep.")
+    parser = OneLineParser(prog="python -m stackwise_ray.report", description="Plots and a summary of a sweep.")
     parser.add_argument("experiment_dir", help="the sweep's directory (holds results.csv and phases.csv)")
     parser.add_argument("--out", help="where to write the report (default: EXPERIMENT_DIR/report)")
     args = parser.parse_args(argv)
     if not storage.exists(storage.join(args.experiment_dir, "results.csv")):
         return refuse(args.experiment_dir, "no results.csv here")
+    if problem := out_dir_problem(args.out):
+        return refuse(f"--out {args.out}", problem)
     try:
         paths = write_report(args.experiment_dir, args.out)
     except BadTableError as e:
         return refuse(None, e)
+    except OSError as e:  # a read-only or full destination
+        return refuse(args.out or storage.join(args.experiment_dir, "report"), f"cannot write the report: {e.strerror or e}")
     print(f"report: {paths['summary_html']}")
     return 0
 

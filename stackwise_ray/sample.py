@@ -1,14 +1,21 @@
-"""python -m stackwise_ray.sample RUN_DIR [--prompt TEXT] [--length N] [--evaluate]
+"""python -m stackwise_ray.sample RUN_DIR [--prompt TEXT] [--length N] [--evaluate [--data PATH] [--storage PATH]]
 
 Load a trained rack (RUN_DIR/final, or any phase checkpoint directory; a path or a storage
 URI) and print text sampled from it: left to right for clm, iterative unmasking for mlm.
+
+A rack may come from elsewhere, and its config names paths (data.source,
+ray.storage_path): none of them is used. --evaluate reads the data you name (--data; the
+bundled corpus only where the rack was trained on it) and writes its token store under
+--storage, or in a temporary directory removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
+import tempfile
 
 from .cli import OneLineParser, refuse
 
@@ -48,6 +55,40 @@ def resolve(path: str) -> str:
     raise FileNotFoundError(f"{path}: no trained rack here (expected {METADATA} in it or in its final/ folder)")
 
 
+def evaluation_split(builder, data: str | None, storage_path: str):
+    """The validation split to evaluate `builder`'s rack on: `data` (None: the bundled
+    corpus, only where the rack was trained on it) tokenized into a token store under
+    `storage_path`. The rack's own data.source and ray.storage_path are never read or
+    written: a received rack does not choose where this machine reads or writes."""
+    from .data import build_datasets
+    from .errors import show
+
+    config = copy.deepcopy(builder.config)
+    if data is None and config.data.source != "pydoc":
+        raise ValueError(f"--evaluate: the rack was trained on {show(config.data.source)}, which is not read on the "
+                         "rack's say-so: pass --data PATH (your copy of that data)")
+    config.data.source, config.ray.storage_path = data or "pydoc", storage_path
+    return build_datasets(config)[1]
+
+
+def check_evaluation_flags(args) -> str | None:
+    """The first bad --data or --storage as `flag: problem`, or None (before the rack loads)."""
+    from . import storage
+    from .local_files import source_problem
+
+    if (args.data or args.storage) and not args.evaluate:
+        return f"{'--data' if args.data else '--storage'}: only used with --evaluate"
+    if args.data is not None and (problem := source_problem(args.data)):
+        return f"--data {args.data}: {problem}"
+    if args.storage is not None:
+        try:
+            args.storage = storage.storage_dir(args.storage)
+            storage.check_storage(args.storage)
+        except ValueError as e:
+            return f"--storage {args.storage}: {str(e).split(': ', 2)[-1]}"
+    return None
+
+
 def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m stackwise_ray.sample", description=__doc__.splitlines()[2])
     parser.add_argument("run_dir")
@@ -56,20 +97,35 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=temperature, default=0.8, help="0: greedy")
     parser.add_argument("--top-k", type=int_in(1), default=40, help="sample among the k likeliest tokens")
     parser.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
-    parser.add_argument("--evaluate", action="store_true", help="also print the validation numbers (reads the "
-                        "data the rack's config names)")
+    parser.add_argument("--evaluate", action="store_true", help="also print the validation numbers, on --data")
+    parser.add_argument("--data", help="the data file --evaluate reads (default: the bundled corpus, where the rack "
+                        "was trained on it)")
+    parser.add_argument("--storage", help="where --evaluate keeps its token store (default: a temporary directory, "
+                        "removed at the end)")
     args = parser.parse_args(argv)
-    from .checkpoint import CorruptCheckpointError, load_rack
+    from . import storage
+    from .checkpoint import WEIGHTS, CorruptCheckpointError, finite_weights_problem, load_rack
+    from .errors import first_line
     from .inference import evaluate_rack, sample
 
+    if problem := check_evaluation_flags(args):
+        return refuse(None, problem)
+    if storage.is_remote(args.run_dir) and (problem := storage.remote_problem(args.run_dir)):
+        return refuse(args.run_dir, f"cannot be reached: {problem}")
     try:
-        builder = load_rack(resolve(args.run_dir))
+        path = resolve(args.run_dir)
+        builder = load_rack(path)
     except (FileNotFoundError, CorruptCheckpointError) as e:
         return refuse(None, e)
+    except OSError as e:  # a storage URI whose reads fail
+        return refuse(args.run_dir, f"cannot read: {first_line(e)}")
+    if problem := finite_weights_problem(builder.rack):  # every logit would be NaN
+        return refuse(storage.join(path, WEIGHTS), problem)
     if args.evaluate:
         try:
-            print(evaluate_rack(builder))
-        except ValueError as e:  # the data file the rack's config names: one line naming it
+            with tempfile.TemporaryDirectory(prefix="stackwise_ray-evaluate-") as scratch:
+                print(evaluate_rack(builder, evaluation_split(builder, args.data, args.storage or scratch)))
+        except ValueError as e:  # the data file: one line naming it
             return refuse(None, e)
     print(sample(builder, args.prompt, args.length, args.temperature, args.top_k, args.seed))
     return 0

@@ -11,6 +11,7 @@ directory once per node into a local cache keyed by what was listed there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -18,6 +19,8 @@ import json
 import os
 import posixpath
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -28,6 +31,10 @@ from .errors import ConfigError, clip, first_line, show
 
 # the schemes pyarrow.fs.FileSystem.from_uri resolves (file:// is made a local path)
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+TOKENS_DIR = "tokens"  # <storage path>/tokens holds the token stores (data.py)
+# a URI's probe gets this long: pyarrow's GCS client retries for 15 minutes without
+# credentials, and a name that does not resolve can wait as long
+PROBE_TIMEOUT_S = 8.0
 
 
 def is_remote(location: str) -> bool:
@@ -126,10 +133,18 @@ def write_bytes(location: str, data: bytes) -> None:
             f.write(data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    # a fresh name (never a file that was there), renamed over `path`: a link at `path` is
+    # replaced, not followed; ".tmp" in it keeps a crashed write out of checksums
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep results from other users of a shared path
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_json(location: str):
@@ -170,17 +185,43 @@ def upload(local: str, location: str) -> None:
 
 def copy_tree(source: str, destination: str) -> None:
     """Copy a directory to a new place, replacing what was there. Locally the copy is
-    made beside it and renamed into place."""
+    made beside it, under a fresh name, and renamed into place (replace_dir)."""
     if not is_remote(destination):
-        tmp = destination + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(local_path(source), tmp)
-        shutil.rmtree(destination, ignore_errors=True)
-        os.replace(tmp, destination)
+        stage = fresh_dir_beside(destination)
+        try:
+            shutil.copytree(local_path(source), stage, dirs_exist_ok=True)
+            os.chmod(stage, 0o755)  # mkdtemp's 0700 would keep the rack from other users of a shared path
+            replace_dir(stage, destination)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
         return
     remove(destination)
     (src_fs, src), (dst_fs, dst) = resolve(source), resolve(destination)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def fresh_dir_beside(destination: str) -> str:
+    """A new, empty directory next to `destination` (same filesystem, so a rename moves it
+    there), under a name nothing else has: a build never overwrites or deletes a file it
+    did not make."""
+    destination = os.path.abspath(destination)
+    return tempfile.mkdtemp(dir=os.path.dirname(destination), prefix=f".{os.path.basename(destination)}.part-")
+
+
+def replace_dir(stage: str, destination: str) -> None:
+    """Rename the directory `stage` to `destination`, replacing what is there: a link or a
+    file is removed (never followed), an empty directory replaced by the rename itself,
+    a directory with files renamed aside first and removed once `stage` is in place."""
+    if os.path.islink(destination) or (os.path.lexists(destination) and not os.path.isdir(destination)):
+        os.unlink(destination)
+    elif os.path.isdir(destination) and os.listdir(destination):
+        aside = fresh_dir_beside(destination)
+        os.rename(destination, os.path.join(aside, "old"))
+        os.replace(stage, destination)
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    os.replace(stage, destination)
 
 
 def free_bytes(location: str) -> float:
@@ -244,12 +285,9 @@ def check_storage(path: str) -> None:
     location = storage_dir(path)
     probe = f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if is_remote(location):
-        try:
-            makedirs(location)
-            write_bytes(join(location, probe), b"")
-            remove(join(location, probe))
-        except (OSError, ValueError) as e:  # pyarrow's errors carry the service's reason
-            raise ConfigError(f"ray.storage_path: {location}: cannot be reached: {first_line(e)}") from None
+        problem = remote_problem(location, probe)
+        if problem:
+            raise ConfigError(f"ray.storage_path: {location}: cannot be reached: {problem}")
         return
     made = []
     try:
@@ -270,6 +308,41 @@ def check_storage(path: str) -> None:
                 break
 
 
+_REMOTE_PROBE = """
+import sys
+import pyarrow.fs as pafs
+location, probe = sys.argv[1], sys.argv[2]
+try:
+    fs, path = pafs.FileSystem.from_uri(location)
+    if probe:  # write a file there and remove it
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(path.rstrip("/") + "/" + probe) as f:
+            f.write(b"")
+        fs.delete_file(path.rstrip("/") + "/" + probe)
+    else:
+        fs.get_file_info(path)
+except BaseException as e:
+    print((str(e).strip().splitlines() or [type(e).__name__])[0][:200], file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def remote_problem(location: str, probe: str = "", timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the URI `location` cannot be read (probe "": its listing) or written (a file
+    named `probe` written there and removed), or None. It runs in a child process that is
+    killed after `timeout_s`: some clients (GCS without credentials) retry for minutes
+    inside C++, where no Python thread can stop them, and every scheme's errors (pyarrow's
+    own, NotImplementedError for a filesystem it was built without) end as one line."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _REMOTE_PROBE, location, probe], capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return f"no answer within {timeout_s:g} s (check the URI, the network and the credentials)"
+    if done.returncode == 0:
+        return None
+    return clip((done.stderr.strip().splitlines() or [f"the probe ended with status {done.returncode}"])[-1], 200)
+
+
 def missing_dirs(path: str) -> list[str]:
     """`path` and those of its parents that do not exist, deepest first."""
     missing = []
@@ -287,3 +360,7 @@ def check_name(name: str) -> None:
         raise ConfigError(f"--name: must be one directory name under the storage path; {show(name)} {why}")
     if len(name.encode("utf-8", "surrogateescape")) > 255:
         raise ConfigError("--name: longer than 255 bytes, the most a directory name can be")
+    if name == TOKENS_DIR:
+        raise ConfigError(f"--name: {name!r} is where the token stores live under the storage path; choose another name")
+    if name.startswith("-"):
+        raise ConfigError(f"--name: {show(name)} starts with '-': it would read as a flag; choose another name")

@@ -4,7 +4,7 @@ A store is a directory `<ray.storage_path>/tokens/<key>/`:
     tokens.bin               language modelling: all documents' ids, eos between documents
     inputs.bin, targets.bin  custom objective: (N, seq_len) input ids, int32 targets
     meta.json                written last: its presence means the store is complete
-Ids are uint16 where the vocabulary fits, else uint32 (nanoGPT's `.bin` files). The key
+Ids are uint16 where the largest id fits, else uint32 (nanoGPT's `.bin` files). The key
 hashes everything that determines the ids (data.py `store_identity`: the source's bytes,
 the tokenizer file's bytes, format and fields, seq_len for the custom objective), so every
 run, trial and phase with the same data opens the same store, and changed data gets a new
@@ -31,6 +31,10 @@ VERSION = 1  # part of every key: a change of layout builds new stores
 META = "meta.json"
 PROGRESS_AFTER_S = 3.0  # builds shorter than this print nothing
 PROGRESS_EVERY_S = 10.0  # plain progress lines where stderr is not a terminal
+
+
+class StoreWriteError(ValueError):
+    """A store that could not be written (the message names it and says what was kept)."""
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -86,13 +90,16 @@ def ensure(location: str, write, check=None) -> str:
         if check is not None:
             check(meta)
         _publish(stage, location, meta)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         for d in created:
             try:
                 os.rmdir(d)
             except OSError:  # something else was put there meanwhile
                 break
+        if isinstance(e, OSError):  # a full disk, a quota, a read-only mount: one line, not a traceback
+            raise StoreWriteError(f"{location}: cannot build the token store: {e.strerror or e}; nothing was kept "
+                                  "(the partial build is removed)") from None
         raise
     return location
 

@@ -6,11 +6,10 @@ The trained rack lands in RUN_DIR/final.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from .cli import BAD_INPUT, add_overrides_argument, error_line, load_for_command
+from .cli import BAD_INPUT, OneLineParser, add_overrides_argument, disk_full, disk_full_line, error_line, load_for_command
 from .ray_runtime import RayAddressError, dashboard_line, run_in_thread, start, stop_on_signals
 
 
@@ -37,7 +36,7 @@ def stack_row(m: dict | None) -> str:
 
 @stop_on_signals()
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stackwise_ray.train", description=__doc__.splitlines()[2])
+    parser = OneLineParser(prog="python -m stackwise_ray.train", description=__doc__.splitlines()[2])
     parser.add_argument("config", help="experiment YAML")
     parser.add_argument("--storage", help="root of run directories (default: ray.storage_path)")
     parser.add_argument("--name", help="run directory name (default: the YAML file's name)")
@@ -45,14 +44,14 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output here, not in the log")
     add_overrides_argument(parser)
     args = parser.parse_intermixed_args(argv)
-    config = load_for_command(args.config, args.storage, name=args.name, overrides=args.overrides)
+    name = args.name or os.path.splitext(os.path.basename(args.config))[0]
+    config = load_for_command(args.config, args.storage, name=name, overrides=args.overrides)  # a default name is checked too
     if config is None:
         return BAD_INPUT
     from . import storage
-    from .console import Console, log_path
+    from .console import Console, LogFileError, log_path
     from .trainer import ProgressiveTrainer, RunDirError
 
-    name = args.name or os.path.splitext(os.path.basename(args.config))[0]
     rows = []
 
     def show_row(m: dict) -> None:
@@ -70,8 +69,13 @@ def main(argv=None) -> int:
         console.line(dashboard_line(start(config, dashboard_host="127.0.0.1")))
         run_in_thread(trainer.train_progressively)
         console.line(f"\ntrained rack: {storage.join(trainer.run_dir, 'final')}")
-    except (RunDirError, RayAddressError) as e:
-        console.error(error_line(None if isinstance(e, RunDirError) else args.config, e))
+    except (RunDirError, RayAddressError, LogFileError) as e:
+        console.error(error_line(args.config if isinstance(e, RayAddressError) else None, e))
+        return BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - a full disk mid-run is one line; anything else stays a traceback
+        if (full := disk_full(e)) is None:
+            raise
+        console.error(disk_full_line(full, trainer.run_dir, trainer.store))
         return BAD_INPUT
     finally:
         console.close()

@@ -121,7 +121,7 @@ class ProgressiveTrainer:
                     ids[plan.stack_id],
                     lambda recovered: self._run_phase(config, plans, plan, prev, ids, data_ref, prestarter, pre,
                                                       recovered),
-                    claim=pre.lock if pre is not None else None)
+                    claim=pre.lock if pre is not None else None, plans=plans[:plan.stack_id + 1])
                 if pre is not None and status != "trained":
                     prestarter.cancel(pre)  # reused or recovered: the prestarted workers are not needed
                 history.append({**record["metrics"], "status": status, "phase_id": ids[plan.stack_id],
@@ -228,7 +228,7 @@ class ProgressiveTrainer:
                             "orchestration_s": time.time() - t0 - metrics["train_s"]})
             return {"stack": len(plans) - 1, "phase_id": phase_id, "checkpoint": checkpoint, "metrics": metrics}, status
 
-        record, status = self.store.train_once(phase_id, train)
+        record, status = self.store.train_once(phase_id, train, plans=plans)
         history = [{**record["metrics"], "status": status, "phase_id": phase_id, "checkpoint": record["checkpoint"]}]
         self._publish_final(record["checkpoint"], history)
         self._notify(history[0])

@@ -14,14 +14,14 @@ From Python: `trainable(config, experiment_dir)` and `build_tuner(config, ...)`.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
 import time
 
 from . import storage
-from .cli import BAD_INPUT, add_overrides_argument, error_line, load_for_command, refuse
+from .cli import (BAD_INPUT, OneLineParser, add_overrides_argument, disk_full, disk_full_line, error_line,
+                  load_for_command, refuse)
 from .config import ConfigError, StackWiseConfig, apply_overrides
 from .storage import storage_dir
 from .ray_runtime import run_in_thread, stop_on_signals
@@ -424,7 +424,7 @@ def aligned(cells: list[list[str]]) -> str:
 
 @stop_on_signals()
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stackwise_ray.tune", description="A Ray Tune sweep of progressive runs.")
+    parser = OneLineParser(prog="python -m stackwise_ray.tune", description="A Ray Tune sweep of progressive runs.")
     parser.add_argument("config", help="experiment YAML with a tune: section")
     parser.add_argument("--address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, or a local Ray)")
     parser.add_argument("--storage", help="root of experiment directories (default: ray.storage_path)")
@@ -434,8 +434,9 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output here, not in the log")
     add_overrides_argument(parser)
     args = parser.parse_intermixed_args(argv)
-    config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address, name=args.name,
-                              overrides=args.overrides)
+    name = args.name or os.path.splitext(os.path.basename(args.config))[0]
+    config = load_for_command(args.config, args.storage, check_data=not args.dry_run, address=args.address,
+                              name=name, overrides=args.overrides)  # a default name is checked too
     if config is None:
         return BAD_INPUT
     try:  # a baseline that cannot be matched is refused before Ray starts
@@ -445,14 +446,13 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(dry_run_text(config, baseline))
         return 0
-    name = args.name or os.path.splitext(os.path.basename(args.config))[0]
     root = config.ray.storage_path  # load_for_command applied --storage and normalised it
     experiment_dir = storage.join(root, name)
     from ray import tune
 
     if storage.exists(experiment_dir) and not args.resume and tune.Tuner.can_restore(experiment_dir):
         return refuse(experiment_dir, "a sweep is already there; pass --resume or another --name")
-    from .console import Console, log_path
+    from .console import Console, LogFileError, log_path
 
     console = Console(log_path(experiment_dir, "tune.log"), verbose=args.verbose)
     try:
@@ -473,8 +473,15 @@ def main(argv=None) -> int:
             console.line("\n" + comparison_text(compared))
         console.line(f"\nresults: {storage.join(experiment_dir, 'results.csv')}  "
                      f"best config: {storage.join(experiment_dir, 'best_config.yaml')}")
-    except ConfigError as e:
-        console.error(error_line(args.config, e))
+    except (ConfigError, LogFileError) as e:
+        console.error(error_line(None if isinstance(e, LogFileError) else args.config, e))
+        return BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - a full disk is one line; anything else stays a traceback
+        if (full := disk_full(e)) is None:
+            raise
+        from .phase_store import PhaseStore
+
+        console.error(disk_full_line(full, experiment_dir, PhaseStore(storage.join(experiment_dir, "phases"))))
         return BAD_INPUT
     finally:
         console.close()

@@ -202,3 +202,227 @@ def test_overrides_reach_a_dry_run_typed_by_the_schema(tmp_path):
     out = run_cli("stackwise_ray.tune", str(path), "--dry-run", "tune.lrs=[1.0e-3, 3.0e-3]", "tune.seeds=[0, 1]")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("8 trials (8 grid points: 2 arms x 2 lrs x 2 seeds;")
+
+
+# ---------------------------------------------------------------- a received rack chooses nothing this machine reads or writes
+
+def received_rack(tmp_path, storage_path: str, source: str, max_examples=None):
+    """A rack whose stored config names a storage path and a data file of the sender's choosing."""
+    from stackwise_ray.checkpoint import save_rack
+
+    builder = ProgressiveRackBuilder(tiny_config(data={"max_examples": max_examples}))
+    builder.add_stack()
+    builder.config.ray.storage_path, builder.config.data.source = storage_path, source
+    save_rack(builder, str(tmp_path / "rack"))
+    return str(tmp_path / "rack")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("storage_kind", ["local", "s3"])
+def test_evaluating_a_received_rack_reads_and_writes_only_where_the_user_says(tmp_path, monkeypatch, capsys,
+                                                                             storage_kind):
+    import json
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.mkfifo(elsewhere / "data.txt")  # a read of the rack's data file would block: the test would time out
+    named_storage = (str(elsewhere / "storage") if storage_kind == "local" else
+                     f"s3://their-bucket/runs?endpoint_override=127.0.0.1:{free_port()}&scheme=http")
+    rack = received_rack(tmp_path, named_storage, str(elsewhere / "data.txt"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    from stackwise_ray.sample import main
+
+    # without --data: one line saying what to pass, nothing read
+    assert main([rack, "--evaluate", "--length", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: --evaluate: the rack was trained on ") and "pass --data PATH" in err
+    # the user's data, into a temporary token store that is removed again
+    mine = tmp_path / "mine.txt"
+    mine.write_text("Some text of my own, paragraph after paragraph.\n\n" * 200)
+    assert main([rack, "--evaluate", "--data", str(mine), "--length", "4"]) == 0
+    out, _ = capsys.readouterr()
+    assert "'val_loss'" in out.splitlines()[0]
+    assert [p.name for p in elsewhere.iterdir()] == ["data.txt"] and list(scratch.iterdir()) == []
+    # with --storage: the token store is kept there
+    assert main([rack, "--evaluate", "--data", str(mine), "--storage", str(tmp_path / "mine"), "--length", "4"]) == 0
+    [store] = (tmp_path / "mine" / "tokens").iterdir()
+    assert json.loads((store / "meta.json").read_text())["source"] == str(mine)
+    assert [p.name for p in elsewhere.iterdir()] == ["data.txt"]
+
+
+def test_evaluating_a_rack_trained_on_the_bundled_corpus_needs_no_data(tmp_path, monkeypatch, capsys):
+    rack = received_rack(tmp_path, str(tmp_path / "elsewhere"), "pydoc", max_examples=200)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    from stackwise_ray.sample import main
+
+    assert main([rack, "--evaluate", "--length", "4"]) == 0
+    assert "'val_loss'" in capsys.readouterr().out
+    assert not (tmp_path / "elsewhere").exists() and list(scratch.iterdir()) == []
+    assert main([rack, "--data", str(rack)]) == 2  # a flag that does nothing without --evaluate
+    assert capsys.readouterr().err == "error: --data: only used with --evaluate\n"
+    assert main([rack, "--evaluate", "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --data {tmp_path}: not a regular file (a directory)\n"
+
+
+def test_sampling_a_rack_whose_weights_are_not_finite_is_one_line(tmp_path, capsys):
+    import torch
+
+    from stackwise_ray.checkpoint import save_rack
+    from stackwise_ray.sample import main
+
+    builder = ProgressiveRackBuilder(tiny_config())
+    builder.add_stack()
+    with torch.no_grad():
+        builder.build_rack().embed.weight[3, 0] = float("inf")
+    save_rack(builder, str(tmp_path))
+    assert main([str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"error: {tmp_path / 'model.safetensors'}: weights are not finite "
+                                 "(NaN or inf in embed.weight)\n")
+
+
+@pytest.mark.timeout(60)
+def test_sampling_a_run_directory_on_unreachable_object_storage_is_one_line(tmp_path, capsys):
+    import time
+
+    from stackwise_ray.sample import main
+
+    uri = f"s3://bucket/runs/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http&region=us-east-1"
+    t0 = time.monotonic()
+    assert main([uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {uri}: cannot be reached: ") and err.count("\n") == 1
+    assert time.monotonic() - t0 < 20
+
+
+# ---------------------------------------------------------------- run directories, flags, full disks
+
+TINY_YAML = ("model: {d_model: 32, n_heads: 2, blocks_per_stack: 1, max_seq_len: 32}\n"
+             "data: {seq_len: 32, batch_size: 8, max_examples: 120}\n"
+             "training: {steps_per_stack: 8, eval_batches: 2, warmup_steps: 2, "
+             "progressive: {time_embedding_dim: 16, max_stacks: 1}}\n")
+
+
+def test_a_linked_train_log_on_resume_is_refused_and_its_target_left_alone(tmp_path, capsys):
+    from stackwise_ray.train import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("someone else's file\n")
+    (tmp_path / "runs" / "tiny" / "train.log").symlink_to(target)
+    assert main([str(config), "--storage", str(tmp_path / "runs"), "--resume"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"error: {tmp_path / 'runs' / 'tiny' / 'train.log'}: a symbolic link; a run writes "
+                                 "its files only inside its directory (remove the link)\n")
+    assert target.read_text() == "someone else's file\n"
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    ("train", ["x.yaml", "--bogus"], "error: unrecognized arguments: --bogus"),
+    ("train", ["x.yaml", "--name", "--resume"], "error: --name: expected one argument"),
+    ("tune", ["x.yaml", "--bogus"], "error: unrecognized arguments: --bogus"),
+    ("tune", ["x.yaml", "--name", "--dry-run"], "error: --name: expected one argument"),
+    ("report", ["d", "--bogus"], "error: unrecognized arguments: --bogus"),
+    ("export", ["r", "o", "--format", "onnx"], "error: --format: invalid choice: 'onnx'"),
+])
+def test_a_bad_flag_is_one_line_and_status_2_for_every_command(capsys, module, argv, expected):
+    import importlib
+
+    main = importlib.import_module(f"stackwise_ray.{module}").main
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("module", ["train", "tune"])
+@pytest.mark.parametrize("name, expected", [
+    ("tokens", "--name: 'tokens' is where the token stores live under the storage path"),
+    ("-x", "--name: '-x' starts with '-': it would read as a flag"),
+])
+def test_a_name_that_collides_with_the_token_stores_or_reads_as_a_flag_is_refused(tmp_path, capsys, module, name,
+                                                                                  expected):
+    import importlib
+
+    config = tmp_path / "x.yaml"
+    config.write_text(TINY_YAML)
+    main = importlib.import_module(f"stackwise_ray.{module}").main
+    assert main([str(config), "--storage", str(tmp_path / "runs"), f"--name={name}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {config}: {expected}")
+    tokens = tmp_path / "tokens.yaml"  # the default name is the file's: checked the same way
+    tokens.write_text(TINY_YAML)
+    assert main([str(tokens), "--storage", str(tmp_path / "runs")]) == 2
+    assert "is where the token stores live" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_a_full_disk_mid_run_is_one_line_naming_the_path_and_what_was_kept(tmp_path, monkeypatch, capsys):
+    """Ray is not started: the run's body is replaced by one that finishes a phase, then
+    fails the way a phase's checkpoint upload does on a full disk (wrapped by Ray)."""
+    import errno
+
+    import stackwise_ray.train as train
+    from stackwise_ray.checkpoint import save_rack
+    from stackwise_ray.trainer import ProgressiveTrainer
+
+    def full_disk_in_phase_1(self):
+        builder = ProgressiveRackBuilder(self.config)
+        builder.add_stack()
+        checkpoint = os.path.join(self.store.root, "s00-done", "run", "checkpoint_000000")
+        save_rack(builder, checkpoint, extra={"metrics": {"val_loss": 1.0}})
+        self.store.finish("s00-done", {"checkpoint": checkpoint, "metrics": {"val_loss": 1.0}})
+        where = os.path.join(self.store.root, "s01-next", "run", "checkpoint_000000", "model.safetensors")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", where)
+        except OSError as e:
+            raise RuntimeError("Training failed due to a worker error") from e
+
+    monkeypatch.setattr(train, "start", lambda config, **kw: None)
+    monkeypatch.setattr(train, "dashboard_line", lambda context: "Ray dashboard: (not started)")
+    monkeypatch.setattr(ProgressiveTrainer, "train_progressively", full_disk_in_phase_1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    assert train.main([str(config), "--storage", str(tmp_path / "runs"), "--verbose"]) == 2
+    phases = tmp_path / "runs" / "tiny" / "phases"
+    err = capsys.readouterr().err
+    assert err == (f"error: {phases / 's01-next' / 'run' / 'checkpoint_000000' / 'model.safetensors'}: No space left "
+                   f"on device (1 finished phase(s) kept in {phases}; free some space, then rerun with --resume)\n")
+
+
+def test_a_full_disk_is_found_behind_rays_wrappers():
+    import errno
+
+    from stackwise_ray.cli import disk_full
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/x")
+    wrapper = type("WorkerGroupError", (RuntimeError,), {})("worker 0 failed")
+    wrapper.worker_failures = {0: RuntimeError("boom"), 1: full}
+    assert disk_full(wrapper) is full
+    assert disk_full(RuntimeError("(RayTaskError) OSError: [Errno 28] No space left on device")).errno == errno.ENOSPC
+    assert disk_full(RuntimeError("boom")) is None and disk_full(OSError(errno.EACCES, "denied")) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_non_ascii_name_runs_end_to_end(tmp_path):
+    """Ray Train tags its controller's metrics with the run's name, and Ray's tags are ASCII:
+    a `café` run failed its first phase."""
+    import json
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    result = subprocess.run([sys.executable, "-m", "stackwise_ray.train", str(config), "--storage", str(tmp_path / "runs"),
+                             "--name", "café-ü"], capture_output=True, text=True, timeout=360, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "café-ü"
+    assert json.loads((run / "summary.json").read_text())["history"][0]["status"] == "trained"
+    assert (run / "final" / "rack.json").is_file()
+    [phase] = [p for p in (run / "phases").iterdir() if p.is_dir()]
+    assert [p.name for p in phase.iterdir() if p.is_dir()] == ["caf-u00e9--u00fc.s00"]  # the Ray Train run

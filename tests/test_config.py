@@ -314,3 +314,66 @@ def test_a_validated_config_is_not_checked_again_until_it_changes(monkeypatch):
 def test_progressive_training_cannot_be_disabled():
     assert progressive(enabled=True).validate().training.progressive.enabled
     assert error_of(lambda: progressive(enabled=False).validate()).startswith("training.progressive.enabled: must be true")
+
+
+# ---------------------------------------------------------------- sweeps that would report more than they measured
+
+def sweep_error(**tune) -> str:
+    return error_of(lambda: StackWiseConfig.from_dict({"tune": tune}).validate(check_files=False))
+
+
+@pytest.mark.parametrize("key, values, distinct", [
+    ("training.progressive.trunk_strategy", ["frozen", "full", "frozen"], ["frozen", "full"]),
+    ("training.lr", [0.001, 1e-3], [0.001, 0.01]),
+    ("training.lr", [1, 1.0], [1, 0.5]),  # an int for a float key is that float
+])
+def test_a_grid_value_listed_twice_is_refused_naming_the_key(key, values, distinct):
+    for kind in ("grid", "choice"):
+        msg = sweep_error(search_space={key: {kind: values}}, num_samples=1)
+        assert msg.startswith(f"tune.search_space.{key}.{kind}: lists the value ") and "twice" in msg
+    StackWiseConfig.from_dict({"tune": {"search_space": {key: {"grid": distinct}}}}).validate(check_files=False)
+
+
+def test_repeats_of_a_sweep_that_draws_nothing_are_refused():
+    grid = {"training.lr": {"grid": [1e-3, 2e-3]}}
+    assert sweep_error(num_samples=3, search_space=grid).startswith(
+        "tune.num_samples: 3 repeats of a sweep that draws nothing")
+    assert sweep_error(num_samples=2).startswith("tune.num_samples: 2 repeats")
+    # a drawn key makes each repeat a new measurement
+    StackWiseConfig.from_dict({"tune": {"num_samples": 3, "search_space": {
+        **grid, "training.seed": {"randint": [0, 100]}}}}).validate(check_files=False)
+
+
+def test_tune_lrs_with_a_swept_min_lr_is_refused():
+    msg = sweep_error(lrs=[1e-3, 3e-3], search_space={"training.min_lr": {"grid": [1e-5, 2e-4]}})
+    assert msg.startswith("tune.lrs: sets each trial's training.min_lr") and "sweep one of them" in msg
+
+
+@pytest.mark.parametrize("tune, expected", [
+    ({"num_samples": 5_000_000, "search_space": {"training.lr": {"loguniform": [1e-4, 1e-2]}}},
+     "tune.num_samples: 5,000,000 x 1 grid points = 5,000,000 trials; at most 10,000"),
+    ({"num_samples": 20, "search_space": {"training.seed": {"grid": list(range(600))},
+                                          "training.lr": {"loguniform": [1e-4, 1e-2]}}},
+     "tune.num_samples: 20 x 600 grid points = 12,000 trials; at most 10,000"),
+    ({"search_space": {"ray.storage_path": {"grid": ["/tmp/a", "/tmp/b"]}}},
+     "tune.search_space.ray.storage_path: cannot differ between the trials of one sweep"),
+    ({"search_space": {"ray.address": {"choice": ["127.0.0.1:1", "127.0.0.1:2"]}}},
+     "tune.search_space.ray.address: cannot differ between the trials of one sweep"),
+])
+def test_sweeps_no_machine_can_run_are_refused_at_validation(tune, expected):
+    assert sweep_error(**tune).startswith(expected)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_as_config_or_a_directory_or_fifo_as_data_is_not_a_regular_file(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # nothing writes to it: reading it would block forever
+    assert error_of(lambda: StackWiseConfig.from_yaml(fifo)) == f"{fifo}: cannot read: not a regular file (a FIFO)"
+    assert error_of(lambda: StackWiseConfig.from_yaml(tmp_path)) == (
+        f"{tmp_path}: cannot read: not a regular file (a directory)")
+    for path, what in ((tmp_path, "a directory"), (fifo, "a FIFO")):
+        for key, extra in (("source", {}), ("tokenizer", {})):
+            msg = error_of(lambda: StackWiseConfig.from_dict({"data": {key: str(path), **extra}}).validate())
+            assert msg.startswith(f"data.{key}: not a regular file ({what}): {path}"), msg

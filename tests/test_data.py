@@ -229,6 +229,34 @@ def test_parquet_missing_column(tmp_path):
         load_records(cfg(source=str(path)).data)
 
 
+@pytest.mark.parametrize("target, expected", [
+    ("[1, 1180591620717411303424]", "field 'y': 1180591620717411303424 is not a token id (ids are in [0, 2**31))"),
+    ("[3, -4]", "field 'y': -4 is not a token id"),
+    ("[" + "9" * 5000 + "]", "invalid JSON: Exceeds the limit (4300 digits)"),
+], ids=["2**70", "negative", "5000-digits"])
+def test_a_target_id_beyond_what_a_store_holds_names_file_and_line(tmp_path, target, expected):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "a", "y": [1, 2]}\n\n{"text": "b", "y": ' + target + "}\n", encoding="utf-8")
+    with pytest.raises(ValueError) as e:
+        load_records(cfg(source=str(path), target_field="y").data)
+    assert str(e.value).startswith(f"{path}: line 3: ") and expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_corrupt_parquet_page_names_file_and_rows(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": [f"row {i} " + "x" * 50 for i in range(3000)]}), path, row_group_size=1000,
+                   compression="none", use_dictionary=False)
+    offset = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset  # the footer stays readable
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + 16] = b"\xff" * 16
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError) as e:
+        load_records(cfg(source=str(path)).data)
+    assert re.match(rf"{re.escape(str(path))}: rows \d+ to \d+: unreadable Parquet data: ", str(e.value))
+    first = int(str(e.value).split("rows ")[1].split(" ")[0])
+    assert 1000 <= first <= 2000  # the batch that reaches the third row group, not the file's start
+
+
 # ---------------------------------------------------------------- batching
 
 def test_collate_and_seeded_dataloader():

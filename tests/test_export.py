@@ -94,3 +94,78 @@ def test_command_writes_a_loadable_directory_and_refuses_to_overwrite(tmp_path, 
     capsys.readouterr()
     assert main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def saved_clm(tmp_path):
+    builder = grown(tiny_config(training_objective="clm"), n=1)
+    save_rack(builder, str(tmp_path / "run" / "final"))
+    return str(tmp_path / "run")
+
+
+def test_export_deletes_nothing_it_did_not_make_and_replaces_only_when_asked(tmp_path, capsys):
+    run = saved_clm(tmp_path)
+    (tmp_path / "hf.tmp").mkdir()  # the user's own directory beside OUT
+    (tmp_path / "hf.tmp" / "notes.txt").write_text("mine")
+    (tmp_path / "hf").mkdir()  # an empty OUT is fine
+    assert main([run, str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf.tmp" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.tmp", "run"]  # no temporary left
+    capsys.readouterr()
+    assert main([run, str(tmp_path / "hf")]) == 2  # holds files now: refused without --force
+    assert "already exists and holds files" in capsys.readouterr().err
+    (tmp_path / "hf" / "old.txt").write_text("stale")
+    assert main([run, str(tmp_path / "hf"), "--force"]) == 0
+    assert not (tmp_path / "hf" / "old.txt").exists() and (tmp_path / "hf" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.tmp", "run"]
+
+
+def test_export_failing_midway_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import stackwise_ray.export as export
+
+    run = saved_clm(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "hf_tokenizer", lambda tok: type("T", (), {"save_pretrained": full})())
+    assert main([run, str(tmp_path / "new" / "hf")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'new' / 'hf'}: cannot write there: No space left on device\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the parent made for it is gone too
+
+
+@pytest.mark.parametrize("out, expected", [("", "error: OUT: must name a new directory, got ''"),
+                                           (".", "error: .: must name a new directory, got '.'")])
+def test_an_empty_or_dot_out_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, out, expected):
+    run = saved_clm(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main([run, out]) == 2
+    assert capsys.readouterr().err == expected + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_export_onto_a_read_only_filesystem_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    run = saved_clm(tmp_path)
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # this machine has no read-only mount to write to
+    assert main([run, str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'hf'}: cannot write there: Read-only file system\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_rack_with_weights_that_are_not_finite_is_not_exported(tmp_path, capsys):
+    builder = grown(tiny_config(training_objective="clm"), n=1)
+    with torch.no_grad():
+        builder.build_rack().norm.weight[0] = float("nan")
+    save_rack(builder, str(tmp_path / "rack"))
+    assert main([str(tmp_path / "rack"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'rack' / 'model.safetensors'}: weights are not finite (NaN or inf in norm.weight)\n"
+    assert not (tmp_path / "hf").exists()

@@ -1,6 +1,7 @@
 """PhaseStore without Ray: a completion record that cannot be read is a phase not finished."""
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -136,3 +137,56 @@ def test_a_second_run_waits_for_the_claim_and_reuses_what_the_first_trained(stor
     release.set()
     first.join(10), second.join(10)
     assert len(calls) == 1 and results[0][1] == "reused"
+
+
+def two_stack_plans():
+    return plan_phases(tiny_config(), 2)
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "link"])
+def test_a_record_naming_a_checkpoint_outside_its_phase_is_no_record(tmp_path, store, where):
+    """A done.json pointing at a 1-stack rack elsewhere: never copied, never read as the phase."""
+    elsewhere = tmp_path / "elsewhere" / "rack"
+    builder = ProgressiveRackBuilder(tiny_config())
+    builder.add_stack()
+    save_rack(builder, str(elsewhere), extra={"metrics": {"val_loss": 0.1}})
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    phase = pathlib.Path(store.root, "s01-x")
+    phase.mkdir()
+    if where == "link":
+        (phase / "run.s01").symlink_to(elsewhere.parent, target_is_directory=True)
+        named = "s01-x/run.s01/rack"
+    else:
+        named = str(elsewhere) if where == "absolute" else "s01-x/../../elsewhere/rack"
+    (phase / "done.json").write_text(json.dumps({"checkpoint": named, "metrics": {"val_loss": 0.1}}))
+    with pytest.warns(UserWarning, match="phase s01-x is trained again: its done.json names a checkpoint outside"):
+        assert store.record("s01-x", two_stack_plans()) is None
+    assert not (phase / "done.json").exists()  # forgotten: the phase trains again
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
+    assert store.finished_checkpoint("s01-x", two_stack_plans()) is None  # the link is not a run of the phase
+
+
+def test_a_checkpoint_that_does_not_hold_the_phases_stacks_is_no_record(store):
+    builder = ProgressiveRackBuilder(tiny_config())
+    builder.add_stack()  # one stack where the phase has two
+    path = pathlib.Path(store.root, "s01-y", "run.s01", "checkpoint_000000")
+    save_rack(builder, str(path), extra={"metrics": {"val_loss": 0.1}})
+    store.finish("s01-y", {"checkpoint": str(path), "metrics": {"val_loss": 0.1}})
+    with pytest.warns(UserWarning, match="holds 1 stacks; the phase has 2"):
+        assert store.record("s01-y", two_stack_plans()) is None
+    # the same phase with its two stacks is a record
+    builder.add_stack()
+    save_rack(builder, str(path), extra={"metrics": {"val_loss": 0.1}})
+    store.finish("s01-y", {"checkpoint": str(path), "metrics": {"val_loss": 0.1}})
+    assert store.record("s01-y", two_stack_plans())["checkpoint"] == str(path)
+
+
+def test_a_linked_done_json_is_removed_as_a_link_and_not_read(tmp_path, store):
+    target = tmp_path / "theirs.json"
+    target.write_text(json.dumps({"checkpoint": "s00-good/checkpoint_000000", "metrics": {}}))
+    phase = pathlib.Path(store.root, "s00-linked")
+    phase.mkdir()
+    (phase / "done.json").symlink_to(target)
+    with pytest.warns(UserWarning, match="is not a completion record"):
+        assert store.record("s00-linked") is None
+    assert target.exists() and not os.path.lexists(phase / "done.json")

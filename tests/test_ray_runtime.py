@@ -161,3 +161,23 @@ def test_ctrl_c_stops_a_training_run_and_its_local_ray(tmp_path):
     assert "interrupted" in err and "Traceback" not in err, err[-3000:]
     _, alive = psutil.wait_procs(ray_processes, timeout=20)
     assert not alive  # the run's local Ray went with it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_while_phase_1_trains_ends_with_130_within_the_promised_seconds(tmp_path):
+    from stackwise_ray.ray_runtime import PROMISED_EXIT_S
+
+    config = tmp_path / "two.yaml"  # phase 1 trains long enough to be interrupted in its steps
+    config.write_text(TINY.replace("max_stacks: 1", "max_stacks: 2").replace("steps_per_stack: 8", "steps_per_stack: 600"))
+    proc = subprocess.Popen([sys.executable, "-m", "stackwise_ray.train", str(config), "--storage", str(tmp_path)],
+                            env=env_without_ray_address(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    phases = tmp_path / "two" / "phases"
+    wait_for(lambda: list(phases.glob("s00-*/done.json")), 300, proc)  # phase 0 finished: phase 1 is under way
+    time.sleep(4)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole process group, Ray's processes too
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.time() - t0 < PROMISED_EXIT_S, err[-3000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-3000:]

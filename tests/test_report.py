@@ -180,3 +180,54 @@ def test_one_rule_names_the_best_trial_for_tune_and_the_report(tmp_path):
     (tmp_path / "config.yaml").write_text(config.to_yaml())  # what the tune command writes
     md = open(write_report(str(tmp_path))["summary_md"]).read()
     assert "Best trial: t_frozen" in md and "val_accuracy 0.6000" in md
+
+
+def test_trials_repeating_a_seed_are_one_measurement_and_give_no_interval(tmp_path):
+    from stackwise_ray.report import comparison
+
+    # num_samples 2 of a deterministic trial: each arm's one measurement appears twice
+    results = pd.DataFrame([{"trial_id": f"{arm}-{i}", "kind": "baseline" if arm == "baseline" else "progressive",
+                             "arm": arm, "status": "TERMINATED", "training.seed": 0, "val_loss": loss, "flops": 1e9,
+                             "budget": 1e9} for arm, loss in (("frozen", 1.5), ("baseline", 1.4278)) for i in range(2)])
+    rows = {r["arm"]: r for r in comparison(results, pd.DataFrame(columns=["trial_id", "flops", "val_loss",
+                                                                          "global_step"]))}
+    assert rows["frozen"]["seeds"] == 1 and pd.isna(rows["frozen"]["val_loss_std"])
+    assert rows["frozen"]["diff"] == pytest.approx(0.0722) and pd.isna(rows["frozen"]["ci_low"])
+    # two distinct seeds: an interval
+    results.loc[results.index % 2 == 1, "training.seed"] = 1
+    results.loc[results.index % 2 == 1, "val_loss"] += 0.01
+    rows = {r["arm"]: r for r in comparison(results, pd.DataFrame(columns=["trial_id", "flops", "val_loss",
+                                                                          "global_step"]))}
+    assert rows["frozen"]["seeds"] == 2 and rows["frozen"]["ci_low"] < rows["frozen"]["diff"] < rows["frozen"]["ci_high"]
+
+
+@pytest.mark.timeout(60)
+def test_results_that_are_no_file_or_an_out_that_is_a_file_are_one_line(tmp_path, capsys):
+    write_sweep(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    assert main([str(tmp_path), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {tmp_path / 'afile'}: not a directory (a report is a directory of files)\n"
+    assert (tmp_path / "afile").read_text() == "mine"
+    for name, make in (("dir", os.mkdir), ("fifo", os.mkfifo)):  # a FIFO nothing writes to would block a reader
+        sweep = tmp_path / name
+        sweep.mkdir()
+        write_sweep(sweep)
+        (sweep / "results.csv").unlink()
+        make(sweep / "results.csv")
+        assert main([str(sweep)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {sweep / 'results.csv'}: cannot read: not a regular file") and err.count("\n") == 1
+        assert not (sweep / "report").exists()
+
+
+def test_a_link_in_the_report_directory_is_replaced_not_written_through(tmp_path):
+    write_sweep(tmp_path)
+    elsewhere = tmp_path / "elsewhere.md"
+    elsewhere.write_text("not the report's")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "summary.md").symlink_to(elsewhere)
+    paths = write_report(str(tmp_path))
+    assert elsewhere.read_text() == "not the report's"
+    assert not os.path.islink(paths["summary_md"]) and "# Sweep report" in open(paths["summary_md"]).read()
+    assert sorted(os.listdir(tmp_path / "report")) == sorted(os.path.basename(p) for p in paths.values())

@@ -140,7 +140,8 @@ def config_error(fn) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("name", ["../escaped_run", "/abs/path", "a/b", ".", "..", "", "a\0b", "x" * 256])
+@pytest.mark.parametrize("name", ["../escaped_run", "/abs/path", "a/b", ".", "..", "", "a\0b", "x" * 256,
+                                  "tokens", "--resume", "-x"])
 def test_a_run_name_is_one_directory_name(name):
     assert config_error(lambda: storage.check_name(name)).startswith("--name: ")
 
@@ -154,3 +155,42 @@ def test_the_storage_probe_leaves_nothing_behind(tmp_path):
         assert msg == f"ray.storage_path: {tmp_path / bad}: cannot write there: Not a directory"
     assert config_error(lambda: storage.check_storage(str(tmp_path / "a\0b"))).startswith("ray.storage_path: ")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+@pytest.mark.parametrize("uri", ["gs://swr-no-such-bucket/runs", "abfs://runs@nosuchaccount.dfs.core.windows.net/x"])
+def test_a_storage_uri_of_any_scheme_is_probed_in_one_line_within_seconds(tmp_path, capsys, uri):
+    """No network but 127.0.0.1 is reachable here: GCS without credentials retries for
+    minutes inside pyarrow's C++ client unless the probe is stopped."""
+    from stackwise_ray.cli import load_for_command
+
+    path = tmp_path / "x.yaml"
+    path.write_text("model: {d_model: 32, n_heads: 2}\n")
+    t0 = time.monotonic()
+    assert load_for_command(str(path), uri, check_data=False) is None
+    err = capsys.readouterr().err
+    assert time.monotonic() - t0 < storage.PROBE_TIMEOUT_S + 5
+    assert err.startswith(f"error: {path}: ray.storage_path: {uri}: cannot be reached: ") and err.count("\n") == 1
+
+
+def test_the_replacing_writes_never_follow_a_link_nor_touch_a_file_they_did_not_make(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("theirs")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").symlink_to(elsewhere / "keep.txt")
+    storage.write_json(str(run / "summary.json"), {"ours": 1})
+    assert (elsewhere / "keep.txt").read_text() == "theirs" and not (run / "summary.json").is_symlink()
+    assert storage.read_json(str(run / "summary.json")) == {"ours": 1}
+    source = tmp_path / "rack"
+    source.mkdir()
+    (source / "rack.json").write_text("{}")
+    (run / "final").symlink_to(elsewhere, target_is_directory=True)
+    (run / "final.tmp").mkdir()  # the user's: the copy must neither use nor remove it
+    (run / "final.tmp" / "mine.txt").write_text("mine")
+    storage.copy_tree(str(source), str(run / "final"))
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"] and (elsewhere / "keep.txt").read_text() == "theirs"
+    assert not (run / "final").is_symlink() and sorted(p.name for p in (run / "final").iterdir()) == ["rack.json"]
+    assert (run / "final.tmp" / "mine.txt").read_text() == "mine"
+    storage.copy_tree(str(source), str(run / "final"))  # a second copy replaces the first: nothing left beside it
+    assert sorted(p.name for p in run.iterdir()) == ["final", "final.tmp", "summary.json"]

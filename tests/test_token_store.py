@@ -305,3 +305,97 @@ def test_byte_tokenizer_encodes_a_batch_as_one_vector():
     ids = tok.encode_joined(texts)
     assert ids.dtype == np.uint16
     assert ids.tolist() == [97, 98, 259, 259, 195, 169, 240, 159, 153, 130, 259, 0]
+
+
+# ---------------------------------------------------------------- ids that do not fit, disks that fill
+
+def sparse_tokenizer(path) -> str:
+    """Five tokens, one of them id 70,000: a small vocabulary whose ids pass uint16."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[MASK]": 1, "[UNK]": 2, "hello": 3, "world": 70_000},
+                                     unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def test_a_tokenizer_with_sparse_ids_gets_a_store_that_holds_its_largest_id(tmp_path):
+    tok = sparse_tokenizer(tmp_path / "tok.json")
+    assert data.HFTokenizer(tok).vocab_size == 70_001  # the embedding needs a row for id 70,000
+    path = tmp_path / "d.txt"
+    path.write_text("hello world world hello", encoding="utf-8")
+    train, val, _ = build_datasets(cfg(tmp_path, source=str(path), tokenizer=tok, seq_len=2))
+    [key] = stores(tmp_path)
+    assert json.loads((tmp_path / "tokens" / key / "meta.json").read_text())["dtype"] == "uint32"
+    windows = torch.cat([train.input_ids[:], val.input_ids[:]])[torch.cat([train.example_ids, val.example_ids]).argsort()]
+    assert windows.tolist() == [[3, 70_000], [70_000, 3]]  # 70,000 reads back as 70,000, not 4,464
+
+
+def test_a_store_whose_ids_are_too_narrow_is_refused_not_read(tmp_path):
+    tok = sparse_tokenizer(tmp_path / "tok.json")
+    path = tmp_path / "d.txt"
+    path.write_text("hello world world hello", encoding="utf-8")
+    config = cfg(tmp_path, source=str(path), tokenizer=tok, seq_len=2)
+    build_datasets(config)
+    [key] = stores(tmp_path)
+    meta_path = tmp_path / "tokens" / key / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "dtype": "uint16"}))  # as an older build
+    with pytest.raises(ValueError, match=rf"tokens/{key}: holds ids as uint16, too narrow for the tokenizer's ids up to 70,000"):
+        build_datasets(config)
+
+
+class FillingFile:
+    """A file opened for writing whose disk is full after `room` bytes."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        self.room -= len(data)
+        if self.room < 0:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def disk_full_after(monkeypatch, room: int) -> None:
+    """data.py's writes (the store's .bin files) hit a full disk; its reads are untouched."""
+    monkeypatch.setattr(data, "open", lambda path, mode="r", *a, **k: FillingFile(open(path, mode, *a, **k), room)
+                        if "w" in mode else open(path, mode, *a, **k), raising=False)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)  # several batches: the disk fills after some were written
+
+
+def test_a_full_disk_while_tokenizing_is_one_error_naming_the_store_and_keeps_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "d.txt"
+    path.write_text("some words here\n\n" * 2000, encoding="utf-8")
+    disk_full_after(monkeypatch, 10_000)
+    store = tmp_path / "store"
+    with pytest.raises(token_store.StoreWriteError) as e:
+        build_datasets(cfg(store, source=str(path)))
+    assert re.fullmatch(rf"{store}/tokens/\w+: cannot build the token store: No space left on device; nothing was "
+                        r"kept \(the partial build is removed\)", str(e.value))
+    assert not store.exists()
+
+
+def test_a_full_disk_while_train_tokenizes_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    from stackwise_ray.train import main
+
+    path = tmp_path / "d.txt"
+    path.write_text("some words here\n\n" * 2000, encoding="utf-8")
+    config = tmp_path / "x.yaml"
+    config.write_text(f"data: {{source: {path}, seq_len: 32, batch_size: 8}}\nmodel: {{d_model: 32, n_heads: 2, "
+                      "max_seq_len: 32}\n")
+    disk_full_after(monkeypatch, 10_000)
+    assert main([str(config), "--storage", str(tmp_path / "runs")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {config}: {tmp_path / 'runs' / 'tokens'}/") and "No space left on device" in err
+    assert not (tmp_path / "runs").exists()
