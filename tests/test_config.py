@@ -319,7 +319,7 @@ def test_progressive_training_cannot_be_disabled():
 # ---------------------------------------------------------------- sweeps that would report more than they measured
 
 def sweep_error(**tune) -> str:
-    return error_of(lambda: StackWiseConfig.from_dict({"tune": tune}).validate(check_files=False))
+    return error_of(lambda: StackWiseConfig.from_dict({"tune": tune}).validate())
 
 
 @pytest.mark.parametrize("key, values, distinct", [
@@ -331,7 +331,7 @@ def test_a_grid_value_listed_twice_is_refused_naming_the_key(key, values, distin
     for kind in ("grid", "choice"):
         msg = sweep_error(search_space={key: {kind: values}}, num_samples=1)
         assert msg.startswith(f"tune.search_space.{key}.{kind}: lists the value ") and "twice" in msg
-    StackWiseConfig.from_dict({"tune": {"search_space": {key: {"grid": distinct}}}}).validate(check_files=False)
+    StackWiseConfig.from_dict({"tune": {"search_space": {key: {"grid": distinct}}}}).validate()
 
 
 def test_repeats_of_a_sweep_that_draws_nothing_are_refused():
@@ -341,7 +341,7 @@ def test_repeats_of_a_sweep_that_draws_nothing_are_refused():
     assert sweep_error(num_samples=2).startswith("tune.num_samples: 2 repeats")
     # a drawn key makes each repeat a new measurement
     StackWiseConfig.from_dict({"tune": {"num_samples": 3, "search_space": {
-        **grid, "training.seed": {"randint": [0, 100]}}}}).validate(check_files=False)
+        **grid, "training.seed": {"randint": [0, 100]}}}}).validate()
 
 
 def test_tune_lrs_with_a_swept_min_lr_is_refused():
@@ -368,6 +368,8 @@ def test_sweeps_no_machine_can_run_are_refused_at_validation(tune, expected):
 def test_a_fifo_as_config_or_a_directory_or_fifo_as_data_is_not_a_regular_file(tmp_path):
     import os
 
+    from stackwise_ray import preflight
+
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # nothing writes to it: reading it would block forever
     assert error_of(lambda: StackWiseConfig.from_yaml(fifo)) == f"{fifo}: cannot read: not a regular file (a FIFO)"
@@ -375,5 +377,6 @@ def test_a_fifo_as_config_or_a_directory_or_fifo_as_data_is_not_a_regular_file(t
         f"{tmp_path}: cannot read: not a regular file (a directory)")
     for path, what in ((tmp_path, "a directory"), (fifo, "a FIFO")):
         for key, extra in (("source", {}), ("tokenizer", {})):
-            msg = error_of(lambda: StackWiseConfig.from_dict({"data": {key: str(path), **extra}}).validate())
+            config = StackWiseConfig.from_dict({"data": {key: str(path), **extra}}).validate()  # the schema: no file read
+            msg = error_of(lambda: preflight.check_files(config))  # what this machine holds
             assert msg.startswith(f"data.{key}: not a regular file ({what}): {path}"), msg

@@ -71,7 +71,7 @@ UNCHANGING = {
     "training.progressive.target_stacks": 2, "ray.cpus_per_worker": 2, "ray.cache_backend": "arrow",
     "ray.storage_path": "/elsewhere", "ray.address": "auto", "ray.max_failures": 0, "ray.cache_max_bytes": 0,
     "ray.cache_shard_mb": 1, "ray.inject_worker_failure": "1:4",
-    "tune.num_samples": 2, "tune.metric": "val_ppl", "tune.mode": "max", "tune.max_concurrent_trials": 1,
+    "tune.num_samples": ({"tune.search_space": {"training.seed": {"randint": [0, 9]}}}, 2), "tune.metric": "val_ppl", "tune.mode": "max", "tune.max_concurrent_trials": 1,
     "tune.scheduler": "asha", "tune.grace_period": 2, "tune.reduction_factor": 3.0, "tune.searcher": "optuna",
     "tune.baseline": "end_to_end", "tune.baseline_match": ({"tune.baseline": "end_to_end"}, "flops_and_steps"), "tune.lrs": [1e-3], "tune.seeds": [1],
     "tune.share_phases": False, "tune.search_space": {"training.lr": {"choice": [1e-3]}},
