@@ -1,10 +1,14 @@
-"""Start phase k+1's worker group while phase k trains.
+"""Start phase k+1's worker group while phase k trains, and the run's channel to its phases.
 
 A Ray Train phase spends ~10 s on a small machine before its first step (controller and
 worker processes, imports, process group). None of that depends on the previous phase,
 so when the cluster has room for two phases, the next phase's `TorchTrainer` is started
 as soon as the current one begins training; its workers load the data, then wait for
 the previous checkpoint and cache, which the driver hands over through `PhaseLinks`.
+
+`PhaseLinks` is also where a phase's workers leave the shards of the next phase's cache
+(ray_cache.emit_next_cache): an actor of the run (its driver owns it) puts them in the
+object store, so they outlive the workers that computed them.
 """
 
 from __future__ import annotations
@@ -21,12 +25,23 @@ import ray
 @ray.remote(num_cpus=0)
 class PhaseLinks:
     """Per phase id: the inputs the driver hands to a waiting worker group, and whether the
-    phase has begun training (the moment to prestart the one after it)."""
+    phase has begun training (the moment to prestart the one after it). Per cache key: the
+    shards a phase's workers computed for the next phase, owned here."""
 
     def __init__(self):
         self._inputs = collections.defaultdict(asyncio.Event)
         self._training = collections.defaultdict(asyncio.Event)
         self._values = {}
+        self._shards = collections.defaultdict(dict)
+
+    async def put_shard(self, key: str, i: int, arrays: dict) -> None:
+        """Keep shard `i` of cache `key` (a worker's arrays, copied into an object of ours)."""
+        self._shards[key][i] = ray.put(arrays)
+
+    async def take_shards(self, key: str) -> list:
+        """The object refs of cache `key`'s shards, in order (the caller holds them from here)."""
+        shards = self._shards.pop(key, {})
+        return [shards[i] for i in sorted(shards)]
 
     async def hand_over(self, phase_id: str, inputs: dict | None) -> None:
         self._values[phase_id] = inputs
@@ -57,7 +72,7 @@ class Prestarter:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.links = PhaseLinks.remote() if enabled else None
+        self.links = PhaseLinks.remote()
         # two threads: a prestarted phase trains in one while the next waits in the other
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prestart") if enabled else None
         self._pending: dict[str, Prestart] = {}
@@ -100,4 +115,4 @@ class Prestarter:
         self._pending.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-            ray.kill(self.links)
+        ray.kill(self.links)

@@ -9,6 +9,14 @@ unless the task sets `max_retries=0`; these tasks do, and `build` retries the mi
 shards once itself, then raises CacheMemoryError (the trainer recomputes the trunk
 instead and says so in the phase's metrics).
 
+`emit_next_cache` runs in the workers of the phase that trains stack k-1, once they have
+trained: they hold that stack, and the previous cache's shards pair with the next cache's,
+so they compute the cache phase k reads themselves (each rank a share of its shards),
+with no task to start and no rack to load again. Object-store shards go to the run's
+PhaseLinks actor, which owns them; Parquet shards are written where `build` would write
+them. `build` remains for a phase whose predecessor was not trained in this run (reused
+from another trial, or recovered).
+
 `open_reader` runs in a phase worker: a ShardReader over the same shards.
 """
 
@@ -20,8 +28,8 @@ from dataclasses import dataclass, field
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .cache import (ActivationCache, CacheLayout, ShardReader, cache_complete, compute_shard, read_shard,
-                    shard_intact, shard_path, write_manifest, write_shard)
+from .cache import (ActivationCache, CacheLayout, ShardReader, cache_complete, compute_shard, plan_layout,
+                    read_shard, shard_intact, shard_path, write_manifest, write_shard)
 from .checkpoint import load_rack
 from .config import StackWiseConfig
 from .data import load_data
@@ -45,6 +53,24 @@ class CacheHandle:
     directory: str
     shards: list
     info: dict = field(default_factory=dict)
+
+    @classmethod
+    def emitted(cls, next_cache: "NextCache", layout: CacheLayout, info: dict) -> "CacheHandle":
+        """The cache a phase's workers computed for the next phase (emit_next_cache), once
+        they are done: its shards taken from the run's PhaseLinks, or its Parquet files
+        completed by their manifest."""
+        if next_cache.backend == "arrow":
+            write_manifest(next_cache.directory, layout)
+            shards = [shard_path(next_cache.directory, i) for i in range(layout.shards)]
+        else:
+            shards = ray.get(next_cache.sink.take_shards.remote(next_cache.key))
+        if len(shards) != layout.shards:
+            raise RuntimeError(f"the next phase's cache has {len(shards)} of its {layout.shards} shards")
+        return cls(next_cache.position, layout, next_cache.backend, next_cache.directory, shards,
+                   {"rows": layout.rows, "bytes": layout.nbytes, "shards": layout.shards, "dtype": layout.dtype,
+                    "built": True, "emitted": True, "incremental": next_cache.start > 0,
+                    "stacks_run": next_cache.position - next_cache.start, "attempts": 1, "tasks": 0,
+                    "reused_shards": 0, "for_stack": next_cache.stack_id, **info})
 
     def spec(self, kind: str, steps: int) -> dict:
         """What a phase worker needs to read it (it rebuilds the layout from `steps`)."""
@@ -144,6 +170,48 @@ def _post(board, stack_id: int, layout: CacheLayout, done: int) -> None:
         rows = min(done * layout.shard_rows, layout.rows)
         board.post.remote(f"cache-{stack_id}", {"stack": stack_id, "step": rows, "steps": layout.rows,
                                                 "what": "cache", "tokens": rows * layout.seq_len})
+
+
+@dataclass(frozen=True)
+class NextCache:
+    """The cache of the next phase, for the workers of this one to compute once trained:
+    the stream entering rack position `position` for the `steps` steps of phase
+    `stack_id` (its layout and corruption), stored in `dtype`; positions [start, position)
+    run over this phase's own cache (start = its position), or from tokens (start 0).
+    Shards go to `directory` (arrow) or the run's PhaseLinks `sink` under `key`."""
+    position: int
+    start: int
+    steps: int
+    dtype: str
+    stack_id: int
+    backend: str
+    directory: str
+    sink: object
+    key: str
+
+
+def emit_next_cache(next_cache: NextCache, config: StackWiseConfig, rack, train_ds, masking, own: dict | None,
+                    rank: int, world: int, device) -> dict:
+    """In a phase worker after training: compute this rank's share (shards rank::world) of
+    the next phase's cache with the trained `rack`, over `own` (this phase's cache spec)
+    where it starts at this phase's position. Returns what it cost ({build_s, flops, node_id}:
+    FLOPs of the whole cache, one forward of the stacks run per row)."""
+    t0 = time.perf_counter()
+    layout = plan_layout(config, train_ds, next_cache.steps, next_cache.dtype)
+    T, start, end = config.data.seq_len, next_cache.start, next_cache.position
+    for i in range(rank, layout.shards, world):
+        before = load_shard(own["shards"][i]) if start > 0 else None
+        shard = compute_shard(rack, train_ds, masking, next_cache.stack_id, start, end,
+                              layout.positions[layout.shard(i)], layout.dtype, before, device=device)
+        del before
+        if next_cache.backend == "arrow":
+            write_shard(shard, shard_path(next_cache.directory, i))
+        else:
+            ray.get(next_cache.sink.put_shard.remote(next_cache.key, i, shard.arrays()))
+        del shard
+    row_flops = T * sum(forward_flops_per_token(s, T, config.model.d_model) for s in rack.stacks[start:end])
+    return {"build_s": time.perf_counter() - t0, "flops": row_flops * layout.rows,
+            "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def open_reader(spec: dict, layout: CacheLayout) -> ShardReader:

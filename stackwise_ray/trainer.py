@@ -153,7 +153,8 @@ class ProgressiveTrainer:
         if recovered is not None:  # trained before a crash that came before its record
             metrics, checkpoint, status = load_metadata(recovered)["metrics"], recovered, "recovered"
         else:
-            inputs = PhaseInputs((plan,), prev, cache_spec, time.time())
+            next_cache = self._next_cache(config, plans, plan, cache_spec, ids, data_ref, prestarter.links)
+            inputs = PhaseInputs((plan,), prev, cache_spec, time.time(), next_cache)
             if pre is not None:
                 prestarter.hand_over(ids[plan.stack_id], inputs)
             self._prestart_next(config, plans, plan.stack_id, ids, data_ref, prestarter)
@@ -165,6 +166,12 @@ class ProgressiveTrainer:
                                                 ids[plan.stack_id], data_ref, self.callbacks, links=prestarter.links,
                                                 board=self._board, labels=self.labels)
             status = "trained"
+            if next_cache is not None:  # these workers computed the next phase's cache: it is kept for it
+                emitted = metrics.pop("next_cache")
+                self._kept_cache = ray_cache.CacheHandle.emitted(
+                    next_cache, plan_layout(config, self._train_split(data_ref), next_cache.steps, next_cache.dtype),
+                    emitted)
+                metrics["next_cache_s"] = emitted["build_s"]
         built = cache_info.get("flops", 0.0) if cache_info.get("built") else 0.0
         metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
                         "flops": metrics["train_flops"] + built, "prestarted": status == "trained" and pre is not None,
@@ -285,7 +292,9 @@ class ProgressiveTrainer:
         incremental = cache is not None and cache.position == use.position - 1 and cache.layout.key == layout.key
         reused = cache is not None and cache.position == use.position and cache.layout.key == layout.key \
             and cache.layout.dtype == layout.dtype
-        refusal = None if reused else self._memory_refusal(config, layout, prev_checkpoint, incremental)
+        emitted = reused and cache.info.get("emitted") and cache.info.pop("for_stack", None) == stack_id
+        refusal = None if reused else self._memory_refusal(
+            config, layout, storage.size(storage.join(prev_checkpoint, "model.safetensors")), incremental)
         if refusal is None and not reused:
             # the cache is determined by the phases before the position it feeds
             source = ids[use.position - 1] if use.position > 0 else ids[0]
@@ -301,21 +310,20 @@ class ProgressiveTrainer:
         if refusal is not None:  # said before the phase trains, and kept in its metrics
             warnings.warn(f"phase {stack_id}: {refusal}")
             return None, None, {"kind": "none", "reason": refusal, "over_budget": True}
-        info.update(cache.info, built=cache.info["built"] and not reused)
+        info.update(cache.info, built=cache.info["built"] and (emitted or not reused))
         return cache.spec(use.kind, steps), cache, {**info, "backend": cache.backend, "position": use.position}
 
-    def _memory_refusal(self, config, layout, prev_checkpoint: str, incremental: bool) -> str | None:
+    def _memory_refusal(self, config, layout, weights: int, incremental: bool) -> str | None:
         """Why a cache of `layout` cannot be built and read here, or None: its bytes against
-        the object store or disk budget, and the memory of a builder (the rack, one shard,
-        one shard of the previous cache, a batch of activations) and of every reader (arrow
-        shards are decoded: the one read, the next and one in flight; all of them where the
-        phase rereads its examples) against half of Ray's memory."""
+        the object store or disk budget, and the memory of a builder (the rack's `weights`,
+        one shard, one shard of the previous cache, a batch of activations) and of every
+        reader (arrow shards are decoded: the one read, the next and one in flight; all of
+        them where the phase rereads its examples) against half of Ray's memory."""
         mib = 2**20
         budget = self._budget(config)
         if layout.nbytes > budget:
             return (f"a {layout.nbytes / mib:.0f} MiB cache ({layout.rows} examples) exceeds the {budget / mib:.0f} MiB "
                     "budget (ray.cache_max_bytes): the trunk is recomputed instead")
-        weights = storage.size(storage.join(prev_checkpoint, "model.safetensors"))
         batch = 64 * layout.seq_len * layout.d_model * 4 * 4 * max(1, config.blocks_per_stack)
         builder = weights + layout.shard_bytes * (2 if incremental else 1) + batch
         reader = (layout.nbytes if layout.rereads else 3 * layout.shard_bytes) if config.ray.cache_backend == "arrow" else 0
@@ -324,6 +332,30 @@ class ProgressiveTrainer:
             return (f"building and reading a {layout.nbytes / mib:.0f} MiB cache needs about {need / mib:.0f} MiB of "
                     f"memory, more than half of the {2 * memory / mib:.0f} MiB Ray has free: the trunk is recomputed instead")
         return None
+
+    def _next_cache(self, config, plans, plan, own: dict | None, ids, data_ref, sink) -> ray_cache.NextCache | None:
+        """The cache of the phase after `plan`, for `plan`'s workers to compute once they
+        have trained (they hold the stack it runs), or None: the next phase reads no trunk
+        output cache, is finished already, or its cache would be refused (its builder is
+        then `_cache_for`'s, which says why). It runs over `own` (this phase's cache spec)
+        where that holds the same examples, else from tokens."""
+        k = plan.stack_id + 1
+        if k >= len(plans) or plans[k].cache.kind != "trunk_outputs" or self.store.has_record(ids[k]):
+            return None
+        use, train_ds = plans[k].cache, self._train_split(data_ref)
+        steps = phase_steps(config.training, len(train_ds) // config.data.batch_size)
+        layout = plan_layout(config, train_ds, steps, use.dtype)
+        incremental = own is not None and own["kind"] == "trunk_outputs" and own["position"] == use.position - 1 \
+            and own["key"] == layout.key
+        if self._memory_refusal(config, layout, 0, incremental) is not None:  # the builder is a worker holding the rack
+            return None
+        directory = storage.join(self.store.root, ids[plan.stack_id],
+                                 f"cache_position_{use.position:03d}_{layout.key}_{layout.dtype}")
+        if config.ray.cache_backend == "arrow" and ray_cache.cache_complete(directory, layout):
+            return None  # built before a crash: _cache_for finds it
+        return ray_cache.NextCache(position=use.position, start=use.position - 1 if incremental else 0, steps=steps,
+                                   dtype=use.dtype, stack_id=k, backend=config.ray.cache_backend, directory=directory,
+                                   sink=sink, key=f"{ids[k]}/{layout.key}_{layout.dtype}")
 
     def _token_store(self) -> str:
         """The location of config.data's token store, built first if missing; phase workers

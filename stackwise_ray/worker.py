@@ -28,7 +28,7 @@ from .flops import end_to_end_flops, plan_flops
 from .masking import TimeStepMasking
 from .phase import evaluate, phase_steps, rounding_hook, train_stack
 from .plan import PhasePlan
-from .ray_cache import open_reader
+from .ray_cache import NextCache, emit_next_cache, open_reader
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class PhaseInputs:
     prev_checkpoint: str | None
     cache: dict | None  # the cache the phase reads (ray_cache.CacheHandle.spec), None: it reads none
     handed_at: float  # when the driver had them ready
+    next_cache: NextCache | None = None  # the next phase's cache, for these workers to compute once trained
 
     @property
     def end_to_end(self) -> bool:
@@ -111,11 +112,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     resume = read_in_phase_checkpoint(rack)
     progress = Progress(job, stack_id, steps, B * T, config.training.log_every, rank)
 
+    checkpointing = [0.0]  # seconds the in-phase checkpoints took (inside train_s)
+
     def on_step_end(done: int, opt, curve: list, val_curve: list) -> None:
         progress.step_end(done, curve)
         every = config.training.checkpoint_every
         if every and done % every == 0 and done < steps:
+            t = time.perf_counter()
             report_in_phase_checkpoint(builder, stack_id, done, opt, curve, val_curve, rank)
+            checkpointing[0] += time.perf_counter() - t
         inject_failure(config.ray.inject_worker_failure, stack_id, done, job.fault_marker)
 
     if job.links is not None and rank == 0:
@@ -135,6 +140,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     # eval_every, rank 0 has them already, from the whole split)
     if "val_curve" not in metrics:
         metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device))
+    if inputs.next_cache is not None:  # this rank's share of the next phase's cache, from the stack just trained
+        metrics["next_cache"] = emit_next_cache(inputs.next_cache, config, rack.eval(), train_ds, masking, spec, rank,
+                                                world, device)
     flops = train_flops(inputs, rack, steps * B * T, T)
     before = 0 if inputs.end_to_end else stack_id * steps  # earlier phases ran as many steps (same config)
     for point in metrics.get("val_curve", []):
@@ -151,6 +159,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         "cold_start_s": t_enter - job.fit_started,  # TorchTrainer start to the loop's first line
         "startup_s": t_train - max(job.fit_started, inputs.handed_at),  # inputs ready to first step
         "train_s": train_s,
+        "checkpoint_s": checkpointing[0],
         "peak_memory_mb": peak_memory_mb(device),
         "num_workers": world,
         "torch_threads": torch.get_num_threads(),
