@@ -82,6 +82,8 @@ def param_space(config: StackWiseConfig) -> dict:
     whose values Tune resolves into one short column per grid key (and `kind`)."""
     from ray import tune
 
+    from .grid_value import GridValue
+
     sampled = {"choice": lambda v: tune.choice(v), "uniform": lambda v: tune.uniform(*v),
                "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
     names = column_names(config)
@@ -92,14 +94,10 @@ def param_space(config: StackWiseConfig) -> dict:
         space["variant"] = tune.grid_search(list(range(len(variants))))
         grids = [str(path) for path, spec in config.tune.search_space.items() if "grid" in spec]
         for path in grids + swept_paths(config)[len(config.tune.search_space):]:
-            space[names[path]] = tune.sample_from(_grid_value(variants, path, "-"))
+            space[names[path]] = GridValue(variants, path, "-")
         if config.tune.baseline == "end_to_end":
-            space["kind"] = tune.sample_from(_grid_value(variants, "kind", "progressive"))
+            space["kind"] = GridValue(variants, "kind", "progressive")
     return space
-
-
-def _grid_value(variants: list[dict], key: str, default):
-    return lambda spec: variants[spec.config["variant"]].get(key, default)
 
 
 def trial_values(base: StackWiseConfig, params: dict) -> tuple[str, dict]:

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -45,15 +46,48 @@ def test_progress_is_one_rewritten_line_on_a_terminal_and_plain_lines_elsewhere(
     assert sys.stdout.getvalue() == "stack 1  step 5/10\nstack 2  step 1/10\n"
 
 
+def watch_train_page(proc) -> dict:
+    """Read a train command's stdout to its end; from its dashboard line on, read the Train
+    page's runs through the dashboard's HTTP API (with Ray's token) until two phases show.
+    Returns {"lines": stdout's lines, "runs": the runs last read}."""
+    import json
+    import urllib.request
+
+    token = (pathlib.Path.home() / ".ray" / "auth_token").read_text().strip()
+    lines, runs, url = [], [], None
+    for line in proc.stdout:
+        lines.append(line)
+        match = re.match(r"Ray dashboard: (http://127\.0\.0\.1:\d+)", line)
+        url = url or (match.group(1) if match else None)
+        if url and len(runs) < 2 and line.startswith("stack "):  # a phase is on: read the page again
+            request = urllib.request.Request(f"{url}/api/train/v2/runs/v1", headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    runs = json.load(response)["train_runs"]
+            except OSError:  # the dashboard still starting
+                pass
+    return {"lines": lines, "runs": runs}
+
+
 def test_train_shows_progress_and_rows_and_sends_ray_to_the_log(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # two command-line overrides, after a flag: the stored config shows them
-    result = subprocess.run([sys.executable, "-m", "stackwise_ray.train", str(config), "--storage", str(tmp_path / "runs"),
+    proc = subprocess.Popen([sys.executable, "-m", "stackwise_ray.train", str(config), "--storage", str(tmp_path / "runs"),
                              "training.lr=2e-3", "training.progressive.time_per_stack=50"],
-                            capture_output=True, text=True, timeout=400, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    train_page = watch_train_page(proc)  # the dashboard's Train page while the run goes on
+    stderr = proc.stderr.read()
+    result = subprocess.CompletedProcess(proc.args, proc.wait(timeout=400), "".join(train_page.pop("lines")), stderr)
     assert result.returncode == 0, result.stderr[-3000:]
+    # every phase is a run there, with its worker, its status and its logs
+    runs = {run["name"]: run for run in train_page["runs"]}
+    assert {"tiny.s00", "tiny.s01"} <= set(runs), sorted(runs)
+    for run in runs.values():
+        assert run["status"] in ("RUNNING", "FINISHED") and run["controller_log_file_path"]
+        workers = run["attempts"][-1]["workers"]
+        assert len(workers) == 1 and workers[0]["pid"] > 0 and workers[0]["log_file_path"]
     for stored in (yaml.safe_load((tmp_path / "runs" / "tiny" / "config.yaml").read_text()),
                    json.loads((tmp_path / "runs" / "tiny" / "final" / "rack.json").read_text())["config"]):
         assert stored["training"]["lr"] == 2e-3 and stored["training"]["progressive"]["time_per_stack"] == 50
