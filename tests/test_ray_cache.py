@@ -57,3 +57,28 @@ def test_a_build_killed_for_memory_again_gives_up_with_one_line(tmp_path, monkey
     message = str(error.value)
     assert "\n" not in message and "killed for memory 2 times" in message and "ray.cache_shard_mb" in message
     assert [t for t in tries(tmp_path) if t.startswith("2.")] == ["2.0", "2.1"]  # twice, not forever
+
+
+def test_a_cache_computed_by_the_trained_workers_equals_one_built_from_the_checkpoint(arrow_run, tmp_path):
+    """arrow_run's phase 0 workers computed phase 1's cache themselves (emit_next_cache);
+    the Ray tasks that build a cache for a phase reused from elsewhere compute the same
+    shards, bit for bit, from phase 0's checkpoint."""
+    from stackwise_ray.cache import plan_layout, read_shard, shard_path
+    from stackwise_ray.data import open_datasets
+    from stackwise_ray.phase import phase_steps
+
+    trainer, history = arrow_run
+    assert history[1]["cache"]["emitted"] and history[1]["cache"]["built"] and history[1]["cache"]["tasks"] == 0
+    assert history[0]["next_cache_s"] > 0  # phase 0's workers spent it
+    config, data_ref = trainer.config, trainer._token_store()
+    train_ds, _ = open_datasets(config, data_ref)
+    layout = plan_layout(config, train_ds, phase_steps(config.training, len(train_ds) // config.data.batch_size),
+                         history[1]["cache"]["dtype"])
+    [emitted] = [os.path.join(trainer.store.root, history[0]["phase_id"], d)
+                 for d in os.listdir(os.path.join(trainer.store.root, history[0]["phase_id"])) if d.startswith("cache_position_001")]
+    built = ray_cache.build(config, history[0]["checkpoint"], 1, 0, 1, layout, None, str(tmp_path / "built"), data_ref)
+    assert built.info["tasks"] >= 1 and layout.shards == history[1]["cache"]["shards"]
+    for i in range(layout.shards):
+        a, b = read_shard(shard_path(emitted, i)), read_shard(built.shards[i])
+        assert np.array_equal(a.example_ids, b.example_ids) and np.array_equal(a.input_ids, b.input_ids)
+        assert np.array_equal(a.hidden, b.hidden)
