@@ -83,3 +83,16 @@ def rack_weights(path):
     from stackwise_ray.checkpoint import load_rack
 
     return {n: t.clone() for n, t in load_rack(path).rack.state_dict().items()}
+
+
+RAY_FIXTURES = {"ray_session", "arrow_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the session's Ray (ray_session, arrow_run) is slow: it starts Ray
+    and runs phases; so is one on the S3 stand-in (test_storage.py's "s3" parameter starts
+    a moto server). The fast tier, `pytest -m "not slow"`, is the rest."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or "s3" in params.values():
+            item.add_marker(pytest.mark.slow)

@@ -193,6 +193,7 @@ for source, storage in zip(*[iter(sys.argv[1:])] * 2):
 """
 
 
+@pytest.mark.slow
 def test_building_and_reading_a_cache_costs_the_same_memory_on_a_corpus_70x_larger(tmp_path):
     """A phase's cache and its reads follow its steps, not the corpus (the whole-corpus
     cache of the stdlib corpus at this d_model would be ~4 GB)."""

@@ -65,6 +65,7 @@ def test_generate_fills_every_position(objective):
     assert builder.build_rack().pad_id not in ids and 257 not in ids  # no pad, no mask token left
 
 
+@pytest.mark.slow
 def test_storage_scheme_and_reachability_are_checked_in_one_line(tmp_path):
     from stackwise_ray.storage import storage_dir
 
@@ -285,6 +286,7 @@ def test_sampling_a_rack_whose_weights_are_not_finite_is_one_line(tmp_path, caps
                                  "(NaN or inf in embed.weight)\n")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_sampling_a_run_directory_on_unreachable_object_storage_is_one_line(tmp_path, capsys):
     import time

@@ -1,3 +1,4 @@
+import pytest
 """What the train command shows: our lines on the terminal, Ray's in the run's log file."""
 
 import io
@@ -69,6 +70,7 @@ def watch_train_page(proc) -> dict:
     return {"lines": lines, "runs": runs}
 
 
+@pytest.mark.slow
 def test_train_shows_progress_and_rows_and_sends_ray_to_the_log(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)

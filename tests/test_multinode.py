@@ -18,6 +18,8 @@ import pytest
 
 from .conftest import ray_config
 
+pytestmark = pytest.mark.slow  # a second raylet and a sweep across two nodes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -122,6 +122,7 @@ def wait_for(condition, timeout_s: float, proc) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_command_stuck_connecting(tmp_path):
     """A listener that is not Ray: ray.init sits in C++ (40 s and more), where Python runs no
     signal handler; the command still ends within seconds."""
@@ -143,6 +144,7 @@ def test_sigterm_stops_a_command_stuck_connecting(tmp_path):
     server.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_training_run_and_its_local_ray(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)

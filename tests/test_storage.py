@@ -157,6 +157,7 @@ def test_the_storage_probe_leaves_nothing_behind(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("uri", ["gs://swr-no-such-bucket/runs", "abfs://runs@nosuchaccount.dfs.core.windows.net/x"])
 def test_a_storage_uri_of_any_scheme_is_probed_in_one_line_within_seconds(tmp_path, capsys, uri):
     """No network but 127.0.0.1 is reachable here: GCS without credentials retries for

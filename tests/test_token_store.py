@@ -270,6 +270,7 @@ def stdlib_jsonl(path) -> int:
     return size
 
 
+@pytest.mark.slow
 def test_driver_memory_does_not_follow_the_corpus(tmp_path):
     """Building and opening a corpus ~70x pydoc, or a 128 MB text file that is one long
     paragraph, peaks within a fixed margin of pydoc (the in-memory code held the text and

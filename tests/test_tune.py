@@ -48,6 +48,7 @@ def test_search_space_is_validated_key_by_key():
     assert error_of({"tune": {"searcher": "optuna", "search_space": {"training.lr": {"grid": [1e-3]}}}}).startswith("tune.searcher:")
 
 
+@pytest.mark.slow
 def test_dry_run_lists_the_trials(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(GRID.replace("  search_space:\n", "  search_space:\n"
