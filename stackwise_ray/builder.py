@@ -31,10 +31,6 @@ from .time_mapping import depth_time_step
 from .precision import apply_precision, compute_dtype, precision_support, unquantized_layers, weight_bytes
 
 
-def default_d_ff(d_model: int) -> int:
-    return 32 * -(-(8 * d_model // 3) // 32)  # SwiGLU's 8/3 d_model, rounded up to 32
-
-
 def create_stack_from_config(stack_id: int, n_blocks: int, config: StackWiseConfig,
                              precision: str | None = None, time_step: int | None = None) -> Stack:
     """A new stack as the config describes it: blocks, time conditioning and depth time,
@@ -45,7 +41,7 @@ def create_stack_from_config(stack_id: int, n_blocks: int, config: StackWiseConf
     m, p = config.model, config.training.progressive
     precision = precision or config.stack_precision(stack_id)
     stack = Stack(
-        stack_id, n_blocks, m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.d_ff or default_d_ff(m.d_model),
+        stack_id, n_blocks, m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.ffn_size,
         config.causal, m.norm_eps, p.time_encoding_type, p.time_embedding_dim, p.num_time_steps,
         time_step=depth_time_step(config, stack_id) if time_step is None else time_step)
     for module in stack.modules():

@@ -23,10 +23,11 @@ from safetensors.torch import load_file, save_file, save_model
 
 from . import storage
 from .adapters import STACK_ADAPTER, TRUNK_ADAPTER, is_lora_param
-from .builder import ProgressiveRackBuilder, default_d_ff
+from .builder import ProgressiveRackBuilder
 from .config import PRECISIONS, ConfigError, StackWiseConfig
 from .model import Block, TimeConditioning
 from .storage import read_json, write_json
+from .errors import first_line
 
 WEIGHTS = "model.safetensors"
 CHECKSUMS = "checksums.json"
@@ -197,7 +198,7 @@ def rack_params(config: StackWiseConfig, plan: list[dict]) -> int:
     on the meta device (nothing is allocated)."""
     m, p = config.model, config.training.progressive
     with torch.device("meta"):
-        block = Block(m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.d_ff or default_d_ff(m.d_model),
+        block = Block(m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.ffn_size,
                       config.causal, m.norm_eps)
         time = TimeConditioning(p.time_encoding_type, p.time_embedding_dim, m.d_model, p.num_time_steps)
     per_block, per_stack = (sum(t.numel() for t in mod.parameters()) for mod in (block, time))
@@ -242,7 +243,7 @@ def load_rack(directory: str, device: str | torch.device = "cpu",
     try:
         load_weights(builder.build_rack(), os.path.join(directory, WEIGHTS))
     except (ValueError, RuntimeError, KeyError, SafetensorError) as e:  # weights that do not fit this rack
-        raise CorruptCheckpointError(f"{os.path.join(directory, WEIGHTS)}: {str(e).splitlines()[0][:300]}") from None
+        raise CorruptCheckpointError(f"{os.path.join(directory, WEIGHTS)}: {first_line(e)}") from None
     builder.build_rack().to(device)
     return builder
 

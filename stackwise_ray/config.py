@@ -83,6 +83,12 @@ class ModelConfig:
     init_std: float = setting(0.02, HASHED, "standard deviation of the initial weights")
 
 
+    @property
+    def ffn_size(self) -> int:
+        """d_ff, or SwiGLU's usual 8/3 d_model rounded up to a multiple of 32."""
+        return self.d_ff or 32 * -(-(8 * self.d_model // 3) // 32)
+
+
 @dataclass
 class DataConfig:
     source: str = setting("pydoc", HASHED, "pydoc (Python's own documentation, bundled) or a .txt (paragraphs), .jsonl or .parquet file; its content is hashed too")

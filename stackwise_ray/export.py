@@ -32,6 +32,7 @@ from . import storage
 from .adapters import lora_layers
 from .checkpoint import WEIGHTS, finite_weights_problem
 from .cli import OneLineParser, refuse
+from .errors import first_line
 
 
 class ExportError(ValueError):
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
         if problem := finite_weights_problem(builder.rack):
             raise ExportError(f"{storage.join(path, WEIGHTS)}: {problem}")
     except (ExportError, OSError, ValueError) as e:  # OSError: a run directory that cannot be read
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e) or type(e).__name__
         return refuse(args.run_dir, msg)
     from transformers.utils import logging as hf_logging
 

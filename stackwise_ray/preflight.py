@@ -98,7 +98,7 @@ def footprint(config: StackWiseConfig, vocab_size: int) -> tuple[list, list]:
     m, d, p = config.model, config.data, config.training.progressive
     head_dim, blocks, n = m.d_model // m.n_heads, config.blocks_per_stack, config.target_stacks
     kv_dim = (m.n_kv_heads or m.n_heads) * head_dim
-    d_ff = m.d_ff or 8 * m.d_model // 3
+    d_ff = m.ffn_size
     per_weight = sum(BYTES_PER_WEIGHT[config.stack_precision(k)] for k in range(n))  # over all stacks
     table = p.num_time_steps * p.time_embedding_dim if p.time_encoding_type == "learned" else 0
     weights = [

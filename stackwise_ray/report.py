@@ -33,6 +33,7 @@ from . import storage  # noqa: E402
 from .cli import OneLineParser, refuse  # noqa: E402
 from .config import StackWiseConfig  # noqa: E402
 from .local_files import read_regular  # noqa: E402
+from .errors import first_line  # noqa: E402
 
 # Older sweeps or partial runs may lack some columns; they are added empty so the report still renders.
 RESULT_COLUMNS = ["trial_id", "kind", "status", "val_loss", "val_ppl", "val_accuracy", "flops", "wall_s",
@@ -67,7 +68,7 @@ def read_table(path: str, columns: list[str]) -> pd.DataFrame:
     except pd.errors.EmptyDataError:  # a sweep with no reported phases writes an empty file
         table = pd.DataFrame()
     except (UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise BadTableError(f"{path}: not a CSV table ({str(e).splitlines()[0][:200]})") from None
+        raise BadTableError(f"{path}: not a CSV table ({first_line(e)})") from None
     if len(table.columns) and "trial_id" not in table:
         raise BadTableError(f"{path}: no trial_id column (not a table written by python -m stackwise_ray.tune)")
     for c in columns:

@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         hooks.append(rounding_hook(rack, plan.cache.position, plan.cache.dtype))
     steps = job.train_steps or phase_steps(config.training, len(train_batches.base_dataloader))
     resume = read_in_phase_checkpoint(rack)
-    progress = Progress(job, stack_id, steps, B * T, config.training.log_every, rank)
+    progress = PhaseProgress(job, stack_id, steps, B * T, config.training.log_every, rank)
 
     checkpointing = [0.0]  # seconds the in-phase checkpoints took (inside train_s)
 
@@ -200,7 +200,7 @@ def inject_failure(where: str | None, stack_id: int, done: int, marker: str) -> 
         os._exit(1)
 
 
-class Progress:
+class PhaseProgress:
     """Rank 0's progress: Ray metrics and the console's board, every log_every steps."""
 
     def __init__(self, job: PhaseJob, stack_id: int, steps: int, tokens_per_step: int, log_every: int, rank: int):

@@ -40,7 +40,7 @@ def test_a_failed_phase_cancels_the_prestarted_next_phase_and_frees_its_lock(ray
     assert time.time() - t0 < 240  # no wait for a phase that will never get its inputs
     store = tmp_path / "failing" / "phases"
     assert [p.parent.name[:3] for p in store.glob("*/done.json")] == ["s00"]  # phases 1 and 2 left no record
-    key = os.path.basename(trainer._token_store())
+    key = os.path.basename(trainer.token_store_location())
     ids = [phase_identity(trainer.config, trainer.phase_plans(), k, key) for k in range(3)]
     assert (store / f"{ids[2]}.lock").exists()  # phase 2 was prestarted (it took its lock)...
     assert not list(store.glob(f"{ids[2]}/*/checkpoint_*"))  # ...and never trained

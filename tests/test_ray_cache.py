@@ -19,12 +19,13 @@ LAYOUT = CacheLayout(np.arange(40), np.arange(100, 140), shard_rows=8, seq_len=4
 
 
 @ray.remote(num_returns="streaming", max_retries=0)
-def fake_shards(config, checkpoint, stack_id, start, end, layout, shard_ids, prev, backend, directory, data_ref,
-                use_gpu):
-    """Shards of zeros; a shard named in `checkpoint`'s fail list is killed for memory
-    (once each where checkpoint says "once", else every time). Each try leaves a file."""
+def fake_shards(job, shard_ids, prev):
+    """Shards of zeros; a shard named in the job's `checkpoint` fail list is killed for
+    memory (once each where it says "once", else every time). Each try leaves a file in
+    the directory the job names as its data."""
     yield {"node_id": ray.get_runtime_context().get_node_id(), "row_flops": 0.0}
-    mode, fail = checkpoint.split(":")
+    mode, fail = job.checkpoint.split(":")
+    directory, layout = job.data_ref, job.layout
     for i in shard_ids:
         tries = len([f for f in os.listdir(directory) if f.startswith(f"{i}.")])
         open(os.path.join(directory, f"{i}.{tries}"), "w").close()
@@ -39,9 +40,14 @@ def tries(directory):
     return sorted(os.listdir(directory))
 
 
+def job(failures: str, directory) -> ray_cache.CacheJob:
+    return ray_cache.CacheJob(tiny_config(), failures, 1, 0, 0, LAYOUT, ray_cache.ObjectStoreShards(), str(directory),
+                              use_gpu=False)
+
+
 def test_a_build_killed_for_memory_retries_only_its_missing_shards_once(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_cache, "build_shards", fake_shards)
-    handle = ray_cache.build(tiny_config(), "once:3", 1, 0, 0, LAYOUT, None, str(tmp_path), None, tasks=2)
+    handle = ray_cache.build(job("once:3", tmp_path), tasks=2)
     assert handle.info["attempts"] == 2 and len(handle.shards) == 5
     assert tries(tmp_path) == ["0.0", "1.0", "2.0", "3.0", "3.1", "4.0"]  # the finished shards were kept
     reader = ray_cache.open_reader(handle.spec("trunk_inputs", 5), LAYOUT)
@@ -53,7 +59,7 @@ def test_a_build_killed_for_memory_retries_only_its_missing_shards_once(tmp_path
 def test_a_build_killed_for_memory_again_gives_up_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_cache, "build_shards", fake_shards)
     with pytest.raises(ray_cache.CacheMemoryError) as error:
-        ray_cache.build(tiny_config(), "always:2", 1, 0, 0, LAYOUT, None, str(tmp_path), None, tasks=1)
+        ray_cache.build(job("always:2", tmp_path), tasks=1)
     message = str(error.value)
     assert "\n" not in message and "killed for memory 2 times" in message and "ray.cache_shard_mb" in message
     assert [t for t in tries(tmp_path) if t.startswith("2.")] == ["2.0", "2.1"]  # twice, not forever
@@ -70,13 +76,14 @@ def test_a_cache_computed_by_the_trained_workers_equals_one_built_from_the_check
     trainer, history = arrow_run
     assert history[1]["cache"]["emitted"] and history[1]["cache"]["built"] and history[1]["cache"]["tasks"] == 0
     assert history[0]["next_cache_s"] > 0  # phase 0's workers spent it
-    config, data_ref = trainer.config, trainer._token_store()
+    config, data_ref = trainer.config, trainer.token_store_location()
     train_ds, _ = open_datasets(config, data_ref)
     layout = plan_layout(config, train_ds, phase_steps(config.training, len(train_ds) // config.data.batch_size),
                          history[1]["cache"]["dtype"])
     [emitted] = [os.path.join(trainer.store.root, history[0]["phase_id"], d)
                  for d in os.listdir(os.path.join(trainer.store.root, history[0]["phase_id"])) if d.startswith("cache_position_001")]
-    built = ray_cache.build(config, history[0]["checkpoint"], 1, 0, 1, layout, None, str(tmp_path / "built"), data_ref)
+    built = ray_cache.build(ray_cache.CacheJob(config, history[0]["checkpoint"], 1, 0, 1, layout,
+                                               ray_cache.ArrowShards(str(tmp_path / "built")), data_ref, use_gpu=False))
     assert built.info["tasks"] >= 1 and layout.shards == history[1]["cache"]["shards"]
     for i in range(layout.shards):
         a, b = read_shard(shard_path(emitted, i)), read_shard(built.shards[i])
