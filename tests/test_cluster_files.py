@@ -261,7 +261,7 @@ def test_readme():
         assert needle in text, needle
 
 
-@pytest.mark.parametrize("readme", ["README.md", "cluster/README.md"])
+@pytest.mark.parametrize("readme", ["docs/cluster.md", "cluster/README.md"])
 def test_readme_token_commands_start_from_a_fresh_head(readme):
     """A fresh `ray start --head` has no token, and refuses RAY_AUTH_MODE=token without one."""
     with open(os.path.join(ROOT, readme)) as f:
