@@ -44,10 +44,12 @@ SWEEPS = {
 
 
 class CpuSampler:
-    """Busy share of all CPUs over a command, from /proc/stat every 0.5 s."""
+    """How busy the CPUs were over a command (/proc/stat), and the CPU seconds of each kind
+    of process it started (`ray::TrainController`, `ray::RayTrainWorker`, ...), sampled
+    every 0.5 s: a process's last sample counts, so one that lives under 0.5 s is missed."""
 
     def __init__(self):
-        self.samples, self._stop = [], threading.Event()
+        self.samples, self._stop, self._seen = [], threading.Event(), {}
 
     @staticmethod
     def _read() -> tuple[int, int]:
@@ -56,7 +58,35 @@ class CpuSampler:
         idle = fields[3] + fields[4]
         return sum(fields) - idle, sum(fields)
 
+    @staticmethod
+    def _kind(cmdline: list[str]) -> str | None:
+        text = " ".join(cmdline)
+        if text.startswith("ray::"):
+            return text.split()[0].split(".")[0]
+        for name in ("raylet", "gcs_server", "dashboard", "log_monitor", "stackwise_ray.tune", "stackwise_ray.train"):
+            if name in text:
+                return name
+        return None
+
+    def _sample_processes(self) -> None:
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline", "create_time"]):
+            try:
+                if proc.info["create_time"] < self._t0:
+                    continue  # not this command's
+                kind = self._kind(proc.info["cmdline"] or [])
+                if kind is None or (kind == "ray::IDLE" and proc.pid in self._seen):
+                    kind = self._seen.get(proc.pid, (kind, 0))[0]
+                if kind is not None:
+                    times = proc.cpu_times()
+                    self._seen[proc.pid] = (kind, times.user + times.system)
+            except psutil.Error:
+                pass
+
     def __enter__(self):
+        self._t0 = time.time()
+
         def run():
             last = self._read()
             while not self._stop.wait(0.5):
@@ -64,6 +94,7 @@ class CpuSampler:
                 if now[1] > last[1]:
                     self.samples.append((now[0] - last[0]) / (now[1] - last[1]))
                 last = now
+                self._sample_processes()
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
         return self
@@ -75,6 +106,15 @@ class CpuSampler:
     @property
     def busy(self) -> float:
         return statistics.mean(self.samples) if self.samples else float("nan")
+
+    def by_kind(self) -> dict[str, tuple[float, int]]:
+        """{process kind: (CPU seconds, processes)}, most first."""
+        out: dict[str, list] = {}
+        for kind, seconds in self._seen.values():
+            out.setdefault(kind, [0.0, 0])
+            out[kind][0] += seconds
+            out[kind][1] += 1
+        return dict(sorted(((k, tuple(v)) for k, v in out.items()), key=lambda kv: -kv[1][0]))
 
 
 def run_sweep(name: str, address: str | None, cpus: int | None) -> dict:
@@ -100,6 +140,7 @@ def run_sweep(name: str, address: str | None, cpus: int | None) -> dict:
             if m["status"] in ("trained", "recovered"):
                 phases.append({**m, "first": i == 0 or all(h["status"] == "reused" for h in history[:i])})
     return {"name": name, "wall": wall, "concurrent": concurrent, "busy": cpu.busy, "phases": phases,
+            "cpu_by_kind": cpu.by_kind(),
             "trials": len(glob.glob(os.path.join(experiment, "trials", "*", "summary.json"))), "storage": storage}
 
 
@@ -181,6 +222,13 @@ def main() -> None:
                    "orchestration median s (steady)", "orchestration max s", "first phase s", "CPU busy"], rows),
             "", "Cache builds against the forward they compute (plain PyTorch, 1 thread, same shapes):\n",
             table(["sweep", "stack", "rows", "build s", "forward s", "build / forward"], cache_rows)]
+    for r in results:
+        phases = len(r["phases"])
+        body += ["", f"Where the CPU went in `{r['name']}` ({phases} phases trained; CPU seconds by process, "
+                 f"{2 * r['wall']:.0f} available on {os.cpu_count()} CPUs):\n",
+                 table(["process", "processes", "CPU s", "CPU s per trained phase"],
+                       [[kind, n, seconds, seconds / phases] for kind, (seconds, n) in r["cpu_by_kind"].items()
+                        if seconds >= 1.0])]
     if not args.no_quickstart and not args.cpus:
         plain, ray_wall = quickstart_against_plain()
         body += ["", table(["quickstart", "wall s"], [["plain PyTorch loop", plain], ["on Ray", ray_wall],
