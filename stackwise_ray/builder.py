@@ -160,7 +160,7 @@ class ProgressiveRackBuilder:
                               f"and is not imported: give stack {stack_id} its time_step")
         if precision is None and self.default_precision is not None and stack_id not in p.stack_precisions:
             precision = self.default_precision
-        stack = create_stack_from_config(stack_id, n_blocks or self.config.blocks_per_stack, self.config, precision,
+        stack = create_stack_from_config(stack_id, n_blocks or self.config.stack_blocks(stack_id), self.config, precision,
                                          time_step)
         if p.new_stack_init == "copy" and self.rack.stacks:  # before the source gets a trunk adapter
             copy_stack_weights(self.rack.stacks[0 if at_input_side else -1], stack)

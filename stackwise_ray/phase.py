@@ -24,10 +24,43 @@ def get_lr(it: int, steps: int, lr: float, min_lr: float, warmup: int) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def phase_steps(tcfg: TrainingConfig, batches_per_epoch: int) -> int:
+def wsd_lr(it: int, steps: int, lr: float, min_lr: float, warmup: int, decay_fraction: float) -> float:
+    """Warmup-stable-decay: linear warmup, lr held, then a linear decay over the last
+    round(decay_fraction x steps) steps (at least 1) that reaches min_lr at the last step."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    decay = max(1, round(decay_fraction * steps))
+    start = steps - decay
+    if it < start:
+        return lr
+    return lr - (lr - min_lr) * min(1.0, (it - start + 1) / decay)
+
+
+def schedule_lr(tcfg: TrainingConfig, it: int, steps: int, offset: int = 0, total: int | None = None) -> float:
+    """The learning rate at step `it` of a phase of `steps` steps whose first step is the
+    run's global step `offset`, in a run of `total` steps (None: the phase is the run, as
+    the end-to-end baseline is). per_phase ignores the run: every phase warms up and
+    decays on its own; run_cosine and wsd follow the global step."""
+    if tcfg.lr_schedule == "per_phase":
+        return get_lr(it, steps, tcfg.lr, tcfg.min_lr, tcfg.warmup_steps)
+    step, total = offset + it, total if total is not None else steps
+    if tcfg.lr_schedule == "run_cosine":
+        return get_lr(step, total, tcfg.lr, tcfg.min_lr, tcfg.warmup_steps)
+    return wsd_lr(step, total, tcfg.lr, tcfg.min_lr, tcfg.warmup_steps, tcfg.decay_fraction)
+
+
+def phase_steps(tcfg: TrainingConfig, batches_per_epoch: int, stack_id: int = 0) -> int:
+    """Optimizer steps of phase `stack_id`: epochs_per_stack epochs, else its entry of
+    steps_per_stack (one number for every phase, or a list with one per stack)."""
     if tcfg.epochs_per_stack is not None:
         return tcfg.epochs_per_stack * batches_per_epoch
-    return tcfg.steps_per_stack
+    steps = tcfg.steps_per_stack
+    return steps[stack_id] if isinstance(steps, list) else steps
+
+
+def run_steps(tcfg: TrainingConfig, batches_per_epoch: int, n_phases: int) -> list[int]:
+    """The steps of phases 0..n_phases-1 (their sum is a run-wide schedule's length)."""
+    return [phase_steps(tcfg, batches_per_epoch, k) for k in range(n_phases)]
 
 
 def forever(loader: Iterable) -> Iterator:
@@ -67,7 +100,7 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
                 val_batches: Iterable[dict] | None = None, start: int = 0,
                 device: torch.device | str = "cpu",
                 on_step_end: Callable[[int, torch.optim.Optimizer, list, list], None] | None = None,
-                resume: dict | None = None) -> dict:
+                resume: dict | None = None, window: tuple[int, int] | None = None) -> dict:
     """Train every parameter of `rack` with requires_grad on `steps` prepared batches.
 
     Args:
@@ -84,6 +117,8 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
             every step (in-phase checkpoints).
         resume: {"step", "optimizer", "loss_curve", "val_curve"} of an in-phase checkpoint to
             continue from.
+        window: (the run's global step at this phase's first step, the run's steps in
+            all) for a run-wide lr_schedule; None: (0, steps).
     Returns:
         metrics: loss curve, validation curve (with eval_every), final validation numbers,
             parameter counts, wall time.
@@ -103,7 +138,7 @@ def train_stack(rack: Rack, batches: Iterable[dict], tcfg: TrainingConfig, steps
     rack.train()
     t0 = time.perf_counter()
     for it in range(first, steps):
-        lr = get_lr(it, steps, tcfg.lr, tcfg.min_lr, tcfg.warmup_steps)
+        lr = schedule_lr(tcfg, it, steps, *(window or (0, steps)))
         for group in opt.param_groups:
             group["lr"] = lr
         batch = next(data)

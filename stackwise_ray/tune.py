@@ -139,13 +139,13 @@ def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
 
     tune.baseline_match flops: batch = data.batch_size; steps = floor(budget / FLOPs of
     one step), at least 1.
-    flops_and_steps: steps = the progressive run's optimizer steps (target_stacks x the
-    steps of one phase); batch = the largest multiple of ray.num_workers that keeps those
+    flops_and_steps: steps = the progressive run's optimizer steps (the sum of its phases'
+    steps); batch = the largest multiple of ray.num_workers that keeps those
     steps within the budget: floor(budget / (steps x FLOPs per example) / num_workers) x
     num_workers. Raises ConfigError where that is 0 (a budget too small for one example
     per worker per step)."""
     from .flops import budget_and_final_rack, end_to_end_flops
-    from .phase import phase_steps
+    from .phase import run_steps
 
     match = config.tune.baseline_match
     config = apply_overrides(config, {})  # the base config as a run sees it (its tune section apart)
@@ -154,7 +154,7 @@ def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
     per_example = end_to_end_flops(rack, T, T)  # one example (T tokens) through one step
     if match == "flops":
         return {"batch_size": B, "steps": max(1, int(budget // (B * per_example))), "budget": budget}
-    steps = config.target_stacks * phase_steps(config.training, n_train // B)
+    steps = sum(run_steps(config.training, n_train // B, config.target_stacks))
     batch = int(budget // (steps * per_example)) // W * W
     if batch < W:
         raise ConfigError(f"tune.baseline_match: flops_and_steps: {steps} end-to-end steps within the budget of "

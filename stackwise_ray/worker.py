@@ -39,6 +39,9 @@ class PhaseInputs:
     cache: dict | None  # the cache the phase reads (ray_cache.CacheHandle.spec), None: it reads none
     handed_at: float  # when the driver had them ready
     next_cache: NextCache | None = None  # the next phase's cache, for these workers to compute once trained
+    # (the run's global step at the phase's first step, the run's steps in all): where the
+    # phase lies in a run-wide lr_schedule; None: the phase is the run (the baseline)
+    lr_window: tuple[int, int] | None = None
 
     @property
     def end_to_end(self) -> bool:
@@ -108,7 +111,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     plan = inputs.plans[0]
     if not inputs.end_to_end and cache is None and plan.cache.rounds:  # a refused cache that would have rounded
         hooks.append(rounding_hook(rack, plan.cache.position, plan.cache.dtype))
-    steps = job.train_steps or phase_steps(config.training, len(train_batches.base_dataloader))
+    steps = job.train_steps or phase_steps(config.training, len(train_batches.base_dataloader), stack_id)
+    window = inputs.lr_window or (0, steps)
     resume = read_in_phase_checkpoint(rack)
     progress = PhaseProgress(job, stack_id, steps, B * T, config.training.log_every, rank)
 
@@ -130,7 +134,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     curve_batches = val_batches if rank == 0 and config.training.eval_every else None
     metrics = train_stack(model, train_batches, config.training, steps, curve_batches,
                           start=spec["position"] if spec else 0, device=device, on_step_end=on_step_end,
-                          resume=resume)
+                          resume=resume, window=window)
     for h in hooks:
         h.remove()
     if cache is not None:
@@ -144,12 +148,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         metrics["next_cache"] = emit_next_cache(inputs.next_cache, config, rack.eval(), train_ds, masking, spec, rank,
                                                 world, device)
     flops = train_flops(inputs, rack, steps * B * T, T)
-    before = 0 if inputs.end_to_end else stack_id * steps  # earlier phases ran as many steps (same config)
     for point in metrics.get("val_curve", []):
-        point.update(global_step=before + point["step"], phase_flops=flops * point["step"] / steps)
+        point.update(global_step=window[0] + point["step"], phase_flops=flops * point["step"] / steps)
     depth_time = config.training.progressive.time_interpretation == "depth"
     metrics.update({
         "resumed_from_step": resume["step"] if resume else 0,
+        "first_global_step": window[0],
         "train_flops": flops,
         "stack": stack_id,
         "precision": builder.stack(stack_id).precision,
