@@ -111,7 +111,7 @@ class DataConfig:
 class ProgressiveConfig:
     enabled: bool = setting(True, IGNORED, "the source document's switch; only true is accepted (the end-to-end rack is tune.baseline)")
     trunk_strategy: Literal["frozen", "qlora", "full"] = setting("frozen", TRUNK, "frozen: the trunk does not train; qlora: only its LoRA adapters train; full: the whole rack trains after growth")
-    new_stack_init: Literal["random", "copy"] = setting("random", TRUNK, "copy: a new stack starts as a copy of the trained stack beside it (stack k-1)")
+    new_stack_init: Literal["random", "copy", "copy_trunk", "copy_middle", "identity"] = setting("random", TRUNK, "copy: a new stack starts as a copy of the trained stack beside it (stack k-1); copy_trunk (G_stack): its blocks copy the whole trunk's, in rack order, repeated to fill it; copy_middle (MIDAS): the trunk's middle blocks; identity: random blocks whose residual outputs (and time projection) start at zero, so the grown rack computes what the trunk did")
     new_stack_precision: Literal["full", "half", "bfloat16", "nvfp4", "qlora"] = setting("full", PLANNED, "precision of stacks stack_precisions does not name")
     cache_activations: bool = setting(True, IGNORED, "cache trunk activations between phases (false: recompute the trunk every step)")
     # stack LoRA: one adapter per stack, added when the stack is created
@@ -463,6 +463,9 @@ class StackWiseConfig:
                  "(the same rack trained end to end is tune.baseline: end_to_end)")
         if p.trunk_strategy == "full" and p.progressive_qlora:
             fail("training.progressive.progressive_qlora", "trunk_strategy full trains the trunk's own weights, so a trunk adapter would only be a redundant low-rank copy of their update: set it to false, or use trunk_strategy qlora")
+        if p.new_stack_init in ("copy_trunk", "copy_middle", "identity"):
+            self._validate_operator()
+            return
         if p.new_stack_init != "copy":
             return
         for k in range(1, self.target_stacks):
@@ -471,6 +474,35 @@ class StackWiseConfig:
                 fail("training.progressive.new_stack_init", f"copy gives stack {k} ({new}) the weights of stack {k - 1} ({source}); a 4-bit stack copies only from a stack of its own precision")
             if p.qlora_enabled and stack_lora_params(k, p) != stack_lora_params(k - 1, p):
                 fail("training.progressive.new_stack_init", f"copy gives stack {k} the LoRA adapter of stack {k - 1}, but qlora_strategy {p.qlora_strategy} gives them different (rank, alpha): {stack_lora_params(k - 1, p)} and {stack_lora_params(k, p)}")
+
+    def _validate_operator(self) -> None:
+        """copy_trunk, copy_middle and identity: where they cannot give stack k what they say."""
+        p, key = self.training.progressive, "training.progressive.new_stack_init"
+        op = p.new_stack_init
+        for k in range(1, self.target_stacks):
+            new, blocks = self.stack_precision(k), self.stack_blocks(k)
+            trunk_blocks = sum(self.stack_blocks(j) for j in range(k))
+            if op == "identity":
+                if new != "full":
+                    fail(key, f"identity needs full-precision new stacks: stack {k} is {new}, which rounds the residual "
+                              "stream it passes on (or holds 4-bit weights that cannot start at an exact zero)")
+                continue
+            for j in range(k):
+                source = self.stack_precision(j)
+                if not can_copy_weights(source, new):
+                    fail(key, f"{op} gives stack {k} ({new}) blocks of stack {j} ({source}); a 4-bit stack copies only "
+                              "from a stack of its own precision")
+                if p.qlora_enabled and stack_lora_params(k, p) != stack_lora_params(j, p):
+                    fail(key, f"{op} gives stack {k} the LoRA adapters of stack {j}'s blocks, but qlora_strategy "
+                              f"{p.qlora_strategy} gives them different (rank, alpha): {stack_lora_params(j, p)} and "
+                              f"{stack_lora_params(k, p)}")
+            if op == "copy_trunk" and blocks % trunk_blocks:
+                fail(key, f"copy_trunk fills stack {k}'s {blocks} blocks with copies of the trunk's {trunk_blocks}: "
+                          "make each stack's blocks a multiple of the blocks before it (model.blocks_per_stack as a "
+                          "list, e.g. [2, 2, 4] or [6, 18])")
+            if op == "copy_middle" and blocks > trunk_blocks:
+                fail(key, f"copy_middle gives stack {k} the middle {blocks} of the trunk's {trunk_blocks} blocks: "
+                          "a stack may hold at most as many blocks as the stacks before it (model.blocks_per_stack)")
 
     def _validate_time(self) -> None:
         p = self.training.progressive
