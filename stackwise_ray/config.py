@@ -218,7 +218,7 @@ SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 class TuneConfig:
     search_space: dict = setting(identity=IGNORED, doc="{key path: {grid|choice|uniform|loguniform|randint: values}}", factory=dict)
     num_samples: int = setting(1, IGNORED, "repeats of the grid (sampled keys are drawn per trial)")
-    metric: Literal["val_loss", "val_ppl", "val_accuracy"] = setting("val_loss", IGNORED, "what the schedulers and the best trial go by")
+    metric: Literal["val_loss", "val_ppl", "val_accuracy", "val_bpb"] = setting("val_loss", IGNORED, "what the schedulers and the best trial go by")
     mode: Literal["min", "max"] = setting("min", IGNORED, "min or max of metric")
     max_concurrent_trials: int = setting(2, IGNORED, "trials running at once")
     scheduler: Literal["none", "asha", "median"] = setting("none", IGNORED, "Ray Tune's ASHA or median stopping, with stacks_done as the time axis")

@@ -188,6 +188,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline: dict | No
             "stacks_done": m["stack"] + 1, "val_loss": m["val_loss"],
             "phases_trained": counts["trained"] + counts["recovered"], "phases_reused": counts["reused"],
             "kind": kind, "stack": m["stack"], "val_ppl": m["val_ppl"], "val_accuracy": m["val_accuracy"],
+            "val_bpb": m.get("val_bpb", float("nan")),
             "phase_flops": m["flops"], "flops": spent["flops"], "phase_status": m["status"], "phase_id": m["phase_id"],
             "phase_wall_s": m["phase_wall_s"] if m["status"] != "reused" else 0.0, "train_s": m["train_s"],
             "peak_memory_mb": m["peak_memory_mb"], "wall_s": time.time() - t0,
@@ -316,6 +317,7 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
         arm = arm_label(config, kind, given)
         rows.append({"trial_id": trial_id, "kind": kind, "arm": arm, "status": status, **values,
                      "val_loss": m.get("val_loss"), "val_ppl": m.get("val_ppl"), "val_accuracy": m.get("val_accuracy"),
+                     "val_bpb": m.get("val_bpb"),
                      "stacks_done": done, "flops": m.get("flops"), "budget": m.get("budget"),
                      "batch_size": m.get("batch_size"), "steps": m.get("steps"), "tokens": m.get("tokens"),
                      "epochs": m.get("epochs"), "wall_s": m.get("wall_s"),
@@ -325,6 +327,7 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
         if frame is not None and len(frame):
             for _, r in frame.iterrows():
                 phases.append({"trial_id": trial_id, "kind": kind, "stack": r["stack"], "val_loss": r["val_loss"],
+                               "val_bpb": r.get("val_bpb"),
                                "flops": r["phase_flops"], "cum_flops": r["flops"], "wall_s": r["phase_wall_s"],
                                "train_s": r["train_s"], "peak_memory_mb": r["peak_memory_mb"],
                                "status": r["phase_status"], "phase_id": r["phase_id"],
@@ -346,7 +349,8 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
     return rows
 
 
-CURVE_FIELDS = ["trial_id", "kind", "arm", *PROTOCOL_KEYS.values(), "stack", "global_step", "flops", "val_loss"]
+CURVE_FIELDS = ["trial_id", "kind", "arm", *PROTOCOL_KEYS.values(), "stack", "global_step", "flops", "val_loss",
+                "val_bpb"]
 
 
 def compare(experiment_dir: str) -> list[dict]:
@@ -359,16 +363,17 @@ def compare(experiment_dir: str) -> list[dict]:
 
 
 def trial_curve(history: list[dict]) -> list[dict]:
-    """A run's validation curve over its phases: {stack, global_step, flops, val_loss} per
+    """A run's validation curve over its phases: {stack, global_step, flops, val_loss, val_bpb} per
     point, FLOPs counted from the run's start (cache builds included, before the steps of
     the phase they feed). Phases without eval_every give one point, at their end."""
     points, spent, steps = [], 0.0, 0
     for phase in history:
         build = phase["flops"] - phase["train_flops"]
         curve = phase.get("val_curve") or [{"step": phase["steps"], "global_step": steps + phase["steps"],
-                                            "phase_flops": phase["train_flops"], "val_loss": phase["val_loss"]}]
+                                            "phase_flops": phase["train_flops"], "val_loss": phase["val_loss"],
+                                            "val_bpb": phase.get("val_bpb")}]
         points += [{"stack": phase["stack"], "global_step": p["global_step"], "flops": spent + build + p["phase_flops"],
-                    "val_loss": p["val_loss"]} for p in curve]
+                    "val_loss": p["val_loss"], "val_bpb": p.get("val_bpb")} for p in curve]
         spent, steps = spent + phase["flops"], steps + phase["steps"]
     return points
 
@@ -405,7 +410,8 @@ def comparison_text(compared: list[dict]) -> str:
 
 
 def results_table(rows: list[dict], swept: list[str]) -> str:
-    cols = ["trial_id", "kind", *swept, "val_loss", "flops", "wall_s", "phases_trained", "phases_reused", "status"]
+    cols = ["trial_id", "kind", *swept, "val_loss", "val_bpb", "flops", "wall_s", "phases_trained", "phases_reused",
+            "status"]
 
     def fmt(v):
         if isinstance(v, float):

@@ -132,9 +132,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     t_train = time.time()
     # the validation curve: rank 0 alone evaluates, between steps
     curve_batches = val_batches if rank == 0 and config.training.eval_every else None
+    token_bytes = torch.from_numpy(tokenizer.token_bytes())
     metrics = train_stack(model, train_batches, config.training, steps, curve_batches,
                           start=spec["position"] if spec else 0, device=device, on_step_end=on_step_end,
-                          resume=resume, window=window)
+                          resume=resume, window=window, token_bytes=token_bytes)
     for h in hooks:
         h.remove()
     if cache is not None:
@@ -143,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     # the full rack from tokens, no cache: the numbers a reloaded checkpoint reproduces (with
     # eval_every, rank 0 has them already, from the whole split)
     if "val_curve" not in metrics:
-        metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device))
+        metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device, token_bytes=token_bytes))
     if inputs.next_cache is not None:  # this rank's share of the next phase's cache, from the stack just trained
         metrics["next_cache"] = emit_next_cache(inputs.next_cache, config, rack.eval(), train_ds, masking, spec, rank,
                                                 world, device)
