@@ -11,7 +11,8 @@ new_stack_init copy starts a new stack as a copy of the trained stack it sits ne
 (the last one in append mode, the first one in prepend mode: always stack k-1): its
 weights, norms, time conditioning and stack LoRA, cast to its own precision. The new
 stack keeps its own stack_id and depth time step, so its copied time conditioning is
-applied to its own time. copy_trunk (G_stack) copies every trunk block in rack order,
+applied to its own time; a stack with a multiple of stack k-1's blocks gets its blocks
+repeated. copy_trunk (G_stack) copies every trunk block in rack order,
 repeated to fill the new stack; copy_middle (MIDAS) the trunk's middle blocks; both take
 the time conditioning of stack k-1. identity keeps the random blocks but zeroes their
 residual output projections and the time projection, so the new stack is the identity
@@ -224,8 +225,10 @@ class ProgressiveRackBuilder:
                                          time_step)
         if self.rack.stacks:  # before the sources get a trunk adapter
             neighbour = self.rack.stacks[0 if at_input_side else -1]
-            if p.new_stack_init == "copy":
+            if p.new_stack_init == "copy" and len(stack.blocks) == len(neighbour.blocks):
                 copy_stack_weights(neighbour, stack)
+            elif p.new_stack_init == "copy":  # a larger stack: stack k-1's blocks, repeated
+                grow_from_trunk([neighbour], neighbour, stack, "copy_trunk")
             elif p.new_stack_init in ("copy_trunk", "copy_middle"):
                 grow_from_trunk(list(self.rack.stacks), neighbour, stack, p.new_stack_init)
             elif p.new_stack_init == "identity":

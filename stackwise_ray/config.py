@@ -470,6 +470,9 @@ class StackWiseConfig:
             return
         for k in range(1, self.target_stacks):
             source, new = self.stack_precision(k - 1), self.stack_precision(k)
+            if self.stack_blocks(k) % self.stack_blocks(k - 1):
+                fail("training.progressive.new_stack_init", f"copy fills stack {k}'s {self.stack_blocks(k)} blocks with "
+                     f"copies of stack {k - 1}'s {self.stack_blocks(k - 1)}: make it a multiple (model.blocks_per_stack)")
             if not can_copy_weights(source, new):
                 fail("training.progressive.new_stack_init", f"copy gives stack {k} ({new}) the weights of stack {k - 1} ({source}); a 4-bit stack copies only from a stack of its own precision")
             if p.qlora_enabled and stack_lora_params(k, p) != stack_lora_params(k - 1, p):

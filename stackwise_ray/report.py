@@ -242,6 +242,7 @@ def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
     done = finished(results)
     done = done[done["arm"].notna()]
     chosen = {arm: best_lr(rows) for arm, rows in done.groupby("arm", sort=False)}
+    tried = {arm: rows[LR].nunique() if LR in rows else 1 for arm, rows in done.groupby("arm", sort=False)}
     base = chosen.get("baseline")
     base_losses = per_seed(base[1]) if base is not None else pd.Series(dtype=float)
     base_loss = base_losses.mean() if base is not None else float("nan")
@@ -254,7 +255,8 @@ def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
         reach = flops_to_reach(curve["flops"].tolist(), curve["val_loss"].tolist(), base_loss) if len(curve) else None
         flops, budget = rows["flops"].mean(), rows["budget"].max() if "budget" in rows else float("nan")
         bpb = per_seed(rows, "val_bpb") if "val_bpb" in rows else pd.Series(dtype=float)
-        out.append({"arm": arm, "lr": lr, "seeds": len(losses), "val_loss_mean": losses.mean(),
+        out.append({"arm": arm, "lr": lr, "lrs_tried": max(1, int(tried[arm])), "seeds": len(losses),
+                    "val_loss_mean": losses.mean(),
                     "val_bpb_mean": bpb.mean() if len(bpb) else float("nan"),
                     "val_loss_std": losses.std(ddof=1) if len(losses) > 1 else float("nan"),
                     "diff": diff, "ci_low": low, "ci_high": high, "flops": flops,
@@ -262,6 +264,37 @@ def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
                     "flops_to_reach": reach, "reach_ratio": reach / base_flops if reach is not None else None,
                     "budget": budget, "over_budget": bool(flops > OVER_BUDGET * budget) if pd.notna(budget) else None})
     return out
+
+
+MIN_SEEDS = 3  # fewer seeds give no interval (1) or one too wide to mean much (2)
+
+
+def weak_evidence(rows: list[dict]) -> list[str]:
+    """What makes a comparison table's evidence weak, one line each (none: it follows the
+    protocol): untuned learning rates, too few seeds, a baseline matched in FLOPs only that
+    trained fewer steps than the arms, arms over the budget."""
+    if not rows:
+        return []
+    lines = []
+    if max(r.get("lrs_tried", 1) for r in rows) <= 1:
+        lines.append("Weak evidence: a single learning rate for every arm, so each arm's LR is untuned and the "
+                     "comparison may only say which arm suits that LR (tune.lrs runs several).")
+    fewest = min(r["seeds"] for r in rows)
+    if fewest < MIN_SEEDS:
+        lines.append(f"Weak evidence: {fewest} seed{'s' if fewest != 1 else ''} for some arm (fewer than {MIN_SEEDS}), "
+                     "so there is no confidence interval worth the name (tune.seeds runs several).")
+    base = next((r for r in rows if r["arm"] == "baseline"), None)
+    arms = [r for r in rows if r["arm"] != "baseline"]
+    arm_steps = [r["steps"] for r in arms if pd.notna(r.get("steps"))]
+    if base is not None and pd.notna(base.get("steps")) and arm_steps and base["steps"] < min(arm_steps):
+        lines.append(f"Weak evidence: the baseline is matched in FLOPs only and trained {base['steps']:.0f} steps "
+                     f"against the arms' {min(arm_steps):.0f}+, so it is less trained, not only cheaper "
+                     "(tune.baseline_match: flops_and_steps matches the steps too).")
+    over = [r["arm"] for r in arms if r.get("over_budget")]
+    if over:
+        lines.append(f"Weak evidence: {', '.join(over)} spent more FLOPs than the budget the baseline was given, "
+                     "so a gain there is not compute-matched.")
+    return lines
 
 
 def finished(results: pd.DataFrame) -> pd.DataFrame:
@@ -428,7 +461,7 @@ def _write_files(experiment_dir, command, results, phases, curves, out_dir) -> d
     header, rows = table_rows(results)
     lines = comparison_lines(results, labels, *sweep_metric(experiment_dir))
     compared = comparison(results, curves)
-    compare = (COMPARE_HEADER, comparison_rows(compared), COMPARE_NOTES) if compared else None
+    compare = (COMPARE_HEADER, comparison_rows(compared), weak_evidence(compared) + COMPARE_NOTES) if compared else None
     if compared:
         paths["comparison"] = os.path.join(out_dir, COMPARE_PLOT)
         plot_comparison(compared, results, curves, paths["comparison"])

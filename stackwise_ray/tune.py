@@ -341,7 +341,7 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
     storage.write_frame_parquet(storage.join(experiment_dir, "results.parquet"), table.astype({c: str for c in swept}))
     storage.write_frame_csv(storage.join(experiment_dir, "phases.csv"), pd.DataFrame(phases))
     storage.write_frame_csv(storage.join(experiment_dir, "curves.csv"), pd.DataFrame(curves, columns=CURVE_FIELDS))
-    storage.write_frame_csv(storage.join(experiment_dir, "comparison.csv"), pd.DataFrame(compare(experiment_dir)))
+    write_comparison_csv(experiment_dir, compare(experiment_dir))
     best = best_trial(table, config.tune.metric, config.tune.mode)  # the report's rule too
     if best is not None:
         chosen = next(r for r in rows if r["trial_id"] == best["trial_id"])
@@ -351,6 +351,21 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
 
 CURVE_FIELDS = ["trial_id", "kind", "arm", *PROTOCOL_KEYS.values(), "stack", "global_step", "flops", "val_loss",
                 "val_bpb"]
+
+
+def write_comparison_csv(experiment_dir: str, compared: list[dict]) -> None:
+    """comparison.csv: the table, then what makes its evidence weak as `#` lines under it
+    (pandas reads the table alone with comment="#")."""
+    import pandas as pd
+
+    from .report import weak_evidence
+
+    path = storage.join(experiment_dir, "comparison.csv")
+    storage.write_frame_csv(path, pd.DataFrame(compared))
+    lines = weak_evidence(compared)
+    if lines:
+        text = storage.read_bytes(path).decode().rstrip("\n") + "\n" + "".join(f"# {line}\n" for line in lines)
+        storage.write_bytes(path, text.encode())
 
 
 def compare(experiment_dir: str) -> list[dict]:
@@ -404,9 +419,9 @@ def dry_run_text(config: StackWiseConfig, baseline: dict | None) -> str:
 
 def comparison_text(compared: list[dict]) -> str:
     """The report's comparison table, as console text."""
-    from .report import COMPARE_HEADER, comparison_rows
+    from .report import COMPARE_HEADER, comparison_rows, weak_evidence
 
-    return aligned([COMPARE_HEADER, *comparison_rows(compared)])
+    return "\n".join([aligned([COMPARE_HEADER, *comparison_rows(compared)]), *weak_evidence(compared)])
 
 
 def results_table(rows: list[dict], swept: list[str]) -> str:

@@ -35,7 +35,7 @@ def grown(op, blocks, mode="append", stacks=3, **settings):
     ("append", {"qlora_enabled": True, "qlora_rank": 4, "progressive_qlora": True, "trunk_strategy": "qlora"}),
 ])
 def test_copy_trunk_stacks_the_whole_trunk_in_order(mode, settings):
-    builder, new, trunk, time_state = grown("copy_trunk", [1, 1, 4], mode, **settings)
+    _, new, trunk, time_state = grown("copy_trunk", [1, 1, 4], mode, **settings)
     assert len(trunk) == 2 and len(new.blocks) == 4
     for i, block in enumerate(new.blocks):  # G_stack: trunk blocks 0, 1, 0, 1
         mine = block_state(block)
@@ -89,3 +89,10 @@ def test_an_operator_that_cannot_apply_is_refused_naming_its_key(settings, messa
     with pytest.raises(ConfigError) as e:
         StackWiseConfig.from_dict(raw).validate()
     assert str(e.value).startswith(f"training.progressive.new_stack_init: {message}")
+
+
+def test_copy_into_a_larger_stack_repeats_the_neighbours_blocks():
+    _, new, trunk, _ = grown("copy", [1, 1, 2])  # stack 2 copies stack 1's one block, twice (copy_trunk: 0 then 1)
+    for block in new.blocks:
+        mine = block_state(block)
+        assert all(torch.equal(mine[n], trunk[1][n]) for n in mine)
