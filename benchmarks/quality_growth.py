@@ -145,8 +145,9 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
                      + ("\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""))
     parts.append(
         "What this does not show: one small model (3 stacks, 4 blocks in all) and one short run per arm; one corpus "
-        "(Python source); CPU float32; `trunk_strategy: full` spends more FLOPs than the budget the baseline "
-        "matches (that of the base run), so an arm marked not compute-matched has had more compute. A difference "
+        "(Python source); CPU float32. The budget the baseline matches is the FLOPs of the base run (trunk_strategy full, "
+        "new stacks random), which every operator spends too (an operator changes a new stack's start, not its "
+        "cost). A difference "
         "whose interval contains 0 is no difference; \"no gain\" is a result. Whether any ordering holds at larger "
         "scale, with longer training or other data is not measured here.")
     return "\n\n".join(parts)
