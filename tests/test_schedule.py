@@ -124,3 +124,23 @@ def test_settings_added_later_leave_existing_ids_alone_at_their_defaults():
     assert "training.lr_schedule" not in hashed and "training.decay_fraction" not in hashed
     config.training.lr_schedule = "wsd"
     assert declared_settings(config, (HASHED,), hashing=True)["training.lr_schedule"] == "wsd"
+
+
+def test_a_ray_run_places_each_phase_on_the_run_wide_schedule(ray_session, tmp_path):
+    """Through Ray Train workers: per-stack steps, the LR at every global step (wsd), the
+    curve's global steps, and val_bpb in every phase's metrics."""
+    from stackwise_ray.trainer import ProgressiveTrainer
+
+    from .conftest import ray_config
+
+    config = ray_config(training={"steps_per_stack": [3, 5], "lr": LR, "min_lr": MIN_LR, "warmup_steps": 2,
+                                  "lr_schedule": "wsd", "decay_fraction": 0.5, "log_every": 1, "eval_every": 2,
+                                  "checkpoint_every": 0},
+                        target_stacks=2)
+    history = ProgressiveTrainer(config, storage_path=str(tmp_path), name="wsd").train_progressively()
+    assert [m["steps"] for m in history] == [3, 5] and [m["first_global_step"] for m in history] == [0, 3]
+    lrs = {m["first_global_step"] + p["step"]: p["lr"] for m in history for p in m["loss_curve"]}
+    assert lrs == {g: pytest.approx(schedule_lr(config.training, g, 8)) for g in range(8)}
+    assert lrs[2] == LR and lrs[7] == pytest.approx(MIN_LR)  # stable across the boundary, decayed at the end
+    assert [p["global_step"] for p in history[1]["val_curve"]] == [5, 7, 8]
+    assert all(m["val_bpb"] == pytest.approx(m["val_loss"] / math.log(2)) for m in history)  # byte tokenizer
