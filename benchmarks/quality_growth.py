@@ -122,7 +122,11 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
     a = facts["args"]
     full = {"schedules": SCHEDULES, "operators": OPERATORS, "lrs": LRS, "seeds": SEEDS, "steps": STEPS}
     reduced = [f"{k} {a[k]} (protocol: {v})" for k, v in full.items() if a[k] != v]
+    command = ("python benchmarks/quality_growth.py --schedules " + " ".join(a["schedules"]) + " --operators "
+               + " ".join(a["operators"]) + " --lrs " + " ".join(f"{x:g}" for x in a["lrs"]) + " --seeds "
+               + " ".join(map(str, a["seeds"])) + f" --steps {a['steps']} --eval-every {a['eval_every']}")
     parts = [
+        f"The run: `{command}`.",
         (f"**A REDUCED run, not the protocol**: {'; '.join(reduced)}. With one LR the arms are untuned, with "
          "fewer than 3 seeds there is no interval: read it as a check that the pipeline runs, not as a result.\n\n"
          if reduced else "")
