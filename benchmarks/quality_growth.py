@@ -127,9 +127,10 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
                + " ".join(map(str, a["seeds"])) + f" --steps {a['steps']} --eval-every {a['eval_every']}")
     parts = [
         f"The run: `{command}`.",
-        (f"**A REDUCED run, not the protocol**: {'; '.join(reduced)}. With one LR the arms are untuned, with "
-         "fewer than 3 seeds there is no interval: read it as a check that the pipeline runs, not as a result.\n\n"
-         if reduced else "")
+        (f"**A REDUCED run, not the protocol**: {'; '.join(reduced)}. With fewer LRs than the protocol an arm's "
+         "best LR may lie outside those it ran, with fewer than 3 seeds there is no interval, and with fewer steps "
+         "the schedules are mostly warmup and decay: read it as a check that the pipeline runs end to end, not as "
+         "a result.\n\n" if reduced else "")
         + f"`{EXPERIMENT}` with `trunk_strategy: full` (d_model 128, 4 heads, 3 stacks of 1, 1 and 2 blocks, seq_len "
         f"128, byte tokenizer, batch 16, {a['steps']} steps per stack, 20 warmup steps once per run, validation "
         f"every {a['eval_every']} steps on the whole validation split) on the standard library's `.py` files as "
@@ -149,7 +150,8 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
                      + ("\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""))
     parts.append(
         "What this does not show: one small model (3 stacks, 4 blocks in all) and one short run per arm; one corpus "
-        "(Python source); CPU float32. The budget the baseline matches is the FLOPs of the base run (trunk_strategy full, "
+        "(Python source); CPU float32. Matching FLOPs and steps gives the baseline a smaller batch (the whole "
+        "rack costs more per example than a growing one), so it sees fewer tokens (column *tokens*). The budget the baseline matches is the FLOPs of the base run (trunk_strategy full, "
         "new stacks random), which every operator spends too (an operator changes a new stack's start, not its "
         "cost). A difference "
         "whose interval contains 0 is no difference; \"no gain\" is a result. Whether any ordering holds at larger "
