@@ -1,12 +1,15 @@
 """The token store: a corpus tokenized once, on disk, memory-mapped by every reader.
 
+Its whole lifecycle is here: its identity (what determines its ids) and key, its build
+from a source's Batches (sources.py) with a tokenizer (tokenizer.py), and opening it.
+
 A store is a directory `<ray.storage_path>/tokens/<key>/`:
     tokens.bin               language modelling: all documents' ids, eos between documents
     inputs.bin, targets.bin  custom objective: (N, seq_len) input ids, int32 targets
     meta.json                written last: its presence means the store is complete
 Ids are uint16 where the largest id fits, else uint32 (nanoGPT's `.bin` files). The key
-hashes everything that determines the ids (data.py `store_identity`: the source's bytes,
-the tokenizer file's bytes, format and fields, seq_len for the custom objective), so every
+hashes everything that determines the ids (`store_identity`: the source's bytes, the
+tokenizer file's bytes, format and fields, seq_len for the custom objective), so every
 run, trial and phase with the same data opens the same store, and changed data gets a new
 one. A build writes into a temporary directory that is renamed (or, on an object store,
 uploaded) into place; a build that fails or is killed leaves nothing taken as finished.
@@ -22,10 +25,17 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import storage
+from .. import storage
+from .formats import WITH_FIELDS
+from .sources import Batch, open_source
+from .tokenizer import IGNORE_INDEX, ByteTokenizer
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 VERSION = 1  # part of every key: a change of layout builds new stores
 META = "meta.json"
@@ -197,3 +207,112 @@ class Progress:
         """The last line: ends the terminal's line, or says where a long build ended."""
         if (self.tty and self.shown is not None) or (not self.tty and self.shown != done):
             self.update(done, final=True)
+
+
+# ---------------------------------------------------------------- identity and build
+
+def store_identity(data_cfg: DataConfig, tokenizer) -> dict:
+    """What determines a store's ids: the source's bytes (streamed through sha256), the
+    tokenizer file's bytes, format and fields, and seq_len for the custom objective."""
+    d, source = data_cfg, open_source(data_cfg)
+    identity = {"source": source.digest(), "format": source.format,
+                "tokenizer": "byte" if isinstance(tokenizer, ByteTokenizer) else file_digest(tokenizer.path)}
+    if source.format in WITH_FIELDS:
+        identity["text_field"] = d.text_field
+    if d.target_field is not None:
+        identity.update(target_field=d.target_field, seq_len=d.seq_len)
+    return identity
+
+
+def location(data_cfg: DataConfig, tokenizer, storage_path: str) -> str:
+    """Where the store of `data_cfg` lives: `<storage_path>/tokens/<key>`."""
+    root = storage.join(storage.storage_dir(storage_path), storage.TOKENS_DIR)
+    return storage.join(root, store_key(store_identity(data_cfg, tokenizer)))
+
+
+def ensure_store(data_cfg: DataConfig, tokenizer, storage_path: str, check=None) -> str:
+    """The location of data_cfg's complete store, built first where it is missing;
+    `check(meta)` may refuse it (ensure)."""
+    where = location(data_cfg, tokenizer, storage_path)
+
+    def checked(meta: dict):
+        check_id_width(meta, tokenizer, where)
+        if check is not None:
+            check(meta)
+
+    return ensure(where, lambda stage: write_store(stage, data_cfg, tokenizer), check=checked)
+
+
+def check_id_width(meta: dict, tokenizer, location: str) -> None:
+    """A store whose ids are narrower than the tokenizer's largest id (built before sparse
+    ids were counted) holds wrapped ids: refused, never trained on."""
+    if np.dtype(meta["dtype"]).itemsize < id_dtype(tokenizer.vocab_size).itemsize:
+        raise ValueError(f"{location}: holds ids as {meta['dtype']}, too narrow for the tokenizer's ids up to "
+                         f"{tokenizer.vocab_size - 1:,}; remove that directory to rebuild it")
+
+
+def write_store(stage: str, d: DataConfig, tokenizer) -> dict:
+    """Tokenize data.source into the directory `stage`, batch by batch; returns the meta."""
+    dtype, source = id_dtype(tokenizer.vocab_size), open_source(d)
+    total, unit = source.size()
+    progress = Progress(os.path.basename(d.source), total, unit)
+    done = 0
+    try:
+        if d.target_field is None:
+            meta = {"kind": "stream", "tokens": 0, "documents": 0}
+            with open(os.path.join(stage, "tokens.bin"), "wb") as f:
+                for batch in source.batches():
+                    ids = _encode(tokenizer.encode_joined, batch.texts, d.source)
+                    if meta["documents"] and not batch.continues:
+                        ids = np.concatenate([[tokenizer.eos_id], ids])  # between documents
+                    f.write(_stored_ids(ids, dtype, d.source).data)
+                    meta["tokens"] += len(ids)
+                    meta["documents"] += len(batch.texts) - batch.continues
+                    progress.update(done := batch.done)
+        else:
+            meta = {"kind": "pairs", "examples": 0, "seq_len": d.seq_len}
+            with open(os.path.join(stage, "inputs.bin"), "wb") as fi, open(os.path.join(stage, "targets.bin"), "wb") as ft:
+                for batch in source.batches():
+                    inputs, targets = _paired_examples(tokenizer, batch, d.seq_len, d.source, meta["examples"])
+                    fi.write(_stored_ids(inputs, dtype, d.source).data)
+                    ft.write(targets.data)
+                    meta["examples"] += len(inputs)
+                    progress.update(done := batch.done)
+    finally:
+        progress.close(done)
+    return {**meta, "dtype": dtype.name, "source": d.source, "tokenizer": d.tokenizer, "vocab_size": tokenizer.vocab_size}
+
+
+def _stored_ids(ids, dtype: np.dtype, source: str) -> np.ndarray:
+    """`ids` as the store's dtype; an id that does not fit is refused (numpy would wrap it:
+    70,000 stored as 4,464 in uint16)."""
+    ids = np.asarray(ids)
+    if ids.size and int(ids.max()) > np.iinfo(dtype).max:
+        raise ValueError(f"{source}: the tokenizer gave id {int(ids.max()):,}, more than the token store's {dtype.name} "
+                         "holds (the tokenizer's vocabulary does not list it)")
+    return np.ascontiguousarray(ids, dtype=dtype)
+
+
+def _encode(fn, texts: list[str], source: str):
+    try:
+        return fn(texts)
+    except UnicodeEncodeError:  # a JSON "\ud800" escape decodes to a lone surrogate
+        raise ValueError(f"{source}: a text holds an unpaired surrogate (\\ud800-\\udfff): not valid Unicode") from None
+
+
+def _paired_examples(tokenizer, batch: Batch, T: int, source: str, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets (B, T) of a batch of records, truncated or padded to T."""
+    xs = _encode(tokenizer.encode_batch, batch.texts, source)
+    strings = [t for t in batch.targets if isinstance(t, str)]
+    encoded = iter(_encode(tokenizer.encode_batch, strings, source)) if strings else iter(())
+    inputs = np.full((len(xs), T), tokenizer.pad_id, dtype=np.int64)
+    targets = np.full((len(xs), T), IGNORE_INDEX, dtype=np.int32)
+    for i, (x, y) in enumerate(zip(xs, batch.targets)):
+        y = (next(encoded) if isinstance(y, str) else y)[:T]
+        bad = [t for t in y if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise ValueError(f"{source}: record {first + i}: target id {bad[0]} outside the vocabulary [0, {tokenizer.vocab_size})")
+        x = x[:T]
+        inputs[i, : len(x)] = x
+        targets[i, : len(y)] = y
+    return inputs, targets
