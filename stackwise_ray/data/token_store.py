@@ -25,13 +25,12 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from .. import storage
-from .formats import WITH_FIELDS
-from .sources import Batch, open_source
+from .sources import Batch, open_source, read_unit
 from .tokenizer import IGNORE_INDEX, ByteTokenizer
 
 if TYPE_CHECKING:
@@ -214,11 +213,9 @@ class Progress:
 def store_identity(data_cfg: DataConfig, tokenizer) -> dict:
     """What determines a store's ids: the source's bytes (streamed through sha256), the
     tokenizer file's bytes, format and fields, and seq_len for the custom objective."""
-    d, source = data_cfg, open_source(data_cfg)
-    identity = {"source": source.digest(), "format": source.format,
+    d = data_cfg
+    identity = {**open_source(d).identity(),
                 "tokenizer": "byte" if isinstance(tokenizer, ByteTokenizer) else file_digest(tokenizer.path)}
-    if source.format in WITH_FIELDS:
-        identity["text_field"] = d.text_field
     if d.target_field is not None:
         identity.update(target_field=d.target_field, seq_len=d.seq_len)
     return identity
@@ -251,36 +248,141 @@ def check_id_width(meta: dict, tokenizer, location: str) -> None:
                          f"{tokenizer.vocab_size - 1:,}; remove that directory to rebuild it")
 
 
-def write_store(stage: str, d: DataConfig, tokenizer) -> dict:
-    """Tokenize data.source into the directory `stage`, batch by batch; returns the meta."""
+class Part(NamedTuple):
+    """What a unit (or one batch of it) adds to the store: `ids` (language modelling: the
+    stream, eos between its documents) or `inputs`/`targets` (custom objective), its
+    `documents` or examples, and `done`: how much of the unit is read."""
+    ids: np.ndarray | None
+    inputs: np.ndarray | None
+    targets: np.ndarray | None
+    documents: int
+    done: int
+
+
+def unit_parts(unit, d: DataConfig, tokenizer, dtype: np.dtype):
+    """The Parts of one unit, a batch at a time (eos between its documents; the eos before
+    its first document, if another unit's came first, is the writer's)."""
+    name = unit if isinstance(unit, str) else unit.shard.path
+    if not isinstance(unit, str) and unit.start:
+        name = f"{name} (after byte {unit.start:,})" if unit.shard.format in ("text", "jsonl") else name
+    documents = 0
+    for batch in read_unit(unit):
+        if d.target_field is None:
+            ids = _encode(tokenizer.encode_joined, batch.texts, name)
+            if documents and not batch.continues:
+                ids = np.concatenate([[tokenizer.eos_id], ids])  # between documents
+            n = len(batch.texts) - batch.continues
+            documents += n
+            yield Part(_stored_ids(ids, dtype, name), None, None, n, batch.done)
+        else:
+            inputs, targets = _paired_examples(tokenizer, batch, d.seq_len, name, documents)
+            documents += len(inputs)
+            yield Part(None, _stored_ids(inputs, dtype, name), targets, len(inputs), batch.done)
+
+
+def _local_parts(units, d: DataConfig, tokenizer, dtype):
+    """(unit index, Part) for every batch of every unit, tokenized here."""
+    for i, unit in enumerate(units):
+        for part in unit_parts(unit, d, tokenizer, dtype):
+            yield i, part
+
+
+@functools.lru_cache(maxsize=4)
+def _task_tokenizer(spec: str):
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def tokenize_unit(unit, d: DataConfig, dtype_name: str) -> Part:
+    """One unit's Parts joined into one (what a Ray task of a parallel build returns)."""
+    parts = list(unit_parts(unit, d, _task_tokenizer(d.tokenizer), np.dtype(dtype_name)))
+    if not parts:
+        return Part(np.zeros(0, dtype_name) if d.target_field is None else None, None, None, 0, 0)
+    if d.target_field is None:
+        return Part(np.concatenate([p.ids for p in parts]), None, None, sum(p.documents for p in parts), parts[-1].done)
+    return Part(None, np.concatenate([p.inputs for p in parts]), np.concatenate([p.targets for p in parts]),
+                sum(p.documents for p in parts), parts[-1].done)
+
+
+def _parallel_parts(units, d: DataConfig, dtype):
+    """(unit index, Part) for every unit, tokenized by Ray tasks (one CPU each, at most
+    two per CPU of the cluster in flight) and yielded in order. A task's data error is
+    raised here as the same one line; the tasks still running are cancelled."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=0)(tokenize_unit)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    d_ref = ray.put(d)
+    pending, submitted = [], 0
+    try:
+        for i in range(len(units)):
+            while submitted < len(units) and submitted < i + window:
+                pending.append(task.remote(units[submitted], d_ref, dtype.name))
+                submitted += 1
+            ref = pending.pop(0)
+            try:
+                part = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, ValueError):
+                    raise ValueError(str(cause)) from None
+                raise
+            yield i, part
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def write_store(stage: str, d: DataConfig, tokenizer, parallel: bool | None = None) -> dict:
+    """Tokenize data.source into the directory `stage`, unit by unit; returns the meta.
+
+    `parallel`: the units are tokenized by Ray tasks (default: where this process is
+    connected to Ray and the source has more than one unit), else here, a batch at a
+    time. Both write the same bytes: the units' Parts in order, eos between documents."""
     dtype, source = id_dtype(tokenizer.vocab_size), open_source(d)
-    total, unit = source.size()
-    progress = Progress(os.path.basename(d.source), total, unit)
-    done = 0
+    units = source.units()
+    if parallel is None:
+        parallel = len(units) > 1 and _ray_connected()
+    sizes = [1 if isinstance(u, str) else u.size for u in units]
+    progress = Progress(source.label, sum(sizes), "topics" if source.format == "pydoc" else "bytes")
+    parts = _parallel_parts(units, d, dtype) if parallel else _local_parts(units, d, tokenizer, dtype)
+    before = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # bytes of the units before each one
+    done, current = 0, -1
     try:
         if d.target_field is None:
             meta = {"kind": "stream", "tokens": 0, "documents": 0}
             with open(os.path.join(stage, "tokens.bin"), "wb") as f:
-                for batch in source.batches():
-                    ids = _encode(tokenizer.encode_joined, batch.texts, d.source)
-                    if meta["documents"] and not batch.continues:
-                        ids = np.concatenate([[tokenizer.eos_id], ids])  # between documents
-                    f.write(_stored_ids(ids, dtype, d.source).data)
-                    meta["tokens"] += len(ids)
-                    meta["documents"] += len(batch.texts) - batch.continues
-                    progress.update(done := batch.done)
+                for i, part in parts:
+                    if i != current:  # a unit's first part: an eos if documents came before
+                        current = i
+                        if meta["documents"] and part.documents:
+                            f.write(np.array([tokenizer.eos_id], dtype=dtype).data)
+                            meta["tokens"] += 1
+                    f.write(part.ids.data)
+                    meta["tokens"] += len(part.ids)
+                    meta["documents"] += part.documents
+                    progress.update(done := before[i] + part.done)
         else:
             meta = {"kind": "pairs", "examples": 0, "seq_len": d.seq_len}
             with open(os.path.join(stage, "inputs.bin"), "wb") as fi, open(os.path.join(stage, "targets.bin"), "wb") as ft:
-                for batch in source.batches():
-                    inputs, targets = _paired_examples(tokenizer, batch, d.seq_len, d.source, meta["examples"])
-                    fi.write(_stored_ids(inputs, dtype, d.source).data)
-                    ft.write(targets.data)
-                    meta["examples"] += len(inputs)
-                    progress.update(done := batch.done)
+                for i, part in parts:
+                    fi.write(part.inputs.data)
+                    ft.write(part.targets.data)
+                    meta["examples"] += len(part.inputs)
+                    progress.update(done := before[i] + part.done)
     finally:
         progress.close(done)
-    return {**meta, "dtype": dtype.name, "source": d.source, "tokenizer": d.tokenizer, "vocab_size": tokenizer.vocab_size}
+    return {**meta, "dtype": dtype.name, "source": d.source, "tokenizer": d.tokenizer, "vocab_size": tokenizer.vocab_size,
+            "source_bytes": sum(sizes), "units": len(units)}
+
+
+def _ray_connected() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
 
 
 def _stored_ids(ids, dtype: np.dtype, source: str) -> np.ndarray:
