@@ -93,8 +93,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = setting("pydoc", HASHED, "pydoc (Python's own documentation, bundled) or a .txt (paragraphs), .jsonl or .parquet file; its content is hashed too")
-    format: SourceFormat = setting("auto", HASHED, "auto: from the file's extension")
+    source: str = setting("pydoc", HASHED, "pydoc (Python's own documentation, bundled), a .txt (paragraphs), .jsonl or .parquet file (.txt/.jsonl also .gz or .zst), a directory or glob of such shards (sorted order), or a datasets save_to_disk directory; content and shard order are hashed too")
+    format: SourceFormat = setting("auto", HASHED, "auto: from each file's extension (a directory with state.json: datasets); else every shard is read as this")
     text_field: str = setting("text", HASHED, "the JSONL/Parquet field holding a record's text")
     target_field: Optional[str] = setting(None, HASHED, "the field holding targets, for training_objective: custom")
     tokenizer: str = setting("byte", HASHED, "byte (UTF-8 bytes and 4 special ids) or a tokenizers JSON file")

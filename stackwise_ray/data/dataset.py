@@ -23,9 +23,11 @@ if TYPE_CHECKING:
     from ..config import DataConfig, StackWiseConfig
 
 
-def token_store_location(config: StackWiseConfig, tokenizer=None, for_training: bool = False) -> str:
+def token_store_location(config: StackWiseConfig, tokenizer=None, for_training: bool = False,
+                         parallel: bool = False) -> str:
     """The token store of config.data (`<ray.storage_path>/tokens/<key>`), built first
-    where it is missing. A data error (one line naming the file) leaves nothing there;
+    where it is missing (by Ray tasks on every CPU with `parallel`, this process being
+    connected to Ray; the same bytes as a build here). A data error (one line naming the file) leaves nothing there;
     `for_training` also refuses a batch larger than the training split before a new store
     is published (a refused run writes nothing)."""
     d = config.data
@@ -38,7 +40,7 @@ def token_store_location(config: StackWiseConfig, tokenizer=None, for_training: 
             raise ValueError(f"data.batch_size: must be <= the {n_train:,} training examples, got {d.batch_size:,}")
         return n
 
-    return token_store.ensure_store(d, tokenizer, config.ray.storage_path, check=check)
+    return token_store.ensure_store(d, tokenizer, config.ray.storage_path, check=check, parallel=parallel)
 
 
 def _example_count(meta: dict, d: DataConfig) -> int:

@@ -98,6 +98,10 @@ class FileSource:
     def __init__(self, data_cfg):
         self.spec, self.forced = data_cfg.source, data_cfg.format
         self.text_field, self.target_field = data_cfg.text_field, data_cfg.target_field
+        if os.path.isfile(os.path.join(self.spec, "dataset_dict.json")):
+            splits = sorted(n for n in os.listdir(self.spec) if _is_datasets_dir(os.path.join(self.spec, n)))
+            raise ValueError(f"{self.spec}: a datasets DatasetDict ({', '.join(splits)}); name one of its splits' "
+                             "directories")
         self.sharded = os.path.isdir(self.spec) and not _is_datasets_dir(self.spec) or any(c in self.spec for c in GLOB_CHARS)
         self.shards = [self._shard(p) for p in self._paths()]
         self.format = self.shards[0].format if not self.sharded else "shards"
@@ -126,8 +130,7 @@ class FileSource:
     def _shard(self, path: str) -> Shard:
         if self.forced == "datasets" or os.path.isdir(path):
             if not _is_datasets_dir(path):
-                hint = " (a DatasetDict: name one of its splits' directories)" if os.path.exists(os.path.join(path, "dataset_dict.json")) else ""
-                raise ValueError(f"{path}: not a datasets directory saved by save_to_disk (no state.json){hint}")
+                raise ValueError(f"{path}: not a datasets directory saved by save_to_disk (no state.json)")
             return Shard(path, "datasets")
         base, compression = compression_of(path)
         fmt = format_of(base if self.forced == "auto" else path, self.forced)
@@ -380,7 +383,8 @@ def _decoded_chunks(unit: Unit):
             lines += text.count("\n")
             if "\r" in text:
                 text = text.replace("\r\n", "\n").replace("\r", "\n")
-            yield text, pos - len(pending) - unit.start, last
+            # done: bytes of the file as stored (a compressed one's read so far)
+            yield text, (f.tell() if shard.compression else pos - len(pending)) - unit.start, last
             if last:
                 return
 

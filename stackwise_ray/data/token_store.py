@@ -227,9 +227,9 @@ def location(data_cfg: DataConfig, tokenizer, storage_path: str) -> str:
     return storage.join(root, store_key(store_identity(data_cfg, tokenizer)))
 
 
-def ensure_store(data_cfg: DataConfig, tokenizer, storage_path: str, check=None) -> str:
-    """The location of data_cfg's complete store, built first where it is missing;
-    `check(meta)` may refuse it (ensure)."""
+def ensure_store(data_cfg: DataConfig, tokenizer, storage_path: str, check=None, parallel: bool = False) -> str:
+    """The location of data_cfg's complete store, built first where it is missing (by Ray
+    tasks with `parallel`: write_store); `check(meta)` may refuse it (ensure)."""
     where = location(data_cfg, tokenizer, storage_path)
 
     def checked(meta: dict):
@@ -237,7 +237,7 @@ def ensure_store(data_cfg: DataConfig, tokenizer, storage_path: str, check=None)
         if check is not None:
             check(meta)
 
-    return ensure(where, lambda stage: write_store(stage, data_cfg, tokenizer), check=checked)
+    return ensure(where, lambda stage: write_store(stage, data_cfg, tokenizer, parallel), check=checked)
 
 
 def check_id_width(meta: dict, tokenizer, location: str) -> None:
@@ -334,16 +334,15 @@ def _parallel_parts(units, d: DataConfig, dtype):
             ray.cancel(ref, force=True)
 
 
-def write_store(stage: str, d: DataConfig, tokenizer, parallel: bool | None = None) -> dict:
+def write_store(stage: str, d: DataConfig, tokenizer, parallel: bool = False) -> dict:
     """Tokenize data.source into the directory `stage`, unit by unit; returns the meta.
 
-    `parallel`: the units are tokenized by Ray tasks (default: where this process is
-    connected to Ray and the source has more than one unit), else here, a batch at a
-    time. Both write the same bytes: the units' Parts in order, eos between documents."""
+    `parallel`: the units are tokenized by Ray tasks of the Ray this process is connected
+    to (where the source has more than one unit), else here, a batch at a time. Both
+    write the same bytes: the units' Parts in order, eos between documents."""
     dtype, source = id_dtype(tokenizer.vocab_size), open_source(d)
     units = source.units()
-    if parallel is None:
-        parallel = len(units) > 1 and _ray_connected()
+    parallel = parallel and len(units) > 1
     sizes = [1 if isinstance(u, str) else u.size for u in units]
     progress = Progress(source.label, sum(sizes), "topics" if source.format == "pydoc" else "bytes")
     parts = _parallel_parts(units, d, dtype) if parallel else _local_parts(units, d, tokenizer, dtype)
@@ -375,14 +374,6 @@ def write_store(stage: str, d: DataConfig, tokenizer, parallel: bool | None = No
         progress.close(done)
     return {**meta, "dtype": dtype.name, "source": d.source, "tokenizer": d.tokenizer, "vocab_size": tokenizer.vocab_size,
             "source_bytes": sum(sizes), "units": len(units)}
-
-
-def _ray_connected() -> bool:
-    if "ray" not in sys.modules:
-        return False
-    import ray
-
-    return ray.is_initialized()
 
 
 def _stored_ids(ids, dtype: np.dtype, source: str) -> np.ndarray:
