@@ -1,4 +1,4 @@
-"""python -m stackwise_ray.prepare experiments/x.yaml [KEY=VALUE ...] [--storage PATH] [--address A] [--local]
+"""python -m stackwise_ray.prepare experiments/x.yaml [KEY=VALUE ...] [--storage PATH] [--address A] [--num-cpus N] [--local]
 
 Build (or find) the token store of a config's data before any run: the source's units
 (shards, byte ranges of a large file, Parquet row groups) are tokenized by Ray tasks on
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--storage", help="root of the token stores (default: ray.storage_path)")
     parser.add_argument("--address", help="Ray cluster address (default: ray.address, RAY_ADDRESS, or a local Ray)")
     parser.add_argument("--local", action="store_true", help="tokenize in this process, without Ray")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray it starts (default: all of this machine's)")
     add_overrides_argument(parser)
     args = parser.parse_intermixed_args(argv)
     config = load_for_command(args.config, args.storage, check_data=False, address=args.address, overrides=args.overrides)
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
         location = token_store.location(config.data, tokenizer, config.ray.storage_path)
         built = not token_store.is_complete(location)
         if built and not args.local:
-            start(config, args.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            local = {"num_cpus": args.num_cpus} if args.num_cpus else {}
+            start(config, args.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", **local)
         t0 = time.perf_counter()
         location = token_store_location(config, tokenizer, for_training=True, parallel=built and not args.local)
         elapsed = time.perf_counter() - t0

@@ -197,6 +197,7 @@ def test_a_bad_shard_is_one_line_naming_it_and_nothing_is_kept(tmp_path):
         assert not (store / "tokens").exists() or not os.listdir(store / "tokens"), name
 
 
+@pytest.mark.slow
 def test_prepare_refuses_a_bad_shard_with_status_2(tmp_path):
     source, message = bad_shards(tmp_path)["zst"]
     config = tmp_path / "x.yaml"

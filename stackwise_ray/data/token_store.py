@@ -296,6 +296,8 @@ def _task_tokenizer(spec: str):
 
 def tokenize_unit(unit, d: DataConfig, dtype_name: str) -> Part:
     """One unit's Parts joined into one (what a Ray task of a parallel build returns)."""
+    # a task holds one CPU: the tokenizers library's own threads would contend with the other tasks
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parts = list(unit_parts(unit, d, _task_tokenizer(d.tokenizer), np.dtype(dtype_name)))
     if not parts:
         return Part(np.zeros(0, dtype_name) if d.target_field is None else None, None, None, 0, 0)
