@@ -27,7 +27,7 @@ from .builder import ProgressiveRackBuilder
 from .cache_policy import CachePlanner
 from .checkpoint import load_metadata, load_rack
 from .config import StackWiseConfig
-from .data import dataset_from_user, open_datasets, token_store_location
+from .data.dataset import dataset_from_user, open_datasets, token_store_location
 from .phase_metrics import PhaseMetrics
 from .phase_store import PhaseStore, phase_identity
 from .plan import PhasePlan, plan_phases

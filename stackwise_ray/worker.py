@@ -23,7 +23,8 @@ from .builder import ProgressiveRackBuilder
 from .cache import plan_layout
 from .checkpoint import load_metadata, load_rack, load_weights, save_rack
 from .config import StackWiseConfig
-from .data import GlobalBatches, ProgressiveDataLoader, load_data
+from .data.dataset import load_data
+from .data.loader import GlobalBatches, ProgressiveDataLoader
 from .flops import end_to_end_flops, plan_flops
 from .masking import TimeStepMasking
 from .phase_metrics import PhaseMetrics
