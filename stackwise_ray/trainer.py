@@ -212,7 +212,8 @@ class ProgressiveTrainer:
         else:
             next_cache = None if baseline else run.caches.next_cache(run.plans, plans[0], cache_spec, run.ids,
                                                                       run.prestarter.links)
-            inputs = PhaseInputs(plans, prev, cache_spec, time.time(), next_cache)
+            inputs = PhaseInputs(plans, prev, cache_spec, time.time(), next_cache,
+                                 self._lr_window(run, plans, train_steps))
             if pre is not None:
                 run.prestarter.hand_over(phase_id, inputs)
             if not baseline:
@@ -236,6 +237,15 @@ class ProgressiveTrainer:
         metrics.orchestration_s = time.time() - t1 - metrics.train_s
         return {"stack": plans[-1].stack_id, "phase_id": phase_id, "checkpoint": checkpoint,
                 "metrics": metrics.to_dict()}, status
+
+    @staticmethod
+    def _lr_window(run: RunContext, plans: tuple[PhasePlan, ...], train_steps: int | None) -> tuple[int, int]:
+        """(the run's global step at the phase's first step, the run's steps in all): the
+        phase's place in a run-wide lr_schedule. The end-to-end baseline is a run of its own."""
+        if len(plans) > 1:
+            return 0, train_steps
+        steps = [run.caches.steps(p) for p in run.plans]
+        return sum(steps[:plans[0].stack_id]), sum(steps)
 
     @staticmethod
     def _part(plans: tuple[PhasePlan, ...]) -> str:
