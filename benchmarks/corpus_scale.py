@@ -12,6 +12,14 @@ steps of batch 32 per stack, 1 worker) once per cache backend, each `python -m s
 storage directory, so the first builds the corpus's token store and the second reuses it.
 The driver's peak RSS is its VmHWM (/proc/PID/status), polled until it exits; a worker's
 is the phase's `peak_memory_mb`.
+
+`--build` (issue 27) measures the token store's parallel build instead: a corpus of the
+installed packages' `.py` files as Parquet shards (BUILD_SHARDS of them, BUILD_MB in all,
+plus one large JSONL file read in byte ranges), a `tokenizers` BPE file (vocabulary 4,096,
+byte-level pre-tokenizer) trained here on some of those files, and the store built by
+`python -m stackwise_ray.prepare` in a fresh process: once in one process (`--local`), then
+by Ray tasks on every CPU of a local Ray (`--num-cpus` of them; the default is all). The
+stores must be byte-identical; the target is parallel >= 0.8 x CPUs x one process.
 """
 
 from __future__ import annotations
@@ -294,9 +302,103 @@ def targets(results: dict, tok: dict, corpora: list[str], steps: int) -> list[st
     return lines
 
 
+# ---------------------------------------------------------------- --build: the parallel token-store build
+
+BUILD_MB, BUILD_SHARDS, VOCAB = 24, 8, 4096
+
+
+def build_corpus(tmp: str, mb: float) -> tuple[str, str]:
+    """(a directory of Parquet shards of Python sources, and one JSONL file of the same
+    sources), each about `mb` MB; and a BPE tokenizer trained on 400 of the files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    paths = sysconfig.get_paths()
+    files = [f for r in dict.fromkeys([paths["purelib"], paths["platlib"]]) for f in python_files(r)]
+    texts, size = [], 0
+    for name in files:
+        try:
+            with open(name, encoding="utf-8") as f:
+                text = f.read()
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text)
+        size += len(text.encode())
+        if size >= mb * MB:
+            break
+    shards = os.path.join(tmp, "shards")
+    os.makedirs(shards)
+    per = -(-len(texts) // BUILD_SHARDS)
+    for i in range(BUILD_SHARDS):
+        pq.write_table(pa.table({"text": texts[i * per:(i + 1) * per]}), os.path.join(shards, f"part-{i:03d}.parquet"),
+                       row_group_size=256)
+    with open(os.path.join(tmp, "one.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts[:400], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[PAD]", "[MASK]", "<s>", "</s>"],
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(os.path.join(tmp, "bpe.json"))
+    return shards, os.path.join(tmp, "one.jsonl")
+
+
+def prepare(cfg_path: str, storage: str, local: bool, num_cpus: int | None) -> dict:
+    """`python -m stackwise_ray.prepare` in a fresh process; the store's meta and its wall time."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "stackwise_ray.prepare", cfg_path, "--storage", storage]
+    cmd += ["--local"] if local else ["--num-cpus", str(num_cpus)]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"prepare failed: {out.stderr.strip().splitlines()[-1:]}")
+    [location] = [line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.strip().startswith("location:")]
+    meta = read_json(os.path.join(location, "meta.json"))
+    with open(os.path.join(location, "tokens.bin"), "rb") as f:
+        import hashlib
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {**meta, "wall_s": wall, "digest": digest}
+
+
+def measure_build(tmp: str, mb: float, cpus: list[int]) -> str:
+    shards, one = build_corpus(tmp, mb)
+    rows, ok = [], True
+    for name, source in (("8 Parquet shards", shards), ("one JSONL file", one)):
+        cfg_path = write_yaml({"data": {"source": source, "tokenizer": os.path.join(tmp, "bpe.json"), "seq_len": 128}},
+                              os.path.join(tmp, "build.yaml"))
+        single = prepare(cfg_path, os.path.join(tmp, f"s-{len(rows)}"), True, None)
+        base = single["source_bytes"] / MB / single["build_s"]
+        rows.append([name, single["source_bytes"] / MB, single["units"], "1 process", f"{single['tokens']:,}",
+                     single["build_s"], base, 1.0, "-", "-"])
+        print(rows[-1], flush=True)
+        for n in cpus:
+            par = prepare(cfg_path, os.path.join(tmp, f"p-{len(rows)}"), False, n)
+            rate = par["source_bytes"] / MB / par["build_s"]
+            same = par["digest"] == single["digest"]
+            met = rate >= 0.8 * n * base
+            ok = ok and same
+            rows.append([name, par["source_bytes"] / MB, par["units"], f"Ray, {n} CPUs", f"{par['tokens']:,}",
+                         par["build_s"], rate, rate / base, "yes" if same else "NO", verdict(met)])
+            print(rows[-1], flush=True)
+    body = (f"The token store's build of a corpus of the installed packages' `.py` files ({mb:.0f} MB of text) with a "
+            f"`tokenizers` BPE file trained inside the benchmark (vocabulary {VOCAB:,}, byte-level pre-tokenizer), "
+            "each build a fresh `python -m stackwise_ray.prepare` process: `--local` (one process, the library's own "
+            "`encode_batch`), then Ray tasks on a local Ray of *CPUs* CPUs, one unit per task (a Parquet shard's row "
+            "groups, or a 16 MB byte range of the JSONL file), joined in order. *build s*: the build alone (the "
+            "source's sha256 and Ray's start are outside it); *MB/s*: source MB per build second; *x*: over one "
+            "process; *identical*: the store's bytes equal the one-process store's; *target*: >= 0.8 x CPUs x one "
+            "process.\n\n")
+    return body + table(["source", "MB", "units", "build", "tokens", "build s", "MB/s", "x", "identical", "target"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small corpora and 10 steps; prints, writes no section")
+    parser.add_argument("--build", action="store_true", help="measure the parallel token-store build (issue 27)")
+    parser.add_argument("--build-mb", type=float, default=BUILD_MB, help="--build: MB of Python sources")
+    parser.add_argument("--cpus", default=str(os.cpu_count()), help="--build: comma-separated Ray CPU counts")
     parser.add_argument("--tokenize", help=argparse.SUPPRESS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--storage", help=argparse.SUPPRESS)
@@ -305,6 +407,13 @@ def main() -> None:
         return tokenize_child(args.tokenize, args.storage)
     if args.probe:
         return probe_child(args.probe, args.storage)
+    if args.build:
+        tmp = tempfile.mkdtemp(prefix="bench-p8-build-")
+        try:
+            body = measure_build(tmp, args.build_mb, [int(c) for c in args.cpus.split(",")])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return write_section("p8build", "P8: the token store built in parallel", body)
     steps = 10 if args.quick else STEPS
     tmp = tempfile.mkdtemp(prefix="bench-p8-")
     try:

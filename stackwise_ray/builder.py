@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from . import adapters
 from .config import ConfigError, StackWiseConfig, can_copy_weights, stack_lora_params
-from .data import load_tokenizer
+from .data.tokenizer import load_tokenizer
 from .model import Rack, Stack
 from .plan import PhasePlan, phase_plan
 from .time_mapping import depth_time_step

@@ -34,7 +34,8 @@ import torch
 from . import storage
 from .checkpoint import sha256_file
 from .config import StackWiseConfig
-from .data import GlobalBatches, TokenDataset
+from .data.dataset import TokenDataset
+from .data.loader import GlobalBatches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORED = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}  # bfloat16: its bits

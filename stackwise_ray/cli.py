@@ -114,14 +114,14 @@ def preflight(config: StackWiseConfig, address: str | None = None, build_data: b
     checks.check_files(config)
     vocab_size = None
     if config.data.tokenizer != "byte":
-        from .data import load_tokenizer
+        from .data.tokenizer import load_tokenizer
 
         vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
         if config.model.vocab_size is not None and config.model.vocab_size < vocab_size:
             fail("model.vocab_size", f"must be >= the tokenizer's {vocab_size:,} ids, got {config.model.vocab_size:,}")
     checks.check(config, vocab_size)
     if build_data:  # builds the token store where it is missing; checks the example counts, batch size included
-        from .data import token_store_location
+        from .data.dataset import token_store_location
 
         token_store_location(config, for_training=True)
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .data.formats import FORMATS
 from .errors import ConfigError, clip, fail, first_line, show
 from .local_files import open_regular
 from .time_mapping import MAPPINGS, check_mapping_name, resolve_mapping
@@ -39,6 +40,7 @@ MAX_STACKS = 1024  # validation loops over the stacks (precisions, time steps)
 MAX_GRID_POINTS = 1000  # trials in a grid; each grid or choice value is validated as a whole config
 MAX_TRIALS = 10_000  # grid points x num_samples: Tune holds every trial in the driver
 # one sweep runs in one experiment directory on one Ray: no trial can have its own
+SourceFormat = Literal[("auto", *FORMATS)]  # data.format: the formats data/formats.py names
 UNSWEPT_KEYS = {"ray.storage_path": "--storage", "ray.address": "--address"}
 
 
@@ -95,8 +97,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = setting("pydoc", HASHED, "pydoc (Python's own documentation, bundled) or a .txt (paragraphs), .jsonl or .parquet file; its content is hashed too")
-    format: Literal["auto", "text", "jsonl", "parquet"] = setting("auto", HASHED, "auto: from the file's extension")
+    source: str = setting("pydoc", HASHED, "pydoc (Python's own documentation, bundled), a .txt (paragraphs), .jsonl or .parquet file (.txt/.jsonl also .gz or .zst), a directory or glob of such shards (sorted order), or a datasets save_to_disk directory; content and shard order are hashed too")
+    format: SourceFormat = setting("auto", HASHED, "auto: from each file's extension (a directory with state.json: datasets); else every shard is read as this")
     text_field: str = setting("text", HASHED, "the JSONL/Parquet field holding a record's text")
     target_field: Optional[str] = setting(None, HASHED, "the field holding targets, for training_objective: custom")
     tokenizer: str = setting("byte", HASHED, "byte (UTF-8 bytes and 4 special ids) or a tokenizers JSON file")

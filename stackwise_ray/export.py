@@ -135,7 +135,7 @@ def to_llama(builder):
 
 
 def builder_tokenizer(builder):
-    from .data import load_tokenizer
+    from .data.tokenizer import load_tokenizer
 
     return load_tokenizer(builder.config.data.tokenizer)
 
@@ -145,7 +145,7 @@ def hf_tokenizer(tokenizer):
     without merges (byte b is id b), or the run's own tokenizers file."""
     from transformers import PreTrainedTokenizerFast
 
-    from .data import ByteTokenizer
+    from .data.tokenizer import ByteTokenizer
 
     if isinstance(tokenizer, ByteTokenizer):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers

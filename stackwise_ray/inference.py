@@ -7,7 +7,9 @@ import math
 import torch
 
 from .builder import ProgressiveRackBuilder
-from .data import GlobalBatches, ProgressiveDataLoader, build_datasets, load_tokenizer
+from .data.dataset import build_datasets
+from .data.loader import GlobalBatches, ProgressiveDataLoader
+from .data.tokenizer import load_tokenizer
 from .masking import TimeStepMasking, mask_rate
 from .phase import evaluate
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from .config import StackWiseConfig
-from .data import IGNORE_INDEX, load_tokenizer
+from .data.tokenizer import IGNORE_INDEX, load_tokenizer
 from .time_mapping import load_time_mapping, resolve_mapping, time_step_for_stack
 
 _MASK64 = (1 << 64) - 1

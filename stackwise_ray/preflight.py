@@ -45,10 +45,25 @@ def check_one(config: StackWiseConfig, vocab_size: int | None) -> None:
 
 def check_files(config: StackWiseConfig) -> None:
     d = config.data
-    if d.source != "pydoc" and (problem := source_problem(d.source)):
+    if d.source != "pydoc" and (problem := _source_problem(d.source)):
         fail("data.source", f"{problem}: {clip(d.source)} (use 'pydoc' for the bundled corpus)")
     if d.tokenizer != "byte" and (problem := source_problem(d.tokenizer)):
         fail("data.tokenizer", f"{problem}: {clip(d.tokenizer)} (use 'byte' for the built-in byte tokenizer)")
+
+
+def _source_problem(source: str) -> str | None:
+    """Why data.source cannot be read: a file, a directory (of shards, or a datasets
+    directory) or a glob matching at least one file (what each shard holds is the build's
+    to check, naming the shard)."""
+    import glob
+
+    from .data.formats import GLOB_CHARS
+
+    if os.path.isdir(source):
+        return None
+    if any(c in source for c in GLOB_CHARS) and not os.path.exists(source):
+        return None if any(os.path.isfile(p) for p in glob.iglob(source, recursive=True)) else "no file matches"
+    return source_problem(source)
 
 
 def check_tracking(config: StackWiseConfig) -> None:

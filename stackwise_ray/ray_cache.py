@@ -36,7 +36,7 @@ from .cache import (ActivationCache, CacheLayout, ShardReader, cache_complete, c
                     read_shard, shard_intact, shard_path, write_manifest, write_shard)
 from .checkpoint import load_rack
 from .config import StackWiseConfig
-from .data import load_data
+from .data.dataset import load_data
 from .flops import forward_flops_per_token
 from .masking import TimeStepMasking
 from .errors import first_line

@@ -60,7 +60,7 @@ def evaluation_split(builder, data: str | None, storage_path: str):
     corpus, only where the rack was trained on it) tokenized into a token store under
     `storage_path`. The rack's own data.source and ray.storage_path are never read or
     written: a received rack does not choose where this machine reads or writes."""
-    from .data import build_datasets
+    from .data.dataset import build_datasets
     from .errors import show
 
     config = copy.deepcopy(builder.config)

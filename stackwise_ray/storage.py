@@ -31,7 +31,7 @@ from .errors import ConfigError, clip, first_line, show
 
 # the schemes pyarrow.fs.FileSystem.from_uri resolves (file:// is made a local path)
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
-TOKENS_DIR = "tokens"  # <storage path>/tokens holds the token stores (data.py)
+TOKENS_DIR = "tokens"  # <storage path>/tokens holds the token stores (data/token_store.py)
 # a URI's probe gets this long: pyarrow's GCS client retries for 15 minutes without
 # credentials, and a name that does not resolve can wait as long
 PROBE_TIMEOUT_S = 8.0

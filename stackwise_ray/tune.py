@@ -167,7 +167,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline: dict | No
     """The function trainable: one progressive run (or the baseline), reported per stack."""
     import ray.tune
 
-    from .data import build_datasets
+    from .data.dataset import build_datasets
     from .tracking import Tracker, flat
     from .trainer import ProgressiveTrainer
 
@@ -397,7 +397,7 @@ def planned_baseline(config: StackWiseConfig) -> dict | None:
     """baseline_plan over the config's training split (its token store is built where missing)."""
     if config.tune.baseline != "end_to_end":
         return None
-    from .data import build_datasets
+    from .data.dataset import build_datasets
 
     return baseline_plan(config, len(build_datasets(config)[0]))
 

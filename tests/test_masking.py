@@ -11,7 +11,7 @@ PAD, MASK, BOS, EOS = 256, 257, 258, 259
 
 
 class TinyTokenizer:
-    # same attributes as data.ByteTokenizer, so these tests do not depend on data.py
+    # same attributes as data.ByteTokenizer, so these tests do not depend on data/tokenizer.py
     pad_id, mask_id, bos_id, eos_id, vocab_size = PAD, MASK, BOS, EOS, 260
     special_ids = (PAD, MASK, BOS, EOS)
 

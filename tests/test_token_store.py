@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from stackwise_ray import data, token_store
+from stackwise_ray.data import sources, token_store, tokenizer
 from stackwise_ray.config import StackWiseConfig
 from stackwise_ray.data import ByteTokenizer, build_datasets, open_datasets, token_store_location
 
@@ -79,17 +79,17 @@ def test_text_streamed_in_small_chunks_gives_the_same_paragraphs_and_ids(tmp_pat
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80)))
         path.write_bytes(text.encode("utf-8"))
-        monkeypatch.setattr(data, "CHUNK_BYTES", rng.randint(1, 9))
-        monkeypatch.setattr(data, "LONG_PARAGRAPH", rng.choice([10**9, rng.randint(1, 12)]))
+        monkeypatch.setattr(sources, "CHUNK_BYTES", rng.randint(1, 9))
+        monkeypatch.setattr(sources, "LONG_PARAGRAPH", rng.choice([10**9, rng.randint(1, 12)]))
         content = text.replace("\r\n", "\n").replace("\r", "\n")
         expected = [b.strip("\n") for b in PARAGRAPH_BREAK.split(content) if b.strip()]
         if not expected:
             with pytest.raises(ValueError, match="empty file"):
-                data.load_records(cfg(tmp_path, source=str(path)).data)
+                sources.load_records(cfg(tmp_path, source=str(path)).data)
             continue
-        assert [r["text"] for r in data.load_records(cfg(tmp_path, source=str(path)).data)] == expected, repr(text)
+        assert [r["text"] for r in sources.load_records(cfg(tmp_path, source=str(path)).data)] == expected, repr(text)
         ids, docs = [], 0
-        for batch in data.iter_batches(cfg(tmp_path, source=str(path)).data):
+        for batch in sources.iter_batches(cfg(tmp_path, source=str(path)).data):
             ids += ([tok.eos_id] if docs and not batch.continues else []) + tok.encode_joined(batch.texts).tolist()
             docs += len(batch.texts) - batch.continues
         assert ids == tok.encode_joined(expected).tolist(), repr(text)
@@ -109,7 +109,7 @@ def test_store_is_built_once_and_reused(tmp_path, monkeypatch):
     def no_rebuild(*args):
         raise AssertionError("the store was built again")
 
-    monkeypatch.setattr(data, "_write_store", no_rebuild)
+    monkeypatch.setattr(token_store, "write_store", no_rebuild)
     # another run, another seq_len and a worker opening by location: the same store
     b_train, _, _ = build_datasets(cfg(store, source=str(path), seq_len=16))
     c_train, _, _ = build_datasets(cfg(store, source=str(path), seq_len=8))
@@ -167,7 +167,7 @@ def test_a_data_error_leaves_nothing_in_the_storage_path(tmp_path, monkeypatch):
     path = tmp_path / "d.jsonl"
     lines = [json.dumps({"text": "x" * 100})] * 30 + ["{oops"]
     path.write_text("\n".join(lines), encoding="utf-8")
-    monkeypatch.setattr(data, "CHUNK_BYTES", 256)  # the error comes after batches were written
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 256)  # the error comes after batches were written
     store = tmp_path / "store"
     with pytest.raises(ValueError, match=r"d\.jsonl: line 31: invalid JSON"):
         build_datasets(cfg(store, source=str(path)))
@@ -182,7 +182,8 @@ KILLED_BUILD = """
 import sys, time
 from stackwise_ray import data
 from stackwise_ray.config import StackWiseConfig
-data.CHUNK_BYTES = 4096
+from stackwise_ray.data import sources
+sources.CHUNK_BYTES = 4096
 encode = data.ByteTokenizer.encode_joined
 def slow(self, texts):
     time.sleep(0.05)
@@ -323,7 +324,7 @@ def sparse_tokenizer(path) -> str:
 
 def test_a_tokenizer_with_sparse_ids_gets_a_store_that_holds_its_largest_id(tmp_path):
     tok = sparse_tokenizer(tmp_path / "tok.json")
-    assert data.HFTokenizer(tok).vocab_size == 70_001  # the embedding needs a row for id 70,000
+    assert tokenizer.HFTokenizer(tok).vocab_size == 70_001  # the embedding needs a row for id 70,000
     path = tmp_path / "d.txt"
     path.write_text("hello world world hello", encoding="utf-8")
     train, val, _ = build_datasets(cfg(tmp_path, source=str(path), tokenizer=tok, seq_len=2))
@@ -368,10 +369,10 @@ class FillingFile:
 
 
 def disk_full_after(monkeypatch, room: int) -> None:
-    """data.py's writes (the store's .bin files) hit a full disk; its reads are untouched."""
-    monkeypatch.setattr(data, "open", lambda path, mode="r", *a, **k: FillingFile(open(path, mode, *a, **k), room)
+    """token_store.py's writes (the store's .bin files) hit a full disk; its reads are untouched."""
+    monkeypatch.setattr(token_store, "open", lambda path, mode="r", *a, **k: FillingFile(open(path, mode, *a, **k), room)
                         if "w" in mode else open(path, mode, *a, **k), raising=False)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)  # several batches: the disk fills after some were written
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)  # several batches: the disk fills after some were written
 
 
 def test_a_full_disk_while_tokenizing_is_one_error_naming_the_store_and_keeps_nothing(tmp_path, monkeypatch):
