@@ -199,7 +199,7 @@ def test_a_bad_shard_is_one_line_naming_it_and_nothing_is_kept(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_refuses_a_bad_shard_with_status_2(tmp_path):
-    source, message = bad_shards(tmp_path)["zst"]
+    source, _ = bad_shards(tmp_path)["zst"]
     config = tmp_path / "x.yaml"
     config.write_text(f"data:\n  source: {source}\nray:\n  storage_path: {tmp_path / 'runs'}\n")
     out = subprocess.run([sys.executable, "-m", "stackwise_ray.prepare", str(config), "--local"], capture_output=True,
