@@ -232,3 +232,23 @@ def test_the_parallel_build_is_byte_for_byte_the_single_process_one(tmp_path, mo
         [a] = (tmp_path / "plocal" / "tokens").glob(f"*/{name}")
         [b] = (tmp_path / "ppar" / "tokens").glob(f"*/{name}")
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_prepare_builds_the_store_that_train_then_opens(tmp_path, monkeypatch, capsys):
+    from stackwise_ray import prepare
+
+    make_shards(tmp_path / "shards")
+    config = tmp_path / "x.yaml"
+    config.write_text(f"data:\n  source: {tmp_path / 'shards'}\n  seq_len: 16\nray:\n  storage_path: {tmp_path / 'runs'}\n")
+    assert prepare.main([str(config), "--local"]) == 0
+    out = capsys.readouterr().out
+    key, _, meta = stream(tmp_path / "runs")
+    assert f"token store {key}" in out and f"{meta['tokens']:,} tokens" in out and "MB/s" in out
+
+    def no_build(*args):
+        raise AssertionError("the store was built again")
+
+    monkeypatch.setattr(token_store, "write_store", no_build)
+    assert prepare.main([str(config), "--local"]) == 0 and "found" in capsys.readouterr().out
+    c = StackWiseConfig.from_yaml(str(config))
+    assert token_store_location(c, for_training=True).endswith(key)  # what train's preflight and the trainer call
