@@ -102,7 +102,8 @@ class FileSource:
             splits = sorted(n for n in os.listdir(self.spec) if _is_datasets_dir(os.path.join(self.spec, n)))
             raise ValueError(f"{self.spec}: a datasets DatasetDict ({', '.join(splits)}); name one of its splits' "
                              "directories")
-        self.sharded = os.path.isdir(self.spec) and not _is_datasets_dir(self.spec) or any(c in self.spec for c in GLOB_CHARS)
+        globbed = any(c in self.spec for c in GLOB_CHARS) and not os.path.exists(self.spec)  # "a[1].txt" may be a file
+        self.sharded = globbed or (os.path.isdir(self.spec) and not _is_datasets_dir(self.spec))
         self.shards = [self._shard(p) for p in self._paths()]
         self.format = self.shards[0].format if not self.sharded else "shards"
         self.label = os.path.basename(self.spec.rstrip("/")) or self.spec
