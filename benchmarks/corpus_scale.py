@@ -392,7 +392,16 @@ def measure_build(tmp: str, mb: float, cpus: list[int]) -> str:
             "process; *identical*: the store's bytes equal the one-process store's; *target*: >= 0.8 x CPUs x one "
             f"process. The machine's 1-minute load average when this started: {load:.1f} (other work shared its "
             f"{os.cpu_count()} CPUs).\n\n")
-    return body + table(["source", "MB", "units", "build", "tokens", "build s", "MB/s", "x", "identical", "target"], rows)
+    scaling = ("\n\n**How it scales.** Each unit is one Ray task holding one CPU, at most two per CPU of the cluster in "
+               "flight, so the rate grows with the CPUs Ray offers (`ray start --num-cpus N` on each node, or "
+               "`prepare --num-cpus N` for a local Ray) while there are more units than CPUs and the CPUs are "
+               "otherwise idle: a unit is a Parquet shard's row groups up to 16 MB, or 16 MB of an uncompressed "
+               "text or JSONL file, and a compressed file is one unit, so a corpus of fewer units than CPUs leaves "
+               "CPUs idle. The driver writes the ids in order (hundreds of MB/s), which bounds it from above. Each "
+               "task's worker process costs its start (imports, about a second on an idle machine) once; on a machine "
+               "whose CPUs other work already holds (the load average above), the tasks only share the same CPUs "
+               "and the start-up is pure cost, which is what the rows show when the target is not met.")
+    return body + table(["source", "MB", "units", "build", "tokens", "build s", "MB/s", "x", "identical", "target"], rows) + scaling
 
 
 def main() -> None:
