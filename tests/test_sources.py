@@ -252,3 +252,13 @@ def test_prepare_builds_the_store_that_train_then_opens(tmp_path, monkeypatch, c
     assert prepare.main([str(config), "--local"]) == 0 and "found" in capsys.readouterr().out
     c = StackWiseConfig.from_yaml(str(config))
     assert token_store_location(c, for_training=True).endswith(key)  # what train's preflight and the trainer call
+
+
+def test_a_shard_of_empty_texts_among_others_is_no_error_but_a_file_of_them_is(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(jsonl(docs(20, 1)))
+    pq.write_table(pa.table({"text": ["", ""]}), d / "b.parquet")  # empty __init__.py files, say
+    assert [r["text"] for r in sources.load_records(cfg(tmp_path, source=str(d)).data)] == docs(20, 1) + ["", ""]
+    with pytest.raises(ValueError, match=r"b\.parquet: no text in field 'text'"):
+        sources.load_records(cfg(tmp_path, source=str(d / "b.parquet")).data)
