@@ -11,7 +11,12 @@ new_stack_init copy starts a new stack as a copy of the trained stack it sits ne
 (the last one in append mode, the first one in prepend mode: always stack k-1): its
 weights, norms, time conditioning and stack LoRA, cast to its own precision. The new
 stack keeps its own stack_id and depth time step, so its copied time conditioning is
-applied to its own time.
+applied to its own time; a stack with a multiple of stack k-1's blocks gets its blocks
+repeated. copy_trunk (G_stack) copies every trunk block in rack order,
+repeated to fill the new stack; copy_middle (MIDAS) the trunk's middle blocks; both take
+the time conditioning of stack k-1. identity keeps the random blocks but zeroes their
+residual output projections and the time projection, so the new stack is the identity
+and the grown rack computes exactly what the trunk did.
 """
 
 from __future__ import annotations
@@ -60,22 +65,78 @@ def copy_stack_weights(source: Stack, stack: Stack) -> None:
     """Give `stack` the values of every parameter and buffer of `source` (cast to its
     dtypes), trunk adapters excepted: a stack being copied has none yet, and a new stack
     never has one. 4-bit weights are copied with their quantization state."""
-    if not can_copy_weights(source.precision, stack.precision):
-        raise ValueError(f"new_stack_init copy: a 4-bit stack copies only from a stack of its own precision, "
-                         f"not {source.precision} into {stack.precision}")
-    theirs = {n: t for n, t in [*source.named_parameters(), *source.named_buffers()]
+    check_copy(source.precision, stack.precision, "copy")
+    copy_module_weights(source, stack, f"stack {stack.stack_id} and stack {source.stack_id}")
+
+
+def check_copy(source: str, new: str, op: str) -> None:
+    if not can_copy_weights(source, new):
+        raise ValueError(f"new_stack_init {op}: a 4-bit stack copies only from a stack of its own precision, "
+                         f"not {source} into {new}")
+
+
+@torch.no_grad()
+def copy_module_weights(source: nn.Module, target: nn.Module, what: str) -> None:
+    """Give `target` the values of every parameter and buffer of `source` (a stack or a
+    block), by name, trunk adapters excepted; 4-bit weights with their quantization state.
+    Names are compared without peft's `.base_layer`: a trunk block that carries only a
+    trunk adapter copies into a block that carries none."""
+    theirs = {n.replace(".base_layer", ""): t for n, t in [*source.named_parameters(), *source.named_buffers()]
               if f".{adapters.TRUNK_ADAPTER}." not in n}
-    mine = dict([*stack.named_parameters(), *stack.named_buffers()])
-    bad = sorted(n for n in set(mine) | set(theirs) if n not in mine or n not in theirs or mine[n].shape != theirs[n].shape)
+    mine = {n.replace(".base_layer", ""): (n, t) for n, t in [*target.named_parameters(), *target.named_buffers()]}
+    bad = sorted(n for n in set(mine) | set(theirs)
+                 if n not in mine or n not in theirs or mine[n][1].shape != theirs[n].shape)
     if bad:  # copy_ would broadcast a mismatch silently
-        raise ValueError(f"new_stack_init copy: stack {stack.stack_id} and stack {source.stack_id} differ in shape "
-                         f"at {bad[:3]} (blocks, sizes or LoRA ranks)")
-    for name, tensor in mine.items():
+        raise ValueError(f"new_stack_init: {what} differ in shape at {bad[:3]} (blocks, sizes or LoRA ranks)")
+    for key, (name, tensor) in mine.items():
         if hasattr(tensor, "quant_state"):  # bitsandbytes 4-bit: codes and their scales go together
             module_name, attr = name.rsplit(".", 1)
-            setattr(stack.get_submodule(module_name), attr, copy.deepcopy(theirs[name]))
+            setattr(target.get_submodule(module_name), attr, copy.deepcopy(theirs[key]))
         else:
-            tensor.copy_(theirs[name])
+            tensor.copy_(theirs[key])
+
+
+def trunk_blocks_for(trunk: list[Stack], n_blocks: int, op: str) -> list[tuple[Stack, int]]:
+    """(trunk stack, block index) that each of a new stack's `n_blocks` blocks copies: the
+    trunk's blocks in rack order, repeated (copy_trunk, G_stack: n_blocks a multiple of
+    theirs), or the `n_blocks` in the middle of them (copy_middle, MIDAS)."""
+    blocks = [(s, i) for s in trunk for i in range(len(s.blocks))]
+    if op == "copy_trunk":
+        if n_blocks % len(blocks):
+            raise ValueError(f"new_stack_init copy_trunk: {n_blocks} blocks are not a multiple of the trunk's {len(blocks)}")
+        return blocks * (n_blocks // len(blocks))
+    if n_blocks > len(blocks):
+        raise ValueError(f"new_stack_init copy_middle: {n_blocks} blocks, more than the trunk's {len(blocks)}")
+    start = (len(blocks) - n_blocks) // 2
+    return blocks[start:start + n_blocks]
+
+
+@torch.no_grad()
+def grow_from_trunk(trunk: list[Stack], neighbour: Stack, stack: Stack, op: str) -> None:
+    """copy_trunk or copy_middle: the new stack's blocks copy trunk blocks (trunk_blocks_for),
+    its time conditioning that of `neighbour` (stack k-1)."""
+    for source in trunk:
+        check_copy(source.precision, stack.precision, op)
+    for block, (source, i) in zip(stack.blocks, trunk_blocks_for(trunk, len(stack.blocks), op)):
+        copy_module_weights(source.blocks[i], block, f"a block of stack {stack.stack_id} and block {i} of stack "
+                                                     f"{source.stack_id}")
+    copy_module_weights(neighbour.time, stack.time, f"the time conditioning of stacks {stack.stack_id} and "
+                                                    f"{neighbour.stack_id}")
+
+
+@torch.no_grad()
+def start_as_identity(stack: Stack) -> None:
+    """Zero what a stack adds to the residual stream: every block's attention and MLP output
+    projection and the time projection (their base weights; a stack LoRA's B starts at zero
+    already), so the stack passes its input on unchanged."""
+    if stack.precision != "full":
+        raise ValueError(f"new_stack_init identity: a {stack.precision} stack rounds the stream it passes on")
+    layers = [m for b in stack.blocks for m in (b.attn.o_proj, b.mlp.down_proj)] + [stack.time.proj]
+    for layer in layers:
+        base = getattr(layer, "base_layer", layer)  # a peft LoRA layer wraps the projection
+        base.weight.zero_()
+        if base.bias is not None:
+            base.bias.zero_()
 
 
 class ProgressiveRackBuilder:
@@ -160,10 +221,18 @@ class ProgressiveRackBuilder:
                               f"and is not imported: give stack {stack_id} its time_step")
         if precision is None and self.default_precision is not None and stack_id not in p.stack_precisions:
             precision = self.default_precision
-        stack = create_stack_from_config(stack_id, n_blocks or self.config.blocks_per_stack, self.config, precision,
+        stack = create_stack_from_config(stack_id, n_blocks or self.config.stack_blocks(stack_id), self.config, precision,
                                          time_step)
-        if p.new_stack_init == "copy" and self.rack.stacks:  # before the source gets a trunk adapter
-            copy_stack_weights(self.rack.stacks[0 if at_input_side else -1], stack)
+        if self.rack.stacks:  # before the sources get a trunk adapter
+            neighbour = self.rack.stacks[0 if at_input_side else -1]
+            if p.new_stack_init == "copy" and len(stack.blocks) == len(neighbour.blocks):
+                copy_stack_weights(neighbour, stack)
+            elif p.new_stack_init == "copy":  # a larger stack: stack k-1's blocks, repeated
+                grow_from_trunk([neighbour], neighbour, stack, "copy_trunk")
+            elif p.new_stack_init in ("copy_trunk", "copy_middle"):
+                grow_from_trunk(list(self.rack.stacks), neighbour, stack, p.new_stack_init)
+            elif p.new_stack_init == "identity":
+                start_as_identity(stack)
         if p.progressive_qlora:
             for trunk_stack in self.rack.stacks:
                 if adapters.TRUNK_ADAPTER not in adapters.adapter_params(trunk_stack):

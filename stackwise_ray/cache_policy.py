@@ -47,7 +47,7 @@ class CachePlanner:
 
     def steps(self, plan: PhasePlan) -> int:
         """The steps of `plan`'s phase, which its cache's rows follow."""
-        return phase_steps(self.config.training, len(self.train_ds) // self.config.data.batch_size)
+        return phase_steps(self.config.training, len(self.train_ds) // self.config.data.batch_size, plan.stack_id)
 
     def layout(self, plan: PhasePlan) -> CacheLayout:
         """The rows of `plan`'s cache: the examples its steps read."""
@@ -130,7 +130,7 @@ class CachePlanner:
         if layout.nbytes > budget:
             return (f"a {layout.nbytes / MIB:.0f} MiB cache ({layout.rows} examples) exceeds the {budget / MIB:.0f} MiB "
                     "budget (ray.cache_max_bytes): the trunk is recomputed instead")
-        batch = 64 * layout.seq_len * layout.d_model * 4 * 4 * max(1, config.blocks_per_stack)
+        batch = 64 * layout.seq_len * layout.d_model * 4 * 4 * max(config.stack_blocks(k) for k in range(config.target_stacks))
         builder = weights + layout.shard_bytes * (2 if incremental else 1) + batch
         need = builder + config.ray.num_workers * backend.reader_bytes(layout)
         memory = ray.available_resources().get("memory", 0) / 2

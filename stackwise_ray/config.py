@@ -60,13 +60,17 @@ IGNORED = "ignored"  # cannot change what a phase produces (tests/test_phase_ide
 IDENTITIES = (HASHED, TRUNK, PLANNED, IGNORED)
 
 
-def setting(default=dataclasses.MISSING, identity: str = "", doc: str = "", factory=dataclasses.MISSING):
+def setting(default=dataclasses.MISSING, identity: str = "", doc: str = "", factory=dataclasses.MISSING,
+            added: bool = False):
     """A config field with its one-line meaning and what it can do to a phase (IDENTITIES):
     the phase identity, the configuration reference (docs/configuration.md) and the
-    tests read these, so a setting is described once, beside its definition."""
+    tests read these, so a setting is described once, beside its definition.
+
+    `added`: a setting added after phase stores existed, whose default does what runs
+    did before it: at its default it is left out of phase ids, so those stores stay valid."""
     if identity not in IDENTITIES or not doc:
         raise TypeError(f"a setting declares its identity ({', '.join(IDENTITIES)}) and a doc line")
-    return field(default=default, default_factory=factory, metadata={"identity": identity, "doc": doc})
+    return field(default=default, default_factory=factory, metadata={"identity": identity, "doc": doc, "added": added})
 
 
 @dataclass
@@ -76,7 +80,7 @@ class ModelConfig:
     n_heads: int = setting(4, HASHED, "attention heads; the head size d_model/n_heads must be even (rotary embeddings)")
     n_kv_heads: Optional[int] = setting(None, HASHED, "key/value heads, fewer for grouped KV; null: n_heads")
     d_ff: Optional[int] = setting(None, HASHED, "SwiGLU hidden size; null: 8/3 d_model rounded up to 32")
-    blocks_per_stack: int = setting(2, PLANNED, "transformer blocks in each stack")
+    blocks_per_stack: int | list = setting(2, PLANNED, "transformer blocks in each stack, or a list with one count per stack (e.g. [4, 4, 8]; copy_trunk grows G_stack-style)")
     max_seq_len: int = setting(128, HASHED, "longest sequence the rack takes (rotary tables, sampling context)")
     attention: Literal["auto", "bidirectional", "causal"] = setting("auto", HASHED, "auto: causal for clm, bidirectional otherwise")
     tie_embeddings: bool = setting(True, HASHED, "the head shares the token embedding")
@@ -109,7 +113,7 @@ class DataConfig:
 class ProgressiveConfig:
     enabled: bool = setting(True, IGNORED, "the source document's switch; only true is accepted (the end-to-end rack is tune.baseline)")
     trunk_strategy: Literal["frozen", "qlora", "full"] = setting("frozen", TRUNK, "frozen: the trunk does not train; qlora: only its LoRA adapters train; full: the whole rack trains after growth")
-    new_stack_init: Literal["random", "copy"] = setting("random", TRUNK, "copy: a new stack starts as a copy of the trained stack beside it (stack k-1)")
+    new_stack_init: Literal["random", "copy", "copy_trunk", "copy_middle", "identity"] = setting("random", TRUNK, "copy: a new stack starts as a copy of the trained stack beside it (stack k-1); copy_trunk (G_stack): its blocks copy the whole trunk's, in rack order, repeated to fill it; copy_middle (MIDAS): the trunk's middle blocks; identity: random blocks whose residual outputs (and time projection) start at zero, so the grown rack computes what the trunk did")
     new_stack_precision: Literal["full", "half", "bfloat16", "nvfp4", "qlora"] = setting("full", PLANNED, "precision of stacks stack_precisions does not name")
     cache_activations: bool = setting(True, IGNORED, "cache trunk activations between phases (false: recompute the trunk every step)")
     # stack LoRA: one adapter per stack, added when the stack is created
@@ -127,7 +131,7 @@ class ProgressiveConfig:
     progressive_qlora_alpha: float = setting(16.0, TRUNK, "the trunk adapters' alpha")
     max_stacks: int = setting(12, PLANNED, "most stacks a rack may hold (1 to 1024); a custom time mapping receives it")
     target_stacks: Optional[int] = setting(None, IGNORED, "stacks a run trains; null: max_stacks")
-    blocks_per_stack: Optional[int] = setting(None, PLANNED, "blocks in each stack; null: model.blocks_per_stack")
+    blocks_per_stack: Optional[int | list] = setting(None, PLANNED, "blocks in each stack (a number, or a list with one per stack); null: model.blocks_per_stack")
     stack_precisions: dict = setting(identity=PLANNED, doc="{stack index: precision} overrides of new_stack_precision", factory=dict)
     building_mode: Literal["append", "prepend"] = setting("append", TRUNK, "append: a new stack goes after the trunk; prepend: before it (the loss flows through the trunk)")
     # time
@@ -178,11 +182,13 @@ def stack_lora_params(stack_idx: int, p: ProgressiveConfig) -> tuple[int, float]
 @dataclass
 class TrainingConfig:
     seed: int = setting(0, HASHED, "training seed (new stacks, batch order, corruption), in [0, 2^31-1]")
-    steps_per_stack: int = setting(200, HASHED, "optimizer steps in each phase")
+    steps_per_stack: int | list = setting(200, HASHED, "optimizer steps in each phase, or a list with one count per stack (grow early or late)")
     epochs_per_stack: Optional[int] = setting(None, HASHED, "if set, each phase trains this many epochs instead of steps_per_stack")
     lr: float = setting(3e-3, HASHED, "peak learning rate (AdamW)")
-    min_lr: float = setting(3e-4, HASHED, "learning rate at a phase's last step (cosine after warmup)")
-    warmup_steps: int = setting(20, HASHED, "linear warmup steps at the start of each phase")
+    min_lr: float = setting(3e-4, HASHED, "learning rate at the schedule's last step")
+    warmup_steps: int = setting(20, HASHED, "linear warmup steps: at the start of each phase (per_phase), else once at the start of the run")
+    lr_schedule: Literal["per_phase", "run_cosine", "wsd"] = setting("per_phase", HASHED, "per_phase: warmup and cosine to min_lr in every phase; run_cosine: one warmup and one cosine over the run's global step; wsd: one warmup, constant lr, then a linear decay to min_lr over the run's last decay_fraction of steps", added=True)
+    decay_fraction: float = setting(0.2, HASHED, "wsd: share of the run's steps (the baseline's: of its own) in the final decay, in (0, 1]", added=True)
     weight_decay: float = setting(0.0, HASHED, "AdamW weight decay")
     grad_clip: float = setting(1.0, HASHED, "gradient norm clip; 0: off")
     eval_batches: int = setting(8, HASHED, "validation batches a phase's final numbers average over (without eval_every)")
@@ -214,7 +220,7 @@ SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 class TuneConfig:
     search_space: dict = setting(identity=IGNORED, doc="{key path: {grid|choice|uniform|loguniform|randint: values}}", factory=dict)
     num_samples: int = setting(1, IGNORED, "repeats of the grid (sampled keys are drawn per trial)")
-    metric: Literal["val_loss", "val_ppl", "val_accuracy"] = setting("val_loss", IGNORED, "what the schedulers and the best trial go by")
+    metric: Literal["val_loss", "val_ppl", "val_accuracy", "val_bpb"] = setting("val_loss", IGNORED, "what the schedulers and the best trial go by")
     mode: Literal["min", "max"] = setting("min", IGNORED, "min or max of metric")
     max_concurrent_trials: int = setting(2, IGNORED, "trials running at once")
     scheduler: Literal["none", "asha", "median"] = setting("none", IGNORED, "Ray Tune's ASHA or median stopping, with stacks_done as the time axis")
@@ -294,9 +300,15 @@ class StackWiseConfig:
         return p.target_stacks if p.target_stacks is not None else p.max_stacks
 
     @property
-    def blocks_per_stack(self) -> int:
+    def blocks_per_stack(self) -> int | list:
+        """Blocks in each stack: one number, or a list with one count per stack."""
         p = self.training.progressive
         return p.blocks_per_stack if p.blocks_per_stack is not None else self.model.blocks_per_stack
+
+    def stack_blocks(self, stack_idx: int) -> int:
+        """Blocks of stack `stack_idx` (a list's entry, or the one number)."""
+        blocks = self.blocks_per_stack
+        return blocks[stack_idx] if isinstance(blocks, list) else blocks
 
     @property
     def causal(self) -> bool:
@@ -325,15 +337,15 @@ class StackWiseConfig:
         # attribute assignment bypasses from_dict, so types are checked again here
         _check_types(self, "")
         m, d, t, p = self.model, self.data, self.training, self.training.progressive
-        _positive(m, "model", "d_model", "n_heads", "blocks_per_stack", "max_seq_len")
+        _positive(m, "model", "d_model", "n_heads", "max_seq_len")
         _positive(d, "data", "seq_len", "batch_size")
-        _positive(t, "training", "steps_per_stack", "eval_batches", "log_every")
+        _positive(t, "training", "eval_batches", "log_every")
         _positive(p, "training.progressive", "qlora_rank", "qlora_alpha", "progressive_qlora_rank",
                   "progressive_qlora_alpha", "max_stacks", "time_embedding_dim", "num_time_steps")
         for sec, obj, keys in (("model", m, ("vocab_size", "n_kv_heads", "d_ff")),
                                ("data", d, ("max_examples",)),
                                ("training", t, ("epochs_per_stack",)),
-                               ("training.progressive", p, ("target_stacks", "blocks_per_stack"))):
+                               ("training.progressive", p, ("target_stacks",))):
             for k in keys:
                 if getattr(obj, k) is not None:
                     _positive(obj, sec, k)
@@ -368,6 +380,8 @@ class StackWiseConfig:
             fail("training.min_lr", f"must be in [0, training.lr={t.lr}], got {show(t.min_lr)}")
         if t.warmup_steps < 0:
             fail("training.warmup_steps", f"must be >= 0, got {show(t.warmup_steps)}")
+        if not 0 < t.decay_fraction <= 1:
+            fail("training.decay_fraction", f"must be in (0, 1], got {show(t.decay_fraction)}")
         if m.d_model % m.n_heads:
             fail("model.d_model", f"must be divisible by model.n_heads={m.n_heads}, got {show(m.d_model)}")
         if (m.d_model // m.n_heads) % 2:
@@ -389,6 +403,9 @@ class StackWiseConfig:
             fail("training.progressive.qlora_dropout", f"must be in [0, 1), got {show(p.qlora_dropout)}")
         if self.target_stacks > p.max_stacks:
             fail("training.progressive.target_stacks", f"must be <= max_stacks={p.max_stacks}, got {show(p.target_stacks)}")
+        for key, value in (("model.blocks_per_stack", m.blocks_per_stack), ("training.steps_per_stack", t.steps_per_stack),
+                           ("training.progressive.blocks_per_stack", p.blocks_per_stack)):
+            _per_stack_counts(key, value, self.target_stacks)
         if self.causal and p.training_objective == "mlm":
             fail("model.attention", "causal attention cannot see the masked tokens' right context; use bidirectional or auto for mlm")
         if not self.causal and p.training_objective == "clm":
@@ -448,14 +465,49 @@ class StackWiseConfig:
                  "(the same rack trained end to end is tune.baseline: end_to_end)")
         if p.trunk_strategy == "full" and p.progressive_qlora:
             fail("training.progressive.progressive_qlora", "trunk_strategy full trains the trunk's own weights, so a trunk adapter would only be a redundant low-rank copy of their update: set it to false, or use trunk_strategy qlora")
+        if p.new_stack_init in ("copy_trunk", "copy_middle", "identity"):
+            self._validate_operator()
+            return
         if p.new_stack_init != "copy":
             return
         for k in range(1, self.target_stacks):
             source, new = self.stack_precision(k - 1), self.stack_precision(k)
+            if self.stack_blocks(k) % self.stack_blocks(k - 1):
+                fail("training.progressive.new_stack_init", f"copy fills stack {k}'s {self.stack_blocks(k)} blocks with "
+                     f"copies of stack {k - 1}'s {self.stack_blocks(k - 1)}: make it a multiple (model.blocks_per_stack)")
             if not can_copy_weights(source, new):
                 fail("training.progressive.new_stack_init", f"copy gives stack {k} ({new}) the weights of stack {k - 1} ({source}); a 4-bit stack copies only from a stack of its own precision")
             if p.qlora_enabled and stack_lora_params(k, p) != stack_lora_params(k - 1, p):
                 fail("training.progressive.new_stack_init", f"copy gives stack {k} the LoRA adapter of stack {k - 1}, but qlora_strategy {p.qlora_strategy} gives them different (rank, alpha): {stack_lora_params(k - 1, p)} and {stack_lora_params(k, p)}")
+
+    def _validate_operator(self) -> None:
+        """copy_trunk, copy_middle and identity: where they cannot give stack k what they say."""
+        p, key = self.training.progressive, "training.progressive.new_stack_init"
+        op = p.new_stack_init
+        for k in range(1, self.target_stacks):
+            new, blocks = self.stack_precision(k), self.stack_blocks(k)
+            trunk_blocks = sum(self.stack_blocks(j) for j in range(k))
+            if op == "identity":
+                if new != "full":
+                    fail(key, f"identity needs full-precision new stacks: stack {k} is {new}, which rounds the residual "
+                              "stream it passes on (or holds 4-bit weights that cannot start at an exact zero)")
+                continue
+            for j in range(k):
+                source = self.stack_precision(j)
+                if not can_copy_weights(source, new):
+                    fail(key, f"{op} gives stack {k} ({new}) blocks of stack {j} ({source}); a 4-bit stack copies only "
+                              "from a stack of its own precision")
+                if p.qlora_enabled and stack_lora_params(k, p) != stack_lora_params(j, p):
+                    fail(key, f"{op} gives stack {k} the LoRA adapters of stack {j}'s blocks, but qlora_strategy "
+                              f"{p.qlora_strategy} gives them different (rank, alpha): {stack_lora_params(j, p)} and "
+                              f"{stack_lora_params(k, p)}")
+            if op == "copy_trunk" and blocks % trunk_blocks:
+                fail(key, f"copy_trunk fills stack {k}'s {blocks} blocks with copies of the trunk's {trunk_blocks}: "
+                          "make each stack's blocks a multiple of the blocks before it (model.blocks_per_stack as a "
+                          "list, e.g. [2, 2, 4] or [6, 18])")
+            if op == "copy_middle" and blocks > trunk_blocks:
+                fail(key, f"copy_middle gives stack {k} the middle {blocks} of the trunk's {trunk_blocks} blocks: "
+                          "a stack may hold at most as many blocks as the stacks before it (model.blocks_per_stack)")
 
     def _validate_time(self) -> None:
         p = self.training.progressive
@@ -653,6 +705,8 @@ def _parse_override(tp, raw: str, path: str):
     if typing.get_origin(tp) in (Union, types.UnionType):
         if raw.strip().lower() in ("null", "none", "~", ""):
             return None
+        if list in args and raw.strip().startswith("["):
+            return _parse_override(list, raw, path)
         return _parse_override(next(a for a in args if a is not type(None)), raw, path)
     if typing.get_origin(tp) is Literal or tp is str:
         return raw
@@ -782,7 +836,10 @@ def _check_value(tp, value, path):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return
-        return _check_value(next(a for a in args if a is not type(None)), value, path)
+        options = [a for a in args if a is not type(None)]
+        if list in options and isinstance(value, list):  # a count per stack, or one for all
+            return
+        return _check_value(options[0], value, path)
     if origin is Literal:
         if value not in typing.get_args(tp):
             fail(path, _choice_msg(value, typing.get_args(tp)))
@@ -854,6 +911,23 @@ def _int_keys(d: dict, path: str, max_stacks: int) -> dict:
         if not 0 <= int(k) < max_stacks:
             fail(f"{path}.{k}", f"no such stack: indices run from 0 to max_stacks-1={max_stacks - 1}")
     return out
+
+
+def _per_stack_counts(key: str, value, stacks: int) -> None:
+    """A count per stack: a positive integer, or a list of them with an entry for each of
+    the run's `stacks` stacks (None: not set)."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        if value <= 0:
+            fail(key, f"must be > 0, got {show(value)}")
+        return
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            fail(f"{key}.{i}", f"must be a positive integer, got {show(v)}")
+    if len(value) < stacks:
+        fail(key, f"lists {len(value)} counts, one per stack, but the run trains {stacks} stacks "
+                  "(training.progressive.target_stacks, else max_stacks)")
 
 
 def _kind(value) -> str:

@@ -88,10 +88,10 @@ def budget_and_final_rack(config, n_train: int):
     from .plan import plan_phases
 
     B, T = config.data.batch_size, config.data.seq_len
-    steps = phase_steps(config.training, n_train // B)
-    rows = min(n_train, steps * B)  # a cache holds the examples its phase reads, each once
     builder, total = ProgressiveRackBuilder(config), 0.0
     for plan in plan_phases(config):
+        steps = phase_steps(config.training, n_train // B, plan.stack_id)
+        rows = min(n_train, steps * B)  # a cache holds the examples its phase reads, each once
         total += cache_build_flops(builder.rack, plan, rows, T)
         builder.add_planned_stack(plan)
         total += plan_flops(plan, builder.rack, steps * B * T, T)

@@ -24,12 +24,13 @@ def evaluate_rack(builder: ProgressiveRackBuilder, val_ds=None) -> dict:
     config = builder.config
     if val_ds is None:
         _, val_ds, _ = build_datasets(config)
-    masking = TimeStepMasking(config, load_tokenizer(config.data.tokenizer),
-                              time_steps=builder.time_steps)  # the rack's own steps, no mapping called
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    masking = TimeStepMasking(config, tokenizer, time_steps=builder.time_steps)  # the rack's own steps, no mapping called
     newest = builder.num_stacks - 1
     batches = ProgressiveDataLoader(GlobalBatches(val_ds, min(config.data.batch_size, len(val_ds)),
                                                   config.training.seed, shuffle=False), masking, newest)
-    return evaluate(builder.rack, batches, config.training.eval_batches)
+    return evaluate(builder.rack, batches, config.training.eval_batches,
+                    token_bytes=torch.from_numpy(tokenizer.token_bytes()))
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,15 +39,17 @@ IDENTITY_VERSION = 2
 VERSION_FILE = "identity.json"
 
 
-def declared_settings(config, identities: tuple[str, ...], prefix: str = "") -> dict:
+def declared_settings(config, identities: tuple[str, ...], prefix: str = "", hashing: bool = False) -> dict:
     """{key path: value} of every setting of `config` (a section) whose declared identity is
-    one of `identities`, sections walked in order."""
+    one of `identities`, sections walked in order. `hashing`: without the settings added
+    since the stores of IDENTITY_VERSION were made that hold their default (which does
+    what those stores' phases did), so those stores keep their ids."""
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            out.update(declared_settings(value, identities, f"{prefix}{f.name}."))
-        elif f.metadata["identity"] in identities:
+            out.update(declared_settings(value, identities, f"{prefix}{f.name}.", hashing))
+        elif f.metadata["identity"] in identities and not (hashing and f.metadata.get("added") and value == f.default):
             out[prefix + f.name] = value
     return out
 
@@ -65,10 +67,12 @@ def phase_identity(config: StackWiseConfig, plans: list[PhasePlan], k: int, data
     } for j, plan in enumerate(plans[:k + 1])]
     parts = {
         "version": IDENTITY_VERSION,
-        "settings": declared_settings(config, (HASHED, TRUNK) if k > 0 else (HASHED,)),
+        "settings": declared_settings(config, (HASHED, TRUNK) if k > 0 else (HASHED,), hashing=True),
         "stacks": stacks,
         "data_content": data_key,
     }
+    if config.training.lr_schedule != "per_phase":  # a run-wide schedule spans every phase the run trains
+        parts["run_phases"] = len(plans)
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return f"s{k:02d}-{digest[:16]}"
 

@@ -109,7 +109,7 @@ def phase_plan(config: StackWiseConfig, stack_id: int, n_blocks: int | None = No
         cache = dataclasses.replace(cache, dtype=dtype, rounds=rounds)
     return PhasePlan(
         stack_id=stack_id,
-        n_blocks=n_blocks or config.blocks_per_stack,
+        n_blocks=n_blocks or config.stack_blocks(stack_id),
         precision=precision or config.stack_precision(stack_id),
         at_input_side=p.building_mode == "prepend" if at_input_side is None else at_input_side,
         time_step=depth_time_step(config, stack_id) if time_step is None else time_step,

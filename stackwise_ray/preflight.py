@@ -111,10 +111,12 @@ def footprint(config: StackWiseConfig, vocab_size: int) -> tuple[list, list]:
     activations (no optimizer state, one hidden state per block), each as a list of
     (the key that drives a term, its bytes)."""
     m, d, p = config.model, config.data, config.training.progressive
-    head_dim, blocks, n = m.d_model // m.n_heads, config.blocks_per_stack, config.target_stacks
+    head_dim, n = m.d_model // m.n_heads, config.target_stacks
+    blocks = min(config.stack_blocks(k) for k in range(n))  # the smallest stack's: a lower bound
     kv_dim = (m.n_kv_heads or m.n_heads) * head_dim
     d_ff = m.ffn_size
-    per_weight = sum(BYTES_PER_WEIGHT[config.stack_precision(k)] for k in range(n))  # over all stacks
+    # bytes per weight of a block, summed over every block of every stack
+    per_weight = sum(BYTES_PER_WEIGHT[config.stack_precision(k)] * config.stack_blocks(k) for k in range(n)) / blocks
     table = p.num_time_steps * p.time_embedding_dim if p.time_encoding_type == "learned" else 0
     weights = [
         ("model.vocab_size", 4 * vocab_size * m.d_model * (1 if m.tie_embeddings else 2)),

@@ -37,15 +37,15 @@ from .errors import first_line  # noqa: E402
 
 # Older sweeps or partial runs may lack some columns; they are added empty so the report still renders.
 RESULT_COLUMNS = ["trial_id", "kind", "status", "val_loss", "val_ppl", "val_accuracy", "flops", "wall_s",
-                  "phases_trained", "phases_reused", "error", "arm", "budget", "steps", "tokens", "epochs"]
-PHASE_COLUMNS = ["trial_id", "kind", "stack", "val_loss", "cum_flops", "wall_s", "peak_memory_mb", "status"]
-CURVE_COLUMNS = ["trial_id", "kind", "arm", "global_step", "flops", "val_loss"]
+                  "phases_trained", "phases_reused", "error", "arm", "budget", "steps", "tokens", "epochs", "val_bpb"]
+PHASE_COLUMNS = ["trial_id", "kind", "stack", "val_loss", "cum_flops", "wall_s", "peak_memory_mb", "status", "val_bpb"]
+CURVE_COLUMNS = ["trial_id", "kind", "arm", "global_step", "flops", "val_loss", "val_bpb"]
 COMPARE_PLOT = "compare_loss_vs_flops.png"  # with an `arm` column (a sweep by this version)
 PLOTS = {"val_loss_per_stack": "val_loss_per_stack.png", "phase_time_memory": "phase_time_memory.png",
          "loss_vs_flops": "loss_vs_flops.png"}
 
 
-NUMERIC_COLUMNS = {"val_loss", "val_ppl", "val_accuracy", "flops", "wall_s", "phases_trained", "phases_reused", "stack", "cum_flops",
+NUMERIC_COLUMNS = {"val_loss", "val_ppl", "val_accuracy", "val_bpb", "flops", "wall_s", "phases_trained", "phases_reused", "stack", "cum_flops",
                    "peak_memory_mb", "budget", "steps", "tokens", "epochs", "global_step"}
 TEXT_COLUMNS = ("trial_id", "kind", "status", "error", "arm")
 
@@ -218,7 +218,7 @@ def table_rows(results: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 LR, SEED = "training.lr", "training.seed"
 OVER_BUDGET = 1 + 1e-9  # FLOPs are sums of floats: an arm at exactly the budget must not be marked
 COMPARE_HEADER = ["arm", "best LR", "seeds", "final val_loss (mean ± std)", "vs baseline [95% CI]", "FLOPs",
-                  "steps", "tokens", "epochs", "FLOPs to reach baseline", "compute-matched"]
+                  "steps", "tokens", "epochs", "FLOPs to reach baseline", "compute-matched", "val_bpb (mean)"]
 COMPARE_NOTES = [
     "Each arm at its best LR: the lowest mean final val_loss over seeds (trials that errored or were stopped "
     "early left out). seeds: distinct training seeds (trials that repeat a seed measured one thing and count "
@@ -242,6 +242,7 @@ def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
     done = finished(results)
     done = done[done["arm"].notna()]
     chosen = {arm: best_lr(rows) for arm, rows in done.groupby("arm", sort=False)}
+    tried = {arm: rows[LR].nunique() if LR in rows else 1 for arm, rows in done.groupby("arm", sort=False)}
     base = chosen.get("baseline")
     base_losses = per_seed(base[1]) if base is not None else pd.Series(dtype=float)
     base_loss = base_losses.mean() if base is not None else float("nan")
@@ -253,13 +254,47 @@ def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
         curve = mean_curve(curves, rows["trial_id"])
         reach = flops_to_reach(curve["flops"].tolist(), curve["val_loss"].tolist(), base_loss) if len(curve) else None
         flops, budget = rows["flops"].mean(), rows["budget"].max() if "budget" in rows else float("nan")
-        out.append({"arm": arm, "lr": lr, "seeds": len(losses), "val_loss_mean": losses.mean(),
+        bpb = per_seed(rows, "val_bpb") if "val_bpb" in rows else pd.Series(dtype=float)
+        out.append({"arm": arm, "lr": lr, "lrs_tried": max(1, int(tried[arm])), "seeds": len(losses),
+                    "val_loss_mean": losses.mean(),
+                    "val_bpb_mean": bpb.mean() if len(bpb) else float("nan"),
                     "val_loss_std": losses.std(ddof=1) if len(losses) > 1 else float("nan"),
                     "diff": diff, "ci_low": low, "ci_high": high, "flops": flops,
                     **{k: rows[k].mean() if k in rows else float("nan") for k in ("steps", "tokens", "epochs")},
                     "flops_to_reach": reach, "reach_ratio": reach / base_flops if reach is not None else None,
                     "budget": budget, "over_budget": bool(flops > OVER_BUDGET * budget) if pd.notna(budget) else None})
     return out
+
+
+MIN_SEEDS = 3  # fewer seeds give no interval (1) or one too wide to mean much (2)
+
+
+def weak_evidence(rows: list[dict]) -> list[str]:
+    """What makes a comparison table's evidence weak, one line each (none: it follows the
+    protocol): untuned learning rates, too few seeds, a baseline matched in FLOPs only that
+    trained fewer steps than the arms, arms over the budget."""
+    if not rows:
+        return []
+    lines = []
+    if max(r.get("lrs_tried", 1) for r in rows) <= 1:
+        lines.append("Weak evidence: a single learning rate for every arm, so each arm's LR is untuned and the "
+                     "comparison may only say which arm suits that LR (tune.lrs runs several).")
+    fewest = min(r["seeds"] for r in rows)
+    if fewest < MIN_SEEDS:
+        lines.append(f"Weak evidence: {fewest} seed{'s' if fewest != 1 else ''} for some arm (fewer than {MIN_SEEDS}), "
+                     "so there is no confidence interval worth the name (tune.seeds runs several).")
+    base = next((r for r in rows if r["arm"] == "baseline"), None)
+    arms = [r for r in rows if r["arm"] != "baseline"]
+    arm_steps = [r["steps"] for r in arms if pd.notna(r.get("steps"))]
+    if base is not None and pd.notna(base.get("steps")) and arm_steps and base["steps"] < min(arm_steps):
+        lines.append(f"Weak evidence: the baseline is matched in FLOPs only and trained {base['steps']:.0f} steps "
+                     f"against the arms' {min(arm_steps):.0f}+, so it is less trained, not only cheaper "
+                     "(tune.baseline_match: flops_and_steps matches the steps too).")
+    over = [r["arm"] for r in arms if r.get("over_budget")]
+    if over:
+        lines.append(f"Weak evidence: {', '.join(over)} spent more FLOPs than the budget the baseline was given, "
+                     "so a gain there is not compute-matched.")
+    return lines
 
 
 def finished(results: pd.DataFrame) -> pd.DataFrame:
@@ -275,13 +310,13 @@ def best_lr(rows: pd.DataFrame):
     return lr, rows[rows[LR] == lr]
 
 
-def per_seed(rows: pd.DataFrame) -> pd.Series:
-    """Final val_loss per distinct training seed. A trial is deterministic given its seed:
+def per_seed(rows: pd.DataFrame, column: str = "val_loss") -> pd.Series:
+    """Final val_loss (or another column) per distinct training seed. A trial is deterministic given its seed:
     trials repeating a seed (num_samples repeats, a grid value listed twice) measured one
     thing, so they count once, and a spread or interval needs distinct seeds. Without a
     seed column every trial ran the base config's seed."""
     seeds = rows[SEED] if SEED in rows else pd.Series(0, index=rows.index)
-    return rows["val_loss"].groupby(seeds.fillna(-1)).mean()
+    return rows[column].groupby(seeds.fillna(-1)).mean()
 
 
 def welch(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
@@ -331,7 +366,8 @@ def comparison_rows(rows: list[dict]) -> list[list[str]]:
         return "-" if r["over_budget"] is None else (f"NO ({r['flops'] / r['budget']:.2f}x budget)" if r["over_budget"] else "yes")
 
     return [[r["arm"], fmt(r["lr"], ".3g"), str(r["seeds"]), pm(r), versus(r), fmt(r["flops"], ".3g"),
-             fmt(r["steps"], ".0f"), fmt(r["tokens"], ".3g"), fmt(r["epochs"], ".2f"), reach(r), matched(r)]
+             fmt(r["steps"], ".0f"), fmt(r["tokens"], ".3g"), fmt(r["epochs"], ".2f"), reach(r), matched(r),
+             fmt(r.get("val_bpb_mean"), ".4f")]
             for r in rows]
 
 
@@ -425,7 +461,7 @@ def _write_files(experiment_dir, command, results, phases, curves, out_dir) -> d
     header, rows = table_rows(results)
     lines = comparison_lines(results, labels, *sweep_metric(experiment_dir))
     compared = comparison(results, curves)
-    compare = (COMPARE_HEADER, comparison_rows(compared), COMPARE_NOTES) if compared else None
+    compare = (COMPARE_HEADER, comparison_rows(compared), weak_evidence(compared) + COMPARE_NOTES) if compared else None
     if compared:
         paths["comparison"] = os.path.join(out_dir, COMPARE_PLOT)
         plot_comparison(compared, results, curves, paths["comparison"])

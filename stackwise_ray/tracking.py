@@ -36,6 +36,7 @@ def phase_points(m: dict, offset: int) -> tuple[list[tuple[int, str, float]], in
     end = offset + m.get("steps", 0)
     cache = m.get("cache", {})
     scalars = {"val/loss": m.get("val_loss"), "val/ppl": m.get("val_ppl"), "val/accuracy": m.get("val_accuracy"),
+               "val/bpb": m.get("val_bpb"),
                "phase/stack": m.get("stack"), "phase/train_s": m.get("train_s"),
                "phase/peak_memory_mb": m.get("peak_memory_mb"), "phase/trainable_params": m.get("trainable_params"),
                "phase/flops": m.get("flops"), "phase/cache_bytes": cache.get("bytes") or 0,

@@ -15,12 +15,12 @@ from .ray_runtime import RayAddressError, dashboard_line, run_in_thread, start, 
 
 COLUMNS = [("stack", "stack", "{}"), ("precision", "precision", "{}"), ("t", "time_step", "{}"),
            ("steps", "steps", "{}"), ("train", "train_loss", "{:.3f}"), ("val", "val_loss", "{:.3f}"),
-           ("ppl", "val_ppl", "{:.1f}"), ("acc", "val_accuracy", "{:.3f}"),
+           ("ppl", "val_ppl", "{:.1f}"), ("bpb", "val_bpb", "{:.3f}"), ("acc", "val_accuracy", "{:.3f}"),
            ("trainable", "trainable_params", "{:,}"), ("total", "total_params", "{:,}"),
            ("trunk fwd", "trunk_forwards", "{}"), ("peak MB", "peak_memory_mb", "{:.0f}"),
            ("start s", "startup_s", "{:.1f}"), ("cache s", "cache_s", "{:.1f}"), ("train s", "train_s", "{:.1f}"),
            ("status", "status", "{}")]
-WIDTHS = [5, 9, 11, 6, 6, 6, 7, 6, 11, 11, 9, 7, 7, 7, 7, 9, 20]  # rows are printed one by one, as phases end
+WIDTHS = [5, 9, 11, 6, 6, 6, 7, 6, 6, 11, 11, 9, 7, 7, 7, 7, 9, 20]  # rows are printed one by one, as phases end
 
 
 def stack_row(m: dict | None) -> str:

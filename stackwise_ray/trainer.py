@@ -28,6 +28,7 @@ from .cache_policy import CachePlanner
 from .checkpoint import load_metadata, load_rack
 from .config import StackWiseConfig
 from .data.dataset import dataset_from_user, open_datasets, token_store_location
+from .phase_metrics import PhaseMetrics
 from .phase_store import PhaseStore, phase_identity
 from .plan import PhasePlan, plan_phases
 from .prestart import Prestarter
@@ -205,34 +206,46 @@ class ProgressiveTrainer:
             cache_spec, cache_info = run.caches.for_phase(plans[0], prev, run.ids)
             if cache_spec is None and plans[0].cache.kind != "none":
                 plans = (plans[0].recomputed(cache_info["reason"]),)
-        t1 = time.time()
+        t1, next_cache = time.time(), None
         if recovered is not None:  # trained before a crash that came before its record
-            metrics, checkpoint, status = load_metadata(recovered)["metrics"], recovered, "recovered"
+            found, checkpoint, status = load_metadata(recovered)["metrics"], recovered, "recovered"
         else:
             next_cache = None if baseline else run.caches.next_cache(run.plans, plans[0], cache_spec, run.ids,
                                                                       run.prestarter.links)
-            inputs = PhaseInputs(plans, prev, cache_spec, time.time(), next_cache)
+            inputs = PhaseInputs(plans, prev, cache_spec, time.time(), next_cache,
+                                 self._lr_window(run, plans, train_steps))
             if pre is not None:
                 run.prestarter.hand_over(phase_id, inputs)
             if not baseline:
                 self._prestart_next(run, plans[0].stack_id)
             if pre is not None:
-                metrics, checkpoint = pre.future.result()
+                found, checkpoint = pre.future.result()
             else:
                 self.store.clear(phase_id)
-                metrics, checkpoint = fit_phase(run.config, self._part(plans), inputs, self.store.root, phase_id,
+                found, checkpoint = fit_phase(run.config, self._part(plans), inputs, self.store.root, phase_id,
                                                 run.data_ref, self.callbacks, train_steps, links=run.prestarter.links,
                                                 board=self._board, labels=self.labels)
             status = "trained"
-            if next_cache is not None:  # these workers computed the next phase's cache: it is kept for it
-                spent = metrics.pop("next_cache")
-                run.caches.keep_emitted(next_cache, spent)
-                metrics["next_cache_s"] = spent["build_s"]
+        metrics = PhaseMetrics.from_dict(found)
+        if next_cache is not None:  # these workers computed the next phase's cache: it is kept for it
+            run.caches.keep_emitted(next_cache, metrics.next_cache)
+            metrics.next_cache_s = metrics.next_cache["build_s"]
+        metrics.next_cache = None  # (a recovered phase's workers are gone, and so is what they emitted)
         built = cache_info.get("flops", 0.0) if cache_info.get("built") else 0.0
-        metrics.update({"cache": cache_info, "cache_s": t1 - t0, "phase_wall_s": time.time() - t0,
-                        "flops": metrics["train_flops"] + built, "prestarted": status == "trained" and pre is not None,
-                        "orchestration_s": time.time() - t1 - metrics["train_s"]})
-        return {"stack": plans[-1].stack_id, "phase_id": phase_id, "checkpoint": checkpoint, "metrics": metrics}, status
+        metrics.cache, metrics.cache_s, metrics.phase_wall_s = cache_info, t1 - t0, time.time() - t0
+        metrics.flops, metrics.prestarted = metrics.train_flops + built, status == "trained" and pre is not None
+        metrics.orchestration_s = time.time() - t1 - metrics.train_s
+        return {"stack": plans[-1].stack_id, "phase_id": phase_id, "checkpoint": checkpoint,
+                "metrics": metrics.to_dict()}, status
+
+    @staticmethod
+    def _lr_window(run: RunContext, plans: tuple[PhasePlan, ...], train_steps: int | None) -> tuple[int, int]:
+        """(the run's global step at the phase's first step, the run's steps in all): the
+        phase's place in a run-wide lr_schedule. The end-to-end baseline is a run of its own."""
+        if len(plans) > 1:
+            return 0, train_steps
+        steps = [run.caches.steps(p) for p in run.plans]
+        return sum(steps[:plans[0].stack_id]), sum(steps)
 
     @staticmethod
     def _part(plans: tuple[PhasePlan, ...]) -> str:

@@ -139,13 +139,13 @@ def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
 
     tune.baseline_match flops: batch = data.batch_size; steps = floor(budget / FLOPs of
     one step), at least 1.
-    flops_and_steps: steps = the progressive run's optimizer steps (target_stacks x the
-    steps of one phase); batch = the largest multiple of ray.num_workers that keeps those
+    flops_and_steps: steps = the progressive run's optimizer steps (the sum of its phases'
+    steps); batch = the largest multiple of ray.num_workers that keeps those
     steps within the budget: floor(budget / (steps x FLOPs per example) / num_workers) x
     num_workers. Raises ConfigError where that is 0 (a budget too small for one example
     per worker per step)."""
     from .flops import budget_and_final_rack, end_to_end_flops
-    from .phase import phase_steps
+    from .phase import run_steps
 
     match = config.tune.baseline_match
     config = apply_overrides(config, {})  # the base config as a run sees it (its tune section apart)
@@ -154,7 +154,7 @@ def baseline_plan(config: StackWiseConfig, n_train: int) -> dict:
     per_example = end_to_end_flops(rack, T, T)  # one example (T tokens) through one step
     if match == "flops":
         return {"batch_size": B, "steps": max(1, int(budget // (B * per_example))), "budget": budget}
-    steps = config.target_stacks * phase_steps(config.training, n_train // B)
+    steps = sum(run_steps(config.training, n_train // B, config.target_stacks))
     batch = int(budget // (steps * per_example)) // W * W
     if batch < W:
         raise ConfigError(f"tune.baseline_match: flops_and_steps: {steps} end-to-end steps within the budget of "
@@ -188,6 +188,7 @@ def run_trial(params: dict, base: dict, experiment_dir: str, baseline: dict | No
             "stacks_done": m["stack"] + 1, "val_loss": m["val_loss"],
             "phases_trained": counts["trained"] + counts["recovered"], "phases_reused": counts["reused"],
             "kind": kind, "stack": m["stack"], "val_ppl": m["val_ppl"], "val_accuracy": m["val_accuracy"],
+            "val_bpb": m.get("val_bpb", float("nan")),
             "phase_flops": m["flops"], "flops": spent["flops"], "phase_status": m["status"], "phase_id": m["phase_id"],
             "phase_wall_s": m["phase_wall_s"] if m["status"] != "reused" else 0.0, "train_s": m["train_s"],
             "peak_memory_mb": m["peak_memory_mb"], "wall_s": time.time() - t0,
@@ -316,6 +317,7 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
         arm = arm_label(config, kind, given)
         rows.append({"trial_id": trial_id, "kind": kind, "arm": arm, "status": status, **values,
                      "val_loss": m.get("val_loss"), "val_ppl": m.get("val_ppl"), "val_accuracy": m.get("val_accuracy"),
+                     "val_bpb": m.get("val_bpb"),
                      "stacks_done": done, "flops": m.get("flops"), "budget": m.get("budget"),
                      "batch_size": m.get("batch_size"), "steps": m.get("steps"), "tokens": m.get("tokens"),
                      "epochs": m.get("epochs"), "wall_s": m.get("wall_s"),
@@ -325,6 +327,7 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
         if frame is not None and len(frame):
             for _, r in frame.iterrows():
                 phases.append({"trial_id": trial_id, "kind": kind, "stack": r["stack"], "val_loss": r["val_loss"],
+                               "val_bpb": r.get("val_bpb"),
                                "flops": r["phase_flops"], "cum_flops": r["flops"], "wall_s": r["phase_wall_s"],
                                "train_s": r["train_s"], "peak_memory_mb": r["peak_memory_mb"],
                                "status": r["phase_status"], "phase_id": r["phase_id"],
@@ -338,7 +341,7 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
     storage.write_frame_parquet(storage.join(experiment_dir, "results.parquet"), table.astype({c: str for c in swept}))
     storage.write_frame_csv(storage.join(experiment_dir, "phases.csv"), pd.DataFrame(phases))
     storage.write_frame_csv(storage.join(experiment_dir, "curves.csv"), pd.DataFrame(curves, columns=CURVE_FIELDS))
-    storage.write_frame_csv(storage.join(experiment_dir, "comparison.csv"), pd.DataFrame(compare(experiment_dir)))
+    write_comparison_csv(experiment_dir, compare(experiment_dir))
     best = best_trial(table, config.tune.metric, config.tune.mode)  # the report's rule too
     if best is not None:
         chosen = next(r for r in rows if r["trial_id"] == best["trial_id"])
@@ -346,7 +349,23 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
     return rows
 
 
-CURVE_FIELDS = ["trial_id", "kind", "arm", *PROTOCOL_KEYS.values(), "stack", "global_step", "flops", "val_loss"]
+CURVE_FIELDS = ["trial_id", "kind", "arm", *PROTOCOL_KEYS.values(), "stack", "global_step", "flops", "val_loss",
+                "val_bpb"]
+
+
+def write_comparison_csv(experiment_dir: str, compared: list[dict]) -> None:
+    """comparison.csv: the table, then what makes its evidence weak as `#` lines under it
+    (pandas reads the table alone with comment="#")."""
+    import pandas as pd
+
+    from .report import weak_evidence
+
+    path = storage.join(experiment_dir, "comparison.csv")
+    storage.write_frame_csv(path, pd.DataFrame(compared))
+    lines = weak_evidence(compared)
+    if lines:
+        text = storage.read_bytes(path).decode().rstrip("\n") + "\n" + "".join(f"# {line}\n" for line in lines)
+        storage.write_bytes(path, text.encode())
 
 
 def compare(experiment_dir: str) -> list[dict]:
@@ -359,16 +378,17 @@ def compare(experiment_dir: str) -> list[dict]:
 
 
 def trial_curve(history: list[dict]) -> list[dict]:
-    """A run's validation curve over its phases: {stack, global_step, flops, val_loss} per
+    """A run's validation curve over its phases: {stack, global_step, flops, val_loss, val_bpb} per
     point, FLOPs counted from the run's start (cache builds included, before the steps of
     the phase they feed). Phases without eval_every give one point, at their end."""
     points, spent, steps = [], 0.0, 0
     for phase in history:
         build = phase["flops"] - phase["train_flops"]
         curve = phase.get("val_curve") or [{"step": phase["steps"], "global_step": steps + phase["steps"],
-                                            "phase_flops": phase["train_flops"], "val_loss": phase["val_loss"]}]
+                                            "phase_flops": phase["train_flops"], "val_loss": phase["val_loss"],
+                                            "val_bpb": phase.get("val_bpb")}]
         points += [{"stack": phase["stack"], "global_step": p["global_step"], "flops": spent + build + p["phase_flops"],
-                    "val_loss": p["val_loss"]} for p in curve]
+                    "val_loss": p["val_loss"], "val_bpb": p.get("val_bpb")} for p in curve]
         spent, steps = spent + phase["flops"], steps + phase["steps"]
     return points
 
@@ -399,13 +419,14 @@ def dry_run_text(config: StackWiseConfig, baseline: dict | None) -> str:
 
 def comparison_text(compared: list[dict]) -> str:
     """The report's comparison table, as console text."""
-    from .report import COMPARE_HEADER, comparison_rows
+    from .report import COMPARE_HEADER, comparison_rows, weak_evidence
 
-    return aligned([COMPARE_HEADER, *comparison_rows(compared)])
+    return "\n".join([aligned([COMPARE_HEADER, *comparison_rows(compared)]), *weak_evidence(compared)])
 
 
 def results_table(rows: list[dict], swept: list[str]) -> str:
-    cols = ["trial_id", "kind", *swept, "val_loss", "flops", "wall_s", "phases_trained", "phases_reused", "status"]
+    cols = ["trial_id", "kind", *swept, "val_loss", "val_bpb", "flops", "wall_s", "phases_trained", "phases_reused",
+            "status"]
 
     def fmt(v):
         if isinstance(v, float):

@@ -27,6 +27,7 @@ from .data.dataset import load_data
 from .data.loader import GlobalBatches, ProgressiveDataLoader
 from .flops import end_to_end_flops, plan_flops
 from .masking import TimeStepMasking
+from .phase_metrics import PhaseMetrics
 from .phase import evaluate, phase_steps, rounding_hook, train_stack
 from .plan import PhasePlan
 from .ray_cache import NextCache, emit_next_cache, open_reader
@@ -40,6 +41,9 @@ class PhaseInputs:
     cache: dict | None  # the cache the phase reads (ray_cache.CacheHandle.spec), None: it reads none
     handed_at: float  # when the driver had them ready
     next_cache: NextCache | None = None  # the next phase's cache, for these workers to compute once trained
+    # (the run's global step at the phase's first step, the run's steps in all): where the
+    # phase lies in a run-wide lr_schedule; None: the phase is the run (the baseline)
+    lr_window: tuple[int, int] | None = None
 
     @property
     def end_to_end(self) -> bool:
@@ -80,7 +84,7 @@ def start_builder(config: StackWiseConfig, inputs: PhaseInputs) -> ProgressiveRa
     return builder
 
 
-def train_loop_per_worker(loop_config: dict) -> dict:
+def train_loop_per_worker(loop_config: dict) -> PhaseMetrics | None:
     job: PhaseJob = loop_config["job"]
     t_enter = time.time()
     config = job.config
@@ -109,7 +113,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     plan = inputs.plans[0]
     if not inputs.end_to_end and cache is None and plan.cache.rounds:  # a refused cache that would have rounded
         hooks.append(rounding_hook(rack, plan.cache.position, plan.cache.dtype))
-    steps = job.train_steps or phase_steps(config.training, len(train_batches.base_dataloader))
+    steps = job.train_steps or phase_steps(config.training, len(train_batches.base_dataloader), stack_id)
+    window = inputs.lr_window or (0, steps)
     resume = read_in_phase_checkpoint(rack)
     progress = PhaseProgress(job, stack_id, steps, B * T, config.training.log_every, rank)
 
@@ -129,9 +134,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     t_train = time.time()
     # the validation curve: rank 0 alone evaluates, between steps
     curve_batches = val_batches if rank == 0 and config.training.eval_every else None
-    metrics = train_stack(model, train_batches, config.training, steps, curve_batches,
+    token_bytes = torch.from_numpy(tokenizer.token_bytes())
+    loop = train_stack(model, train_batches, config.training, steps, curve_batches,
                           start=spec["position"] if spec else 0, device=device, on_step_end=on_step_end,
-                          resume=resume)
+                          resume=resume, window=window, token_bytes=token_bytes)
     for h in hooks:
         h.remove()
     if cache is not None:
@@ -139,35 +145,38 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     train_s = time.time() - t_train
     # the full rack from tokens, no cache: the numbers a reloaded checkpoint reproduces (with
     # eval_every, rank 0 has them already, from the whole split)
-    if "val_curve" not in metrics:
-        metrics.update(evaluate(rack, val_batches, config.training.eval_batches, device=device))
+    if "val_curve" not in loop:
+        loop.update(evaluate(rack, val_batches, config.training.eval_batches, device=device, token_bytes=token_bytes))
+    next_cache = None
     if inputs.next_cache is not None:  # this rank's share of the next phase's cache, from the stack just trained
-        metrics["next_cache"] = emit_next_cache(inputs.next_cache, config, rack.eval(), train_ds, masking, spec, rank,
+        next_cache = emit_next_cache(inputs.next_cache, config, rack.eval(), train_ds, masking, spec, rank,
                                                 world, device)
     flops = train_flops(inputs, rack, steps * B * T, T)
-    before = 0 if inputs.end_to_end else stack_id * steps  # earlier phases ran as many steps (same config)
-    for point in metrics.get("val_curve", []):
-        point.update(global_step=before + point["step"], phase_flops=flops * point["step"] / steps)
+    for point in loop.get("val_curve", []):
+        point.update(global_step=window[0] + point["step"], phase_flops=flops * point["step"] / steps)
     depth_time = config.training.progressive.time_interpretation == "depth"
-    metrics.update({
-        "resumed_from_step": resume["step"] if resume else 0,
-        "train_flops": flops,
-        "stack": stack_id,
-        "precision": builder.stack(stack_id).precision,
-        "time_step": builder.stack(stack_id).time_step if depth_time else "per example",
-        "trunk_forwards": len(trunk_forwards),
-        "cache_shards_loaded": cache.loads if cache is not None else 0,
-        "cold_start_s": t_enter - job.fit_started,  # TorchTrainer start to the loop's first line
-        "startup_s": t_train - max(job.fit_started, inputs.handed_at),  # inputs ready to first step
-        "train_s": train_s,
-        "checkpoint_s": checkpointing[0],
-        "peak_memory_mb": peak_memory_mb(device),
-        "num_workers": world,
-        "torch_threads": torch.get_num_threads(),
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "rack": builder.get_rack_info(),
-    })
-    report_final(builder, metrics, rank)
+    metrics = PhaseMetrics(
+        **loop,
+        next_cache=next_cache,
+        resumed_from_step=resume["step"] if resume else 0,
+        first_global_step=window[0],
+        train_flops=flops,
+        stack=stack_id,
+        precision=builder.stack(stack_id).precision,
+        time_step=builder.stack(stack_id).time_step if depth_time else "per example",
+        trunk_forwards=len(trunk_forwards),
+        cache_shards_loaded=cache.loads if cache is not None else 0,
+        cold_start_s=t_enter - job.fit_started,  # TorchTrainer start to the loop's first line
+        startup_s=t_train - max(job.fit_started, inputs.handed_at),  # inputs ready to first step
+        train_s=train_s,
+        checkpoint_s=checkpointing[0],
+        peak_memory_mb=peak_memory_mb(device),
+        num_workers=world,
+        torch_threads=torch.get_num_threads(),
+        node_id=ray.get_runtime_context().get_node_id(),
+        rack=builder.get_rack_info(),
+    )
+    report_final(builder, metrics.to_dict(), rank)
     return metrics
 
 

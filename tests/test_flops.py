@@ -107,3 +107,23 @@ def test_budget_is_the_sum_over_the_plans_of_their_steps_and_cache_builds(settin
     for k, plan in enumerate(plan_phases(config)):  # each phase on a rack grown from scratch to its size
         total += cache_build_flops(grown(config, k), plan, 160, 32) + plan_flops(plan, grown(config, k + 1), TOKENS, 32)
     assert progressive_budget(config, 1000) == total
+
+
+def test_per_stack_steps_set_each_phases_flops_cache_rows_and_the_step_matched_baseline():
+    from stackwise_ray.cache_policy import CachePlanner
+    from stackwise_ray.tune import baseline_plan
+
+    config = tiny_config(target_stacks=3, training={"steps_per_stack": [10, 20, 40]})
+    # phase k processes steps_k * 8 * 32 tokens; the cache of phases 1, 2 holds steps_k * 8 examples
+    tokens = [10 * 256, 20 * 256, 40 * 256]
+    expected = 145152 * tokens[0] + sum(31744 * s * 8 * 32 + 128512 * t for s, t in ((20, tokens[1]), (40, tokens[2])))
+    assert progressive_budget(config, 1000) == expected
+    from stackwise_ray.data import build_datasets
+
+    train_ds = build_datasets(config)[0]
+    planner = CachePlanner(config, None, train_ds, None)
+    plans = plan_phases(config)
+    assert [planner.steps(p) for p in plans] == [10, 20, 40]
+    assert [planner.layout(p).rows for p in plans[1:]] == [160, 320]  # a cache's rows follow its own phase
+    config.tune.baseline, config.tune.baseline_match = "end_to_end", "flops_and_steps"
+    assert baseline_plan(config, 1000)["steps"] == 70  # as many steps as the three phases together

@@ -31,7 +31,7 @@ CHANGES = {
     "training.seed": ({}, 1), "training.steps_per_stack": ({}, 10), "training.epochs_per_stack": ({}, 1),
     "training.lr": ({}, 1e-3), "training.min_lr": ({}, 1e-4), "training.warmup_steps": ({}, 3),
     "training.weight_decay": ({}, 0.1), "training.grad_clip": ({}, 0.5), "training.eval_batches": ({}, 3),
-    "training.eval_every": ({}, 5),
+    "training.eval_every": ({}, 5), "training.lr_schedule": ({}, "wsd"), "training.decay_fraction": ({}, 0.5),
     "training.progressive.trunk_strategy": ({}, "full"), "training.progressive.new_stack_init": ({}, "copy"),
     "training.progressive.new_stack_precision": ({}, "bfloat16"),
     "training.progressive.qlora_enabled": ({}, True), "training.progressive.qlora_rank": (LORA, 8),

@@ -231,3 +231,29 @@ def test_a_link_in_the_report_directory_is_replaced_not_written_through(tmp_path
     assert elsewhere.read_text() == "not the report's"
     assert not os.path.islink(paths["summary_md"]) and "# Sweep report" in open(paths["summary_md"]).read()
     assert sorted(os.listdir(tmp_path / "report")) == sorted(os.path.basename(p) for p in paths.values())
+
+
+def test_the_comparison_says_under_it_what_makes_its_evidence_weak(tmp_path):
+    from stackwise_ray.report import CURVE_COLUMNS, RESULT_COLUMNS, comparison, read_table, weak_evidence
+    from stackwise_ray.tune import comparison_text, write_comparison_csv
+
+    write_comparison(tmp_path)  # 2 LRs; prepend: 1 seed and over the budget; the baseline: 30 steps, the arms 40
+    compared = comparison(read_table(str(tmp_path / "results.csv"), RESULT_COLUMNS),
+                          read_table(str(tmp_path / "curves.csv"), CURVE_COLUMNS))
+    lines = weak_evidence(compared)
+    assert len(lines) == 3 and all(line.startswith("Weak evidence: ") for line in lines)
+    assert "1 seed for some arm (fewer than 3)" in lines[0]
+    assert "matched in FLOPs only and trained 30 steps against the arms' 40+" in lines[1]
+    assert lines[2].startswith("Weak evidence: building_mode=prepend spent more FLOPs than the budget")
+    # one LR, three seeds, steps matched, within the budget: nothing to say
+    good = [{**r, "lrs_tried": 1} for r in compared if r["arm"] != "building_mode=prepend"]
+    assert [line.split(":")[1] for line in weak_evidence(good)][0].startswith(" a single learning rate")
+    assert weak_evidence([{**r, "steps": 40} for r in compared if r["arm"] != "building_mode=prepend"]) == []
+
+    assert comparison_text(compared).splitlines()[-3:] == lines  # printed under the table
+    write_comparison_csv(str(tmp_path), compared)
+    text = (tmp_path / "comparison.csv").read_text()
+    assert text.splitlines()[-3:] == [f"# {line}" for line in lines]
+    assert len(pd.read_csv(tmp_path / "comparison.csv", comment="#")) == 3
+    md = open(write_report(str(tmp_path))["summary_md"]).read()
+    assert all(line in md for line in lines)

@@ -108,7 +108,7 @@ def test_grid_sweep_shares_stack_zero_and_resumes_after_a_kill(ray_session, tmp_
         assert len(curve) == (2 * 2 if row["kind"] == "progressive" else baseline["steps"] // 4 + (baseline["steps"] % 4 > 0))
         assert curve["flops"].is_monotonic_increasing and curve["flops"].iloc[-1] == pytest.approx(row["flops"])
         assert curve["val_loss"].iloc[-1] == pytest.approx(row["val_loss"])
-    assert set(pd.read_csv(tmp_path / "grid" / "comparison.csv")["arm"]) == {
+    assert set(pd.read_csv(tmp_path / "grid" / "comparison.csv", comment="#")["arm"]) == {
         "building_mode=append", "building_mode=prepend", "baseline"}
 
 

@@ -36,6 +36,10 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of text each id stands for (val_bpb): 1, and 0 for the special ids."""
+        return np.array([1] * 256 + [0] * 4, dtype=np.int64)
+
 
 # spellings tried in order; the first one in the vocabulary wins
 _PAD = ("[PAD]", "<pad>", "<|pad|>", "<PAD>", "<|padding|>")
@@ -98,6 +102,35 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         # our special ids need not be flagged special in the file, so drop them here
         return self._tok.decode([int(i) for i in ids if int(i) not in self.special_ids], skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of text each id stands for (val_bpb): a byte-level BPE token's own bytes
+        (its characters mapped back through GPT-2's byte alphabet), else the UTF-8 length
+        of the token decoded alone; 0 for the special ids."""
+        from tokenizers import decoders
+
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
+        alphabet = {c: b for b, c in _byte_alphabet().items()}
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i in self.special_ids:
+                continue
+            if byte_level and all(c in alphabet for c in token):
+                out[i] = len(token)  # one character per byte
+            else:
+                out[i] = len(self._tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+        return out
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def load_tokenizer(spec: str):

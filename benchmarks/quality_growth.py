@@ -1,0 +1,199 @@
+"""P6b: growth operators on run-wide schedules, at equal compute. P6's protocol (every arm at
+every learning rate and seed, each arm reported at its best LR, a corpus larger than the
+token budget) with one schedule over the whole run (`lr_schedule: wsd` and `run_cosine`)
+and the literature's operators under `trunk_strategy: full`: `new_stack_init` copy (stack
+k-1), copy_trunk (G_stack: the whole trunk, in order) and identity (new blocks start as the
+identity), against the end-to-end baseline on the same schedule over its own steps,
+matched on FLOPs and optimizer steps. Stacks of 1, 1 and 2 blocks
+(experiments/compare_operators.yaml), so copy and copy_trunk differ at the last growth.
+
+The corpus is the running Python's standard library as JSONL, built in a temporary
+directory and deleted afterwards. Per schedule one sweep; FLOPs to reach the baseline's
+final loss are given on the mean curve and per seed (mean ± std over the seeds that reach
+it).
+
+    python benchmarks/quality_growth.py              # the full protocol: 2 schedules x 4 arms x 5 LRs x 3 seeds
+                                                     # = 120 trials (a day or more on 2 CPUs)
+    python benchmarks/quality_growth.py --schedules wsd --lrs 2e-3 --seeds 0 --steps 30   # a reduced run
+    python benchmarks/quality_growth.py --from DIR   # the report again, from a run made with --keep DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+
+import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import config, run_sweep, write_section  # noqa: E402
+from corpus_scale import python_files, write_jsonl  # noqa: E402
+
+from stackwise_ray.report import (  # noqa: E402
+    COMPARE_HEADER,
+    comparison,
+    comparison_rows,
+    flops_to_reach,
+    weak_evidence,
+)
+
+EXPERIMENT = "experiments/compare_operators.yaml"
+SCHEDULES = ["wsd", "run_cosine"]
+OPERATORS = ["copy", "copy_trunk", "identity"]
+LRS = [3e-4, 6e-4, 1e-3, 2e-3, 4e-3]
+SEEDS = [0, 1, 2]
+STEPS = 150
+SEQ_LEN = 128  # the experiment's data.seq_len
+VAL_FRACTION = 0.002  # ~440 windows: eval_every evaluates the whole split
+
+
+def stdlib_corpus(tmp: str) -> str:
+    path = os.path.join(tmp, "stdlib.jsonl")
+    write_jsonl(path, python_files(sysconfig.get_paths()["stdlib"], ("site-packages", "dist-packages")))
+    return path
+
+
+def sweep_config(corpus: str, schedule: str, operators, lrs, seeds, steps: int, eval_every: int):
+    tune = {"lrs": lrs, "seeds": seeds, "baseline": "end_to_end", "baseline_match": "flops_and_steps",
+            "search_space": {"training.progressive.new_stack_init": {"grid": list(operators)}}}
+    return config({"data": {"source": corpus, "format": "jsonl", "val_fraction": VAL_FRACTION},
+                   "training": {"steps_per_stack": steps, "lr_schedule": schedule, "eval_every": eval_every,
+                                "progressive": {"trunk_strategy": "full"}},
+                   "tune": tune}, base=EXPERIMENT)
+
+
+def run(tmp: str, args) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    corpus = stdlib_corpus(tmp)
+    results, curves, facts = [], [], {"corpus_mb": os.path.getsize(corpus) / 1e6, "walls": {}}
+    for schedule in args.schedules:
+        cfg = sweep_config(corpus, schedule, args.operators, args.lrs, args.seeds, args.steps, args.eval_every)
+        wall, exp = run_sweep(cfg, f"quality_growth_{schedule}")
+        facts["walls"][schedule] = wall
+        for name, out in (("results.csv", results), ("curves.csv", curves)):
+            df = pd.read_csv(os.path.join(exp, name))
+            df["schedule"] = schedule
+            df["trial_id"] = schedule + "-" + df["trial_id"].astype(str)
+            out.append(df)
+    results, curves = pd.concat(results), pd.concat(curves)
+    done = results[results["val_loss"].notna()]
+    facts["trials"] = len(results)
+    facts["train_examples"] = round(float((done["tokens"] / SEQ_LEN / done["epochs"]).dropna().iloc[0]))
+    return results, curves, facts
+
+
+def per_seed_reach(results: pd.DataFrame, curves: pd.DataFrame, rows: list[dict]) -> dict:
+    """{arm: (mean, std, seeds reaching, seeds)} of the FLOPs at which each of the arm's
+    trials at its best LR first reaches the baseline's mean final val_loss."""
+    base = next((r for r in rows if r["arm"] == "baseline"), None)
+    if base is None:
+        return {}
+    out = {}
+    for r in rows:
+        trials = results[(results["arm"] == r["arm"]) & results["val_loss"].notna()]
+        if r["lr"] is not None and "training.lr" in trials:
+            trials = trials[trials["training.lr"] == r["lr"]]
+        reached = []
+        for trial_id in trials["trial_id"]:
+            c = curves[curves["trial_id"] == trial_id].sort_values("global_step")
+            f = flops_to_reach(c["flops"].tolist(), c["val_loss"].tolist(), base["val_loss_mean"]) if len(c) else None
+            if f is not None:
+                reached.append(f)
+        s = pd.Series(reached, dtype=float)
+        out[r["arm"]] = (s.mean(), s.std(ddof=1) if len(s) > 1 else float("nan"), len(s), len(trials))
+    return out
+
+
+def markdown_table(rows: list[dict], reach: dict) -> str:
+    header = [*COMPARE_HEADER, "FLOPs to reach, per seed (mean ± std, reached/seeds)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r, cells in zip(rows, comparison_rows(rows)):
+        mean, std, n, total = reach.get(r["arm"], (float("nan"), float("nan"), 0, 0))
+        spread = "-" if n == 0 else f"{mean:.3g} ± {'-' if pd.isna(std) else f'{std:.2g}'} ({n}/{total})"
+        lines.append("| " + " | ".join([*cells, spread]) + " |")
+    return "\n".join(lines)
+
+
+def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
+    a = facts["args"]
+    full = {"schedules": SCHEDULES, "operators": OPERATORS, "lrs": LRS, "seeds": SEEDS, "steps": STEPS}
+    reduced = [f"{k} {a[k]} (protocol: {v})" for k, v in full.items() if a[k] != v]
+    parts = [
+        (f"**A REDUCED run, not the protocol**: {'; '.join(reduced)}. With one LR the arms are untuned, with "
+         "fewer than 3 seeds there is no interval: read it as a check that the pipeline runs, not as a result.\n\n"
+         if reduced else "")
+        + f"`{EXPERIMENT}` with `trunk_strategy: full` (d_model 128, 4 heads, 3 stacks of 1, 1 and 2 blocks, seq_len "
+        f"128, byte tokenizer, batch 16, {a['steps']} steps per stack, 20 warmup steps once per run, validation "
+        f"every {a['eval_every']} steps on the whole validation split) on the standard library's `.py` files as "
+        f"JSONL ({facts['corpus_mb']:.1f} MB, {facts['train_examples']:,} training windows, val_fraction "
+        f"{VAL_FRACTION}). Operators {a['operators']} x LRs {a['lrs']} x seeds {a['seeds']}, per schedule "
+        f"{a['schedules']}, each against the end-to-end baseline on the same schedule over its own steps, matched "
+        f"on FLOPs and optimizer steps: {facts['trials']} trials, "
+        + ", ".join(f"{s} {w / 60:.0f} min" for s, w in facts["walls"].items()) + ".",
+    ]
+    for schedule in a["schedules"]:
+        res, cur = results[results["schedule"] == schedule], curves[curves["schedule"] == schedule]
+        rows = comparison(res, cur)
+        lines = weak_evidence(rows)
+        parts.append(f"**lr_schedule: {schedule}** (difference: arm minus baseline, nats, Welch 95% CI over seeds; "
+                     f"FLOPs to reach: where the arm's curve first reaches the baseline's mean final val_loss):\n\n"
+                     f"{markdown_table(rows, per_seed_reach(res, cur, rows))}"
+                     + ("\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""))
+    parts.append(
+        "What this does not show: one small model (3 stacks, 4 blocks in all) and one short run per arm; one corpus "
+        "(Python source); CPU float32; `trunk_strategy: full` spends more FLOPs than the budget the baseline "
+        "matches (that of the base run), so an arm marked not compute-matched has had more compute. A difference "
+        "whose interval contains 0 is no difference; \"no gain\" is a result. Whether any ordering holds at larger "
+        "scale, with longer training or other data is not measured here.")
+    return "\n\n".join(parts)
+
+
+def keep(out: str, results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    results.to_csv(os.path.join(out, "results.csv"), index=False)
+    curves.to_csv(os.path.join(out, "curves.csv"), index=False)
+    with open(os.path.join(out, "facts.json"), "w") as f:
+        json.dump(facts, f, indent=1)
+
+
+def kept(source: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    with open(os.path.join(source, "facts.json")) as f:
+        facts = json.load(f)
+    return pd.read_csv(os.path.join(source, "results.csv")), pd.read_csv(os.path.join(source, "curves.csv")), facts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--schedules", nargs="+", default=SCHEDULES, choices=SCHEDULES)
+    parser.add_argument("--operators", nargs="+", default=OPERATORS)
+    parser.add_argument("--lrs", type=float, nargs="+", default=LRS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/benchmarks.md alone")
+    parser.add_argument("--keep", help="write the sweeps' results.csv and curves.csv, and facts.json, here")
+    parser.add_argument("--from", dest="source", help="write the report from a --keep directory instead of running")
+    args = parser.parse_args()
+    if args.source:
+        results, curves, facts = kept(args.source)
+    else:
+        tmp = tempfile.mkdtemp(prefix="quality-growth-corpus-")
+        try:
+            results, curves, facts = run(tmp, args)
+        finally:
+            shutil.rmtree(tmp)
+        facts["args"] = {k: getattr(args, k) for k in ("schedules", "operators", "lrs", "seeds", "steps", "eval_every")}
+        keep(args.keep or tempfile.mkdtemp(prefix="quality-growth-kept-"), results, curves, facts)
+    body = report(results, curves, facts)
+    if args.no_write:
+        print(body)
+    else:
+        write_section("p6b", "P6b: growth operators on run-wide schedules, at equal compute", body)
+
+
+if __name__ == "__main__":
+    main()
