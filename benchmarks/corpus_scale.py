@@ -14,8 +14,8 @@ The driver's peak RSS is its VmHWM (/proc/PID/status), polled until it exits; a 
 is the phase's `peak_memory_mb`.
 
 `--build` (issue 27) measures the token store's parallel build instead: a corpus of the
-installed packages' `.py` files as Parquet shards (BUILD_SHARDS of them, BUILD_MB in all,
-plus one large JSONL file read in byte ranges), a `tokenizers` BPE file (vocabulary 4,096,
+installed packages' `.py` files as Parquet shards (BUILD_SHARDS of them of about equal size,
+BUILD_MB in all), a `tokenizers` BPE file (vocabulary 4,096,
 byte-level pre-tokenizer) trained here on some of those files, and the store built by
 `python -m stackwise_ray.prepare` in a fresh process: once in one process (`--local`), then
 by Ray tasks on every CPU of a local Ray (`--num-cpus` of them; the default is all). The
@@ -304,7 +304,7 @@ def targets(results: dict, tok: dict, corpora: list[str], steps: int) -> list[st
 
 # ---------------------------------------------------------------- --build: the parallel token-store build
 
-BUILD_MB, BUILD_SHARDS, VOCAB = 24, 8, 4096
+BUILD_MB, BUILD_SHARDS, VOCAB = 24, 16, 4096
 
 
 def build_corpus(tmp: str, mb: float) -> tuple[str, str]:
@@ -329,10 +329,13 @@ def build_corpus(tmp: str, mb: float) -> tuple[str, str]:
             break
     shards = os.path.join(tmp, "shards")
     os.makedirs(shards)
-    per = -(-len(texts) // BUILD_SHARDS)
-    for i in range(BUILD_SHARDS):
-        pq.write_table(pa.table({"text": texts[i * per:(i + 1) * per]}), os.path.join(shards, f"part-{i:03d}.parquet"),
-                       row_group_size=256)
+    # shards of about equal text bytes (files in order), so no task gets much more work than another
+    groups, acc = [[] for _ in range(BUILD_SHARDS)], 0
+    for text in texts:
+        groups[min(BUILD_SHARDS - 1, int(acc * BUILD_SHARDS // size))].append(text)
+        acc += len(text.encode())
+    for i, group in enumerate(groups):
+        pq.write_table(pa.table({"text": group}), os.path.join(shards, f"part-{i:03d}.parquet"), row_group_size=256)
     with open(os.path.join(tmp, "one.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
     tok = Tokenizer(models.BPE())
