@@ -52,7 +52,13 @@ def child(tmp: str, variant: str) -> None:
     import pyarrow as pa
     import torch
 
-    from stackwise_ray.cache import ActivationCache, CacheLayout, ShardReader, read_shard, shard_path
+    from stackwise_ray.cache import (
+        ActivationCache,
+        CacheLayout,
+        ShardReader,
+        read_shard,
+        shard_path,
+    )
 
     if variant == "parquet_decay0":
         pa.jemalloc_set_decay_ms(0) if pa.default_memory_pool().backend_name == "jemalloc" else None

@@ -367,7 +367,7 @@ def prepare(cfg_path: str, storage: str, local: bool, num_cpus: int | None) -> d
 
 
 def measure_build(tmp: str, mb: float, cpus: list[int]) -> str:
-    shards, one, text_mb = build_corpus(tmp, mb)
+    shards, _, text_mb = build_corpus(tmp, mb)
     rows, ok, load = [], True, os.getloadavg()[0]
     for name, source in ((f"{BUILD_SHARDS} Parquet shards", shards),):
         cfg_path = write_yaml({"data": {"source": source, "tokenizer": os.path.join(tmp, "bpe.json"), "seq_len": 128}},
@@ -390,11 +390,11 @@ def measure_build(tmp: str, mb: float, cpus: list[int]) -> str:
             f"`tokenizers` BPE file trained inside the benchmark (vocabulary {VOCAB:,}, byte-level pre-tokenizer), "
             "each build a fresh `python -m stackwise_ray.prepare` process: `--local` (one process, the library's own "
             "`encode_batch` with its own threads off, `TOKENIZERS_PARALLELISM=false`, as in each task), then Ray tasks on a local Ray of *CPUs* CPUs, one unit per task (a Parquet shard's row "
-            "groups, or a 16 MB byte range of the JSONL file), joined in order. *build s*: the build alone (the "
+            "groups up to 16 MB), joined in order. *build s*: the build alone (the "
             "source's sha256 and Ray's start are outside it); *MB/s*: MB of text per build second; *x*: over one "
             "process; *identical*: the store's bytes equal the one-process store's; *target*: >= 0.8 x CPUs x one "
-            f"process. The machine's 1-minute load average when this started: {load:.1f} (other work shared its "
-            f"{os.cpu_count()} CPUs).\n\n")
+            f"process. The machine's 1-minute load average when this started: {load:.1f} (above about 1 per "
+            f"CPU, other work shared its {os.cpu_count()} CPUs).\n\n")
     scaling = ("\n\n**How it scales.** Each unit is one Ray task holding one CPU, at most two per CPU of the cluster in "
                "flight, so the rate grows with the CPUs Ray offers (`ray start --num-cpus N` on each node, or "
                "`prepare --num-cpus N` for a local Ray) while there are more units than CPUs and the CPUs are "
