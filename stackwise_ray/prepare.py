@@ -13,7 +13,14 @@ import os
 import sys
 import time
 
-from .cli import BAD_INPUT, OneLineParser, add_overrides_argument, error_line, load_for_command, refuse
+from .cli import (
+    BAD_INPUT,
+    OneLineParser,
+    add_overrides_argument,
+    error_line,
+    load_for_command,
+    refuse,
+)
 from .ray_runtime import RayAddressError, start, stop_on_signals
 
 

@@ -199,7 +199,7 @@ def test_a_bad_shard_is_one_line_naming_it_and_nothing_is_kept(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_refuses_a_bad_shard_with_status_2(tmp_path):
-    source, message = bad_shards(tmp_path)["zst"]
+    source, _ = bad_shards(tmp_path)["zst"]
     config = tmp_path / "x.yaml"
     config.write_text(f"data:\n  source: {source}\nray:\n  storage_path: {tmp_path / 'runs'}\n")
     out = subprocess.run([sys.executable, "-m", "stackwise_ray.prepare", str(config), "--local"], capture_output=True,
@@ -232,3 +232,33 @@ def test_the_parallel_build_is_byte_for_byte_the_single_process_one(tmp_path, mo
         [a] = (tmp_path / "plocal" / "tokens").glob(f"*/{name}")
         [b] = (tmp_path / "ppar" / "tokens").glob(f"*/{name}")
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_prepare_builds_the_store_that_train_then_opens(tmp_path, monkeypatch, capsys):
+    from stackwise_ray import prepare
+
+    make_shards(tmp_path / "shards")
+    config = tmp_path / "x.yaml"
+    config.write_text(f"data:\n  source: {tmp_path / 'shards'}\n  seq_len: 16\nray:\n  storage_path: {tmp_path / 'runs'}\n")
+    assert prepare.main([str(config), "--local"]) == 0
+    out = capsys.readouterr().out
+    key, _, meta = stream(tmp_path / "runs")
+    assert f"token store {key}" in out and f"{meta['tokens']:,} tokens" in out and "MB/s" in out
+
+    def no_build(*args):
+        raise AssertionError("the store was built again")
+
+    monkeypatch.setattr(token_store, "write_store", no_build)
+    assert prepare.main([str(config), "--local"]) == 0 and "found" in capsys.readouterr().out
+    c = StackWiseConfig.from_yaml(str(config))
+    assert token_store_location(c, for_training=True).endswith(key)  # what train's preflight and the trainer call
+
+
+def test_a_shard_of_empty_texts_among_others_is_no_error_but_a_file_of_them_is(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(jsonl(docs(20, 1)))
+    pq.write_table(pa.table({"text": ["", ""]}), d / "b.parquet")  # empty __init__.py files, say
+    assert [r["text"] for r in sources.load_records(cfg(tmp_path, source=str(d)).data)] == docs(20, 1) + ["", ""]
+    with pytest.raises(ValueError, match=r"b\.parquet: no text in field 'text'"):
+        sources.load_records(cfg(tmp_path, source=str(d / "b.parquet")).data)

@@ -63,7 +63,9 @@ class Shard(NamedTuple):
 class Unit(NamedTuple):
     """A piece of a source read on its own: a shard's bytes [start, end) (text, JSONL),
     row groups [start, end) (Parquet), rows [start, end) (datasets); end None: to the end.
-    `size`: its bytes in the source, for progress. `whole`: the unit is the whole shard."""
+    `size`: its bytes in the source, for progress. `whole`: the unit is the whole shard
+    (an empty one is refused). `alone`: the shard is the whole source (one without any
+    text is refused; a shard of empty texts among others is not)."""
     shard: Shard
     start: int
     end: int | None
@@ -71,6 +73,7 @@ class Unit(NamedTuple):
     whole: bool
     text_field: str
     target_field: str | None
+    alone: bool = False
 
 
 class PydocSource:
@@ -102,7 +105,8 @@ class FileSource:
             splits = sorted(n for n in os.listdir(self.spec) if _is_datasets_dir(os.path.join(self.spec, n)))
             raise ValueError(f"{self.spec}: a datasets DatasetDict ({', '.join(splits)}); name one of its splits' "
                              "directories")
-        self.sharded = os.path.isdir(self.spec) and not _is_datasets_dir(self.spec) or any(c in self.spec for c in GLOB_CHARS)
+        globbed = any(c in self.spec for c in GLOB_CHARS) and not os.path.exists(self.spec)  # "a[1].txt" may be a file
+        self.sharded = globbed or (os.path.isdir(self.spec) and not _is_datasets_dir(self.spec))
         self.shards = [self._shard(p) for p in self._paths()]
         self.format = self.shards[0].format if not self.sharded else "shards"
         self.label = os.path.basename(self.spec.rstrip("/")) or self.spec
@@ -150,7 +154,8 @@ class FileSource:
 
     def units(self) -> list[Unit]:
         """The source's units, in order."""
-        return [u for s in self.shards for u in _shard_units(s, self.text_field, self.target_field)]
+        units = [u for s in self.shards for u in _shard_units(s, self.text_field, self.target_field)]
+        return units if self.sharded else [u._replace(alone=u.whole) for u in units]
 
 
 def _is_datasets_dir(path: str) -> bool:
@@ -469,7 +474,7 @@ def _jsonl_batches(unit: Unit):
             yield Batch(texts, targets if target_field is not None else None, False, done)
     if unit.whole and not seen:
         raise ValueError(f"{src}: empty file")
-    if unit.whole and not any_text:
+    if unit.alone and not any_text:
         raise ValueError(f"{src}: no text in field {text_field!r}")
 
 
@@ -526,7 +531,7 @@ def _rows_batches(unit: Unit, batches, row: int, rows: int):
             any_text = any_text or bool(rec["text"])
             row += 1
         yield Batch(out_texts, out_targets if target_field is not None else None, False, unit.size * (row - first) // rows)
-    if not any_text and unit.whole:
+    if not any_text and unit.alone:
         raise ValueError(f"{src}: no text in field {text_field!r}")
 
 
