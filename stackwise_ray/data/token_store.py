@@ -181,7 +181,7 @@ class Mapped:
         return np.array(m[rows])  # a copy, so the map is dropped here
 
 
-class Progress:
+class BuildProgress:
     """One progress line on stderr for builds that take more than a few seconds: rewritten
     in place on a terminal, a plain line every PROGRESS_EVERY_S otherwise."""
 
@@ -346,7 +346,7 @@ def write_store(stage: str, d: DataConfig, tokenizer, parallel: bool = False) ->
     units = source.units()
     parallel = parallel and len(units) > 1
     sizes = [1 if isinstance(u, str) else u.size for u in units]
-    progress = Progress(source.label, sum(sizes), "topics" if source.format == "pydoc" else "bytes")
+    progress = BuildProgress(source.label, sum(sizes), "topics" if source.format == "pydoc" else "bytes")
     parts = _parallel_parts(units, d, dtype) if parallel else _local_parts(units, d, tokenizer, dtype)
     before = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # bytes of the units before each one
     done, current = 0, -1
