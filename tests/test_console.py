@@ -47,9 +47,16 @@ def test_progress_is_one_rewritten_line_on_a_terminal_and_plain_lines_elsewhere(
     assert sys.stdout.getvalue() == "stack 1  step 5/10\nstack 2  step 1/10\n"
 
 
+def settled(runs: list) -> bool:
+    """Two phases or more on the Train page, none of them still being scheduled (a
+    prestarted phase shows as SCHEDULING until its workers are placed)."""
+    return len(runs) >= 2 and all(run["status"] in ("RUNNING", "FINISHED") and run["attempts"] for run in runs)
+
+
 def watch_train_page(proc) -> dict:
     """Read a train command's stdout to its end; from its dashboard line on, read the Train
-    page's runs through the dashboard's HTTP API (with Ray's token) until two phases show.
+    page's runs through the dashboard's HTTP API (with Ray's token) until two phases show,
+    out of scheduling.
     Returns {"lines": stdout's lines, "runs": the runs last read}."""
     import json
     import urllib.request
@@ -60,7 +67,7 @@ def watch_train_page(proc) -> dict:
         lines.append(line)
         match = re.match(r"Ray dashboard: (http://127\.0\.0\.1:\d+)", line)
         url = url or (match.group(1) if match else None)
-        if url and len(runs) < 2 and line.startswith("stack "):  # a phase is on: read the page again
+        if url and not settled(runs) and line.startswith("stack "):  # a phase is on: read the page again
             request = urllib.request.Request(f"{url}/api/train/v2/runs/v1", headers={"Authorization": f"Bearer {token}"})
             try:
                 with urllib.request.urlopen(request, timeout=10) as response:
