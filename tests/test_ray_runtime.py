@@ -71,23 +71,29 @@ def test_every_process_of_a_job_gets_its_ray_address_and_the_train_settings(ray_
 
 @pytest.mark.timeout(400)
 def test_two_train_runs_started_together_on_one_machine(ray_session, tmp_path):
-    # with the test session's Ray up, these two make three local Rays on this machine
+    """With the test session's Ray up, these two make three local Rays on this machine. The
+    second run's name is not ASCII: Ray Train tags its controller's metrics with the run's
+    name, Ray's tags are ASCII, and a `café` run once failed its first phase."""
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
+    names = {"a": "run", "b": "café-ü"}
     runs = [subprocess.Popen([sys.executable, "-m", "stackwise_ray.train", str(config), "--storage",
-                              str(tmp_path / name), "--name", "run"], env=env_without_ray_address(), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in "ab"]
+                              str(tmp_path / d), "--name", name], env=env_without_ray_address(), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for d, name in names.items()]
     outputs = [run.communicate(timeout=360)[0] for run in runs]
-    for name, run, out in zip("ab", runs, outputs):
+    for (d, name), run, out in zip(names.items(), runs, outputs):
         assert run.returncode == 0, out[-3000:]
-        out += (tmp_path / name / "run" / "train.log").read_text()  # Ray's own lines, the cleaner's included
+        out += (tmp_path / d / name / "train.log").read_text()  # Ray's own lines, the cleaner's included
         assert "multiple active Ray instances" not in out, out[-3000:]
         # Ray Train logs this warning with a traceback when its autoscaling coordinator actor
         # answers in more than 5 s, as it can on an overloaded 2-core machine; nothing else
         assert out.count("Traceback") == out.count("Failed to send resource request"), out[-3000:]
-    losses = [json.loads((tmp_path / name / "run" / "summary.json").read_text())["history"][-1]["val_loss"]
-              for name in "ab"]
-    assert losses[0] == losses[1]
+    summaries = [json.loads((tmp_path / d / name / "summary.json").read_text()) for d, name in names.items()]
+    assert summaries[0]["history"][-1]["val_loss"] == summaries[1]["history"][-1]["val_loss"]
+    run = tmp_path / "b" / "café-ü"
+    assert summaries[1]["history"][0]["status"] == "trained" and (run / "final" / "rack.json").is_file()
+    [phase] = [p for p in (run / "phases").iterdir() if p.is_dir()]
+    assert [p.name for p in phase.iterdir() if p.is_dir()] == ["caf-u00e9--u00fc.s00"]  # the Ray Train run
 
 
 def test_an_address_nothing_answers_at_is_refused_naming_where_it_came_from(monkeypatch):
@@ -171,7 +177,7 @@ def test_ctrl_c_while_phase_1_trains_ends_with_130_within_the_promised_seconds(t
     from stackwise_ray.ray_runtime import PROMISED_EXIT_S
 
     config = tmp_path / "two.yaml"  # phase 1 trains long enough to be interrupted in its steps
-    config.write_text(TINY.replace("max_stacks: 1", "max_stacks: 2").replace("steps_per_stack: 8", "steps_per_stack: 600"))
+    config.write_text(TINY.replace("max_stacks: 1", "max_stacks: 2").replace("steps_per_stack: 8", "steps_per_stack: [8, 600]"))
     proc = subprocess.Popen([sys.executable, "-m", "stackwise_ray.train", str(config), "--storage", str(tmp_path)],
                             env=env_without_ray_address(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
