@@ -6,6 +6,7 @@ can be rerun one at a time; every section states the command that produced it.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -105,3 +106,21 @@ def run_sweep(cfg: StackWiseConfig, name: str, storage: str | None = None) -> tu
     subprocess.run([sys.executable, "-m", "stackwise_ray.tune", path, "--storage", storage, "--name", name],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0, os.path.join(storage, name)
+
+
+def keep(out: str, results, curves, facts: dict) -> None:
+    """A comparison sweep's tables and facts, kept under `out` (a report can be made again from them)."""
+    os.makedirs(out, exist_ok=True)
+    results.to_csv(os.path.join(out, "results.csv"), index=False)
+    curves.to_csv(os.path.join(out, "curves.csv"), index=False)
+    with open(os.path.join(out, "facts.json"), "w") as f:
+        json.dump(facts, f, indent=1)
+
+
+def kept(source: str):
+    """(results, curves, facts) written by `keep`."""
+    import pandas as pd
+
+    with open(os.path.join(source, "facts.json")) as f:
+        facts = json.load(f)
+    return pd.read_csv(os.path.join(source, "results.csv")), pd.read_csv(os.path.join(source, "curves.csv")), facts

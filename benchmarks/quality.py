@@ -23,7 +23,6 @@ temporary directory and deleted afterwards.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -33,7 +32,7 @@ import tempfile
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import config, run_sweep, write_section  # noqa: E402
+from common import config, keep, kept, run_sweep, write_section  # noqa: E402
 from corpus_scale import python_files, write_jsonl  # noqa: E402
 
 from stackwise_ray.report import COMPARE_HEADER, comparison, comparison_rows  # noqa: E402
@@ -175,19 +174,6 @@ def main() -> None:
     body = report(results, curves, facts, args)
     print(body) if args.no_write else write_section("p6", "P6: progressive vs end-to-end at equal compute", body)
 
-
-def keep(out: str, results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> None:
-    os.makedirs(out, exist_ok=True)
-    results.to_csv(os.path.join(out, "results.csv"), index=False)
-    curves.to_csv(os.path.join(out, "curves.csv"), index=False)
-    with open(os.path.join(out, "facts.json"), "w") as f:
-        json.dump(facts, f, indent=1)
-
-
-def kept(source: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    with open(os.path.join(source, "facts.json")) as f:
-        facts = json.load(f)
-    return pd.read_csv(os.path.join(source, "results.csv")), pd.read_csv(os.path.join(source, "curves.csv")), facts
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -21,7 +21,6 @@ it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ import tempfile
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import config, run_sweep, write_section  # noqa: E402
+from common import config, keep, kept, run_sweep, write_section  # noqa: E402
 from corpus_scale import python_files, write_jsonl  # noqa: E402
 
 from stackwise_ray.report import (  # noqa: E402
@@ -158,19 +157,6 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
         "scale, with longer training or other data is not measured here.")
     return "\n\n".join(parts)
 
-
-def keep(out: str, results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> None:
-    os.makedirs(out, exist_ok=True)
-    results.to_csv(os.path.join(out, "results.csv"), index=False)
-    curves.to_csv(os.path.join(out, "curves.csv"), index=False)
-    with open(os.path.join(out, "facts.json"), "w") as f:
-        json.dump(facts, f, indent=1)
-
-
-def kept(source: str) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    with open(os.path.join(source, "facts.json")) as f:
-        facts = json.load(f)
-    return pd.read_csv(os.path.join(source, "results.csv")), pd.read_csv(os.path.join(source, "curves.csv")), facts
 
 
 def main() -> None:
