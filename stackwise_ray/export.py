@@ -211,11 +211,7 @@ def export_hf(builder, out: str) -> str:
     except BaseException:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
-        for directory in made:
-            try:
-                os.rmdir(directory)
-            except OSError:  # something else was put there meanwhile
-                break
+        storage.remove_made_dirs(made)
         raise
     return out
 

@@ -301,11 +301,7 @@ def check_storage(path: str) -> None:
         reason = getattr(e, "strerror", None) or first_line(e)
         raise ConfigError(f"ray.storage_path: {clip(location, 200)}: cannot write there: {reason}") from None
     finally:
-        for directory in reversed(made):
-            try:
-                os.rmdir(directory)
-            except OSError:  # another process put something there meanwhile: it stays
-                break
+        remove_made_dirs(reversed(made))
 
 
 _REMOTE_PROBE = """
@@ -341,6 +337,16 @@ def remote_problem(location: str, probe: str = "", timeout_s: float = PROBE_TIME
     if done.returncode == 0:
         return None
     return clip((done.stderr.strip().splitlines() or [f"the probe ended with status {done.returncode}"])[-1], 200)
+
+
+def remove_made_dirs(dirs) -> None:
+    """Remove directories this process made (deepest first), up to the first that another
+    process has put something in meanwhile: it, and those above it, stay."""
+    for directory in dirs:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            break
 
 
 def missing_dirs(path: str) -> list[str]:

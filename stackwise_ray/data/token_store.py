@@ -101,11 +101,7 @@ def ensure(location: str, write, check=None) -> str:
         _publish(stage, location, meta)
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
-        for d in created:
-            try:
-                os.rmdir(d)
-            except OSError:  # something else was put there meanwhile
-                break
+        storage.remove_made_dirs(created)
         if isinstance(e, OSError):  # a full disk, a quota, a read-only mount: one line, not a traceback
             raise StoreWriteError(f"{location}: cannot build the token store: {e.strerror or e}; nothing was kept "
                                   "(the partial build is removed)") from None
