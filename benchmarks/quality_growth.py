@@ -16,6 +16,9 @@ it).
                                                      # = 120 trials (a day or more on 2 CPUs)
     python benchmarks/quality_growth.py --schedules wsd --lrs 2e-3 --seeds 0 --steps 30   # a reduced run
     python benchmarks/quality_growth.py --from DIR   # the report again, from a run made with --keep DIR
+    python benchmarks/quality_growth.py --schedules wsd --keep A     # a schedule at a time ...
+    python benchmarks/quality_growth.py --schedules run_cosine --keep B
+    python benchmarks/quality_growth.py --from A B   # ... reported together
 """
 
 from __future__ import annotations
@@ -158,6 +161,20 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
     return "\n\n".join(parts)
 
 
+def merged(sources: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The kept runs in `sources` as one: each schedule run on its own (so a long protocol
+    can be run, and kept, a schedule at a time) and reported together."""
+    runs = [kept(source) for source in sources]
+    facts = runs[0][2]
+    for _, _, more in runs[1:]:
+        clash = set(facts["walls"]) & set(more["walls"])
+        if clash or more["args"] | {"schedules": None} != facts["args"] | {"schedules": None}:
+            raise SystemExit(f"--from: {sources} are not runs of one protocol on different schedules")
+        facts["walls"].update(more["walls"])
+        facts["trials"] += more["trials"]
+        facts["args"]["schedules"] = facts["args"]["schedules"] + more["args"]["schedules"]
+    return (pd.concat([r for r, _, _ in runs]), pd.concat([c for _, c, _ in runs]), facts)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -169,10 +186,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave docs/benchmarks.md alone")
     parser.add_argument("--keep", help="write the sweeps' results.csv and curves.csv, and facts.json, here")
-    parser.add_argument("--from", dest="source", help="write the report from a --keep directory instead of running")
+    parser.add_argument("--from", dest="sources", nargs="+",
+                        help="write the report from --keep directories (one per schedule, say) instead of running")
     args = parser.parse_args()
-    if args.source:
-        results, curves, facts = kept(args.source)
+    if args.sources:
+        results, curves, facts = merged(args.sources)
     else:
         tmp = tempfile.mkdtemp(prefix="quality-growth-corpus-")
         try:
