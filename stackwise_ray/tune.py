@@ -325,7 +325,8 @@ def write_results(grid, config: StackWiseConfig, experiment_dir: str) -> list[di
                      "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:300],
                      "_config": trial_cfg})
         if frame is not None and len(frame):
-            for _, r in frame.iterrows():
+            # a trial restored after a kill reports its stacks again: its last report of each is what it ran
+            for _, r in frame.drop_duplicates("stack", keep="last").iterrows():
                 phases.append({"trial_id": trial_id, "kind": kind, "stack": r["stack"], "val_loss": r["val_loss"],
                                "val_bpb": r.get("val_bpb"),
                                "flops": r["phase_flops"], "cum_flops": r["flops"], "wall_s": r["phase_wall_s"],

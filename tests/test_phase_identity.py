@@ -5,7 +5,6 @@ recompute, within a stated bound); a sweep trains each distinct phase once."""
 
 import dataclasses
 
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -213,22 +212,3 @@ def test_a_recomputed_trunk_trains_what_its_cache_would_within_float_rounding(ar
         wa, wb, wc = stack_weights(a["checkpoint"]), stack_weights(b["checkpoint"]), stack_weights(cached["checkpoint"])
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
         assert max((wa[k] - wc[k]).abs().max().item() for k in wa) < 1e-4
-
-
-@pytest.mark.slow
-def test_a_sweep_trains_each_distinct_phase_once(ray_session, tmp_path):
-    """cache_dtype x new_stack_precision with stack 0 in full precision: stack 0 is one phase
-    for all four trials; phase 1 differs by both keys (bfloat16 rounds a float32 trunk's
-    outputs), so it is trained once per trial."""
-    from stackwise_ray.tune import build_tuner, write_results
-
-    config = ray_config(target_stacks=2, stack_precisions={0: "full"})
-    config = StackWiseConfig.from_dict({**config.to_dict(), "tune": {"max_concurrent_trials": 2, "search_space": {
-        "ray.cache_dtype": {"grid": ["float32", "bfloat16"]},
-        "training.progressive.new_stack_precision": {"grid": ["full", "bfloat16"]}}}}).validate()
-    grid = build_tuner(config, storage_path=str(tmp_path), name="ids").fit()
-    write_results(grid, config, str(tmp_path / "ids"))
-    phases = pd.read_csv(tmp_path / "ids" / "phases.csv")
-    trained = phases[phases["status"] == "trained"]
-    assert (trained["stack"] == 0).sum() == 1 and (phases["stack"] == 0).sum() == 4
-    assert (trained["stack"] == 1).sum() == 4 and phases[phases["stack"] == 1]["phase_id"].nunique() == 4

@@ -127,18 +127,20 @@ def test_settings_added_later_leave_existing_ids_alone_at_their_defaults():
 
 
 def test_a_ray_run_places_each_phase_on_the_run_wide_schedule(ray_session, tmp_path):
-    """Through Ray Train workers: per-stack steps, the LR at every global step (wsd), the
-    curve's global steps, and val_bpb in every phase's metrics."""
+    """Through Ray Train workers: per-stack steps, the LR at every global step (wsd) with
+    phase 1's worker killed at its step 4 and the phase resumed from its last checkpoint,
+    the curve's global steps, and val_bpb in every phase's metrics."""
     from stackwise_ray.trainer import ProgressiveTrainer
 
     from .conftest import ray_config
 
     config = ray_config(training={"steps_per_stack": [3, 5], "lr": LR, "min_lr": MIN_LR, "warmup_steps": 2,
                                   "lr_schedule": "wsd", "decay_fraction": 0.5, "log_every": 1, "eval_every": 2,
-                                  "checkpoint_every": 0},
-                        target_stacks=2)
+                                  "checkpoint_every": 2},
+                        ray={"inject_worker_failure": "1:4", "max_failures": 2}, target_stacks=2)
     history = ProgressiveTrainer(config, storage_path=str(tmp_path), name="wsd").train_progressively()
     assert [m["steps"] for m in history] == [3, 5] and [m["first_global_step"] for m in history] == [0, 3]
+    assert history[1]["resumed_from_step"] in (2, 4)  # the worker did die, and the phase went on from a checkpoint
     lrs = {m["first_global_step"] + p["step"]: p["lr"] for m in history for p in m["loss_curve"]}
     assert lrs == {g: pytest.approx(schedule_lr(config.training, g, 8)) for g in range(8)}
     assert lrs[2] == LR and lrs[7] == pytest.approx(MIN_LR)  # stable across the boundary, decayed at the end

@@ -28,6 +28,7 @@ GRID = TINY.replace("  eval_batches: 2\n", "  eval_batches: 2\n  eval_every: 4\n
 tune:
   search_space:
     training.progressive.building_mode: {grid: [append, prepend]}
+    ray.cache_dtype: {grid: [float32, bfloat16]}
   max_concurrent_trials: 2
   baseline: end_to_end
 """
@@ -65,7 +66,12 @@ def run_sweep(path, storage, env, resume=False):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_grid_sweep_shares_stack_zero_and_resumes_after_a_kill(ray_session, tmp_path):
+def test_grid_sweep_trains_each_distinct_phase_once_and_resumes_after_a_kill(ray_session, tmp_path):
+    """building_mode x ray.cache_dtype, killed after two phases and resumed. Stack 0 is one
+    phase for all four trials. Phase 1 appended reads its trunk's outputs from a cache, and
+    bfloat16 rounds a float32 trunk's outputs, so its two cache dtypes are two phases;
+    prepended there is no cache, so the cache dtype changes nothing and its two trials
+    share one phase."""
     path = tmp_path / "grid.yaml"
     path.write_text(GRID)
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
@@ -89,15 +95,20 @@ def test_grid_sweep_shares_stack_zero_and_resumes_after_a_kill(ray_session, tmp_
         assert marker.stat().st_mtime_ns == mtime
     assert list(tmp_path.glob("**/tokens/*/meta.json")) == [tokens] and tokens.stat().st_mtime_ns == tokens_built
     results = pd.read_csv(tmp_path / "grid" / "results.csv")
-    assert len(results) == 3 and set(results["status"]) == {"TERMINATED"}
+    assert len(results) == 5 and set(results["status"]) == {"TERMINATED"}
     progressive = results[results["kind"] == "progressive"]
     assert set(progressive["training.progressive.building_mode"]) == {"append", "prepend"}
     phases = pd.read_csv(tmp_path / "grid" / "phases.csv")
     stack0 = phases[(phases["kind"] == "progressive") & (phases["stack"] == 0)]
-    # stack 0 is the same phase whatever the building mode: trained once, reused by the other trial
-    assert stack0["phase_id"].nunique() == 1 and (stack0["status"] == "reused").sum() >= 1
-    # one finished phase per unique identity: 1 shared stack 0, 2 distinct stack 1, 1 baseline
-    assert len(list(store.glob("*/done.json"))) == phases["phase_id"].nunique() == 4
+    # one row per trial and stack, though the trials cut by the kill reported their first stacks twice;
+    # stack 0 is the same phase whatever the building mode and cache dtype: trained once, reused by the others
+    assert len(stack0) == 4 and stack0["phase_id"].nunique() == 1 and (stack0["status"] == "reused").sum() >= 3
+    stack1 = phases[(phases["kind"] == "progressive") & (phases["stack"] == 1)].merge(
+        results[["trial_id", "training.progressive.building_mode"]], on="trial_id")
+    ids = stack1.groupby("training.progressive.building_mode")["phase_id"].nunique()
+    assert len(stack1) == 4 and ids.to_dict() == {"append": 2, "prepend": 1}
+    # one finished phase per unique identity: 1 shared stack 0, 3 distinct stack 1, 1 baseline
+    assert len(list(store.glob("*/done.json"))) == phases["phase_id"].nunique() == 5
     baseline = results[results["kind"] == "baseline"].iloc[0]
     assert abs(baseline["flops"] / progressive["flops"].max() - 1) < 0.5  # the same budget, in whole steps
     assert (tmp_path / "grid" / "best_config.yaml").exists() and (tmp_path / "grid" / "results.parquet").exists()
@@ -108,8 +119,8 @@ def test_grid_sweep_shares_stack_zero_and_resumes_after_a_kill(ray_session, tmp_
         assert len(curve) == (2 * 2 if row["kind"] == "progressive" else baseline["steps"] // 4 + (baseline["steps"] % 4 > 0))
         assert curve["flops"].is_monotonic_increasing and curve["flops"].iloc[-1] == pytest.approx(row["flops"])
         assert curve["val_loss"].iloc[-1] == pytest.approx(row["val_loss"])
-    assert set(pd.read_csv(tmp_path / "grid" / "comparison.csv", comment="#")["arm"]) == {
-        "building_mode=append", "building_mode=prepend", "baseline"}
+    arms = set(pd.read_csv(tmp_path / "grid" / "comparison.csv", comment="#")["arm"])
+    assert len(arms) == 5 and "baseline" in arms and any("building_mode=prepend" in arm for arm in arms)
 
 
 class Recorder(tune.Callback):
