@@ -120,42 +120,55 @@ def markdown_table(rows: list[dict], reach: dict) -> str:
     return "\n".join(lines)
 
 
+def command(a: dict) -> str:
+    return ("python benchmarks/quality_growth.py --schedules " + " ".join(a["schedules"]) + " --operators "
+            + " ".join(a["operators"]) + " --lrs " + " ".join(f"{x:g}" for x in a["lrs"]) + " --seeds "
+            + " ".join(map(str, a["seeds"])) + f" --steps {a['steps']} --eval-every {a['eval_every']}")
+
+
+def reductions(a: dict) -> list[str]:
+    """How the run `a` (its arguments) falls short of the protocol."""
+    full = {"operators": OPERATORS, "lrs": LRS, "seeds": SEEDS, "steps": STEPS}
+    return [f"{k} {a[k]} (protocol: {v})" for k, v in full.items() if a[k] != v]
+
+
 def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
-    a = facts["args"]
-    full = {"schedules": SCHEDULES, "operators": OPERATORS, "lrs": LRS, "seeds": SEEDS, "steps": STEPS}
-    reduced = [f"{k} {a[k]} (protocol: {v})" for k, v in full.items() if a[k] != v]
-    command = ("python benchmarks/quality_growth.py --schedules " + " ".join(a["schedules"]) + " --operators "
-               + " ".join(a["operators"]) + " --lrs " + " ".join(f"{x:g}" for x in a["lrs"]) + " --seeds "
-               + " ".join(map(str, a["seeds"])) + f" --steps {a['steps']} --eval-every {a['eval_every']}")
+    runs = facts["runs"]  # [arguments of each run]: one run, or one per schedule (--from A B)
+    a = runs[0]
+    schedules = [s for r in runs for s in r["schedules"]]
+    by_schedule = {s: r for r in runs for s in r["schedules"]}
+    missing = [s for s in SCHEDULES if s not in schedules]
     parts = [
-        f"The run: `{command}`.",
-        (f"**A REDUCED run, not the protocol**: {'; '.join(reduced)}. With fewer LRs than the protocol an arm's "
-         "best LR may lie outside those it ran, with fewer than 3 seeds there is no interval, and with fewer steps "
-         "the schedules are mostly warmup and decay: read it as a check that the pipeline runs end to end, not as "
-         "a result.\n\n" if reduced else "")
-        + f"`{EXPERIMENT}` with `trunk_strategy: full` (d_model 128, 4 heads, 3 stacks of 1, 1 and 2 blocks, seq_len "
+        "The run" + ("s" if len(runs) > 1 else "") + ": " + "; ".join(f"`{command(r)}`" for r in runs) + ".",
+        f"`{EXPERIMENT}` with `trunk_strategy: full` (d_model 128, 4 heads, 3 stacks of 1, 1 and 2 blocks, seq_len "
         f"128, byte tokenizer, batch 16, {a['steps']} steps per stack, 20 warmup steps once per run, validation "
         f"every {a['eval_every']} steps on the whole validation split) on the standard library's `.py` files as "
         f"JSONL ({facts['corpus_mb']:.1f} MB, {facts['train_examples']:,} training windows, val_fraction "
-        f"{VAL_FRACTION}). Operators {a['operators']} x LRs {a['lrs']} x seeds {a['seeds']}, per schedule "
-        f"{a['schedules']}, each against the end-to-end baseline on the same schedule over its own steps, matched "
-        f"on FLOPs and optimizer steps: {facts['trials']} trials, "
-        + ", ".join(f"{s} {w / 60:.0f} min" for s, w in facts["walls"].items()) + ".",
+        f"{VAL_FRACTION}). Operators {a['operators']}, each against the end-to-end baseline on the same schedule "
+        f"over its own steps, matched on FLOPs and optimizer steps: {facts['trials']} trials, "
+        + ", ".join(f"{s} {w / 60:.0f} min" for s, w in facts["walls"].items()) + "."
+        + (f" **Not run: {missing}** (the protocol has both schedules)." if missing else ""),
     ]
-    for schedule in a["schedules"]:
+    for schedule in schedules:
+        r = by_schedule[schedule]
+        reduced = reductions(r)
         res, cur = results[results["schedule"] == schedule], curves[curves["schedule"] == schedule]
         rows = comparison(res, cur)
         lines = weak_evidence(rows)
-        parts.append(f"**lr_schedule: {schedule}** (difference: arm minus baseline, nats, Welch 95% CI over seeds; "
-                     f"FLOPs to reach: where the arm's curve first reaches the baseline's mean final val_loss):\n\n"
-                     f"{markdown_table(rows, per_seed_reach(res, cur, rows))}"
-                     + ("\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""))
+        parts.append(
+            f"**lr_schedule: {schedule}**, LRs {r['lrs']} x seeds {r['seeds']}"
+            + (f". **A REDUCED run, not the protocol**: {'; '.join(reduced)}. With fewer LRs than the protocol an "
+               "arm's best LR may lie outside those it ran, with fewer than 3 seeds there is no interval, and with "
+               "fewer steps the schedules are mostly warmup and decay" if reduced else " (the protocol)")
+            + ". Difference: arm minus baseline, nats, Welch 95% CI over seeds; FLOPs to reach: where the arm's "
+            f"curve first reaches the baseline's mean final val_loss:\n\n{markdown_table(rows, per_seed_reach(res, cur, rows))}"
+            + ("\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""))
     parts.append(
         "What this does not show: one small model (3 stacks, 4 blocks in all) and one short run per arm; one corpus "
         "(Python source); CPU float32. Matching FLOPs and steps gives the baseline a smaller batch (the whole "
-        "rack costs more per example than a growing one), so it sees fewer tokens (column *tokens*). The budget the baseline matches is the FLOPs of the base run (trunk_strategy full, "
-        "new stacks random), which every operator spends too (an operator changes a new stack's start, not its "
-        "cost). A difference "
+        "rack costs more per example than a growing one), so it sees fewer tokens (column *tokens*). The budget the "
+        "baseline matches is the FLOPs of the base run (trunk_strategy full, new stacks random), which every "
+        "operator spends too (an operator changes a new stack's start, not its cost). A difference "
         "whose interval contains 0 is no difference; \"no gain\" is a result. Whether any ordering holds at larger "
         "scale, with longer training or other data is not measured here.")
     return "\n\n".join(parts)
@@ -164,16 +177,17 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
 def merged(sources: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """The kept runs in `sources` as one: each schedule run on its own (so a long protocol
     can be run, and kept, a schedule at a time) and reported together."""
-    runs = [kept(source) for source in sources]
-    facts = runs[0][2]
-    for _, _, more in runs[1:]:
-        clash = set(facts["walls"]) & set(more["walls"])
-        if clash or more["args"] | {"schedules": None} != facts["args"] | {"schedules": None}:
-            raise SystemExit(f"--from: {sources} are not runs of one protocol on different schedules")
+    kept_runs = [kept(source) for source in sources]
+    facts = {**kept_runs[0][2], "walls": {}, "trials": 0, "runs": []}
+    for _, _, more in kept_runs:
+        if set(facts["walls"]) & set(more["walls"]):
+            raise SystemExit(f"--from: {sources} run a schedule twice")
+        if {more["args"][k] != kept_runs[0][2]["args"][k] for k in ("operators", "steps", "eval_every")} != {False}:
+            raise SystemExit(f"--from: {sources} differ in operators, steps or eval_every")
         facts["walls"].update(more["walls"])
         facts["trials"] += more["trials"]
-        facts["args"]["schedules"] = facts["args"]["schedules"] + more["args"]["schedules"]
-    return (pd.concat([r for r, _, _ in runs]), pd.concat([c for _, c, _ in runs]), facts)
+        facts["runs"].append(more["args"])
+    return pd.concat([r for r, _, _ in kept_runs]), pd.concat([c for _, c, _ in kept_runs]), facts
 
 
 def main() -> None:
@@ -199,6 +213,7 @@ def main() -> None:
             shutil.rmtree(tmp)
         facts["args"] = {k: getattr(args, k) for k in ("schedules", "operators", "lrs", "seeds", "steps", "eval_every")}
         keep(args.keep or tempfile.mkdtemp(prefix="quality-growth-kept-"), results, curves, facts)
+        facts["runs"] = [facts["args"]]
     body = report(results, curves, facts)
     if args.no_write:
         print(body)

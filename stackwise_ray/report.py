@@ -243,6 +243,7 @@ def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
     done = done[done["arm"].notna()]
     chosen = {arm: best_lr(rows) for arm, rows in done.groupby("arm", sort=False)}
     tried = {arm: rows[LR].nunique() if LR in rows else 1 for arm, rows in done.groupby("arm", sort=False)}
+    grids = {arm: sorted(rows[LR].dropna().unique()) if LR in rows else [] for arm, rows in done.groupby("arm", sort=False)}
     base = chosen.get("baseline")
     base_losses = per_seed(base[1]) if base is not None else pd.Series(dtype=float)
     base_loss = base_losses.mean() if base is not None else float("nan")
@@ -255,7 +256,9 @@ def comparison(results: pd.DataFrame, curves: pd.DataFrame) -> list[dict]:
         reach = flops_to_reach(curve["flops"].tolist(), curve["val_loss"].tolist(), base_loss) if len(curve) else None
         flops, budget = rows["flops"].mean(), rows["budget"].max() if "budget" in rows else float("nan")
         bpb = per_seed(rows, "val_bpb") if "val_bpb" in rows else pd.Series(dtype=float)
-        out.append({"arm": arm, "lr": lr, "lrs_tried": max(1, int(tried[arm])), "seeds": len(losses),
+        grid = grids[arm]
+        edge = None if len(grid) < 2 else {grid[0]: "smallest", grid[-1]: "largest"}.get(lr)
+        out.append({"arm": arm, "lr": lr, "lrs_tried": max(1, int(tried[arm])), "lr_edge": edge, "seeds": len(losses),
                     "val_loss_mean": losses.mean(),
                     "val_bpb_mean": bpb.mean() if len(bpb) else float("nan"),
                     "val_loss_std": losses.std(ddof=1) if len(losses) > 1 else float("nan"),
@@ -271,14 +274,19 @@ MIN_SEEDS = 3  # fewer seeds give no interval (1) or one too wide to mean much (
 
 def weak_evidence(rows: list[dict]) -> list[str]:
     """What makes a comparison table's evidence weak, one line each (none: it follows the
-    protocol): untuned learning rates, too few seeds, a baseline matched in FLOPs only that
-    trained fewer steps than the arms, arms over the budget."""
+    protocol): untuned learning rates, an arm whose best LR is at the edge of its grid, too
+    few seeds, a baseline matched in FLOPs only that trained fewer steps than the arms,
+    arms over the budget."""
     if not rows:
         return []
     lines = []
     if max(r.get("lrs_tried", 1) for r in rows) <= 1:
         lines.append("Weak evidence: a single learning rate for every arm, so each arm's LR is untuned and the "
                      "comparison may only say which arm suits that LR (tune.lrs runs several).")
+    for r in rows:
+        if r.get("lr_edge"):
+            lines.append(f"Weak evidence: {r['arm']}'s best LR ({r['lr']:g}) is the {r['lr_edge']} it tried, so its "
+                         "optimum may lie outside the grid and the arm may be undertuned (widen tune.lrs).")
     fewest = min(r["seeds"] for r in rows)
     if fewest < MIN_SEEDS:
         lines.append(f"Weak evidence: {fewest} seed{'s' if fewest != 1 else ''} for some arm (fewer than {MIN_SEEDS}), "

@@ -241,19 +241,32 @@ def test_the_comparison_says_under_it_what_makes_its_evidence_weak(tmp_path):
     compared = comparison(read_table(str(tmp_path / "results.csv"), RESULT_COLUMNS),
                           read_table(str(tmp_path / "curves.csv"), CURVE_COLUMNS))
     lines = weak_evidence(compared)
-    assert len(lines) == 3 and all(line.startswith("Weak evidence: ") for line in lines)
-    assert "1 seed for some arm (fewer than 3)" in lines[0]
-    assert "matched in FLOPs only and trained 30 steps against the arms' 40+" in lines[1]
-    assert lines[2].startswith("Weak evidence: building_mode=prepend spent more FLOPs than the budget")
+    assert len(lines) == 5 and all(line.startswith("Weak evidence: ") for line in lines)
+    # of 1e-3 and 3e-3, append is best at 3e-3 and the baseline at 1e-3; prepend ran one LR: no grid, no edge
+    assert lines[0].startswith("Weak evidence: building_mode=append's best LR (0.003) is the largest it tried")
+    assert lines[1].startswith("Weak evidence: baseline's best LR (0.001) is the smallest it tried")
+    assert "1 seed for some arm (fewer than 3)" in lines[2]
+    assert "matched in FLOPs only and trained 30 steps against the arms' 40+" in lines[3]
+    assert lines[4].startswith("Weak evidence: building_mode=prepend spent more FLOPs than the budget")
     # one LR, three seeds, steps matched, within the budget: nothing to say
-    good = [{**r, "lrs_tried": 1} for r in compared if r["arm"] != "building_mode=prepend"]
+    good = [{**r, "lrs_tried": 1, "lr_edge": None} for r in compared if r["arm"] != "building_mode=prepend"]
     assert weak_evidence(good)[0].startswith("Weak evidence: a single learning rate for every arm")
-    assert weak_evidence([{**r, "steps": 40} for r in compared if r["arm"] != "building_mode=prepend"]) == []
+    # an interior best LR, three seeds, steps matched, within the budget: nothing to say
+    assert weak_evidence([{**r, "steps": 40, "lr_edge": None} for r in compared
+                          if r["arm"] != "building_mode=prepend"]) == []
 
-    assert comparison_text(compared).splitlines()[-3:] == lines  # printed under the table
+    # a third, larger LR that does worse puts append's best (3e-3) inside its grid
+    results = read_table(str(tmp_path / "results.csv"), RESULT_COLUMNS)
+    worse = results[(results["arm"] == "building_mode=append") & (results["training.lr"] == 3e-3)].assign(
+        **{"training.lr": 1e-2, "val_loss": 2.5, "trial_id": lambda f: f["trial_id"] + "-wide"})
+    wider = comparison(pd.concat([results, worse]), read_table(str(tmp_path / "curves.csv"), CURVE_COLUMNS))
+    assert [r["lr_edge"] for r in wider] == [None, "smallest", None]  # append, baseline, prepend (one LR)
+    assert not any("building_mode=append's best LR" in line for line in weak_evidence(wider))
+
+    assert comparison_text(compared).splitlines()[-5:] == lines  # printed under the table
     write_comparison_csv(str(tmp_path), compared)
     text = (tmp_path / "comparison.csv").read_text()
-    assert text.splitlines()[-3:] == [f"# {line}" for line in lines]
+    assert text.splitlines()[-5:] == [f"# {line}" for line in lines]
     assert len(pd.read_csv(tmp_path / "comparison.csv", comment="#")) == 3
     md = open(write_report(str(tmp_path))["summary_md"]).read()
     assert all(line in md for line in lines)
