@@ -56,8 +56,8 @@ def test_dry_run_lists_the_trials(tmp_path):
                                  "    training.progressive.trunk_strategy: {grid: [frozen, qlora]}\n"))
     out = subprocess.run([sys.executable, "-m", "stackwise_ray.tune", str(path), "--dry-run"],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.startswith("5 trials")
-    assert len(grid_variants(StackWiseConfig.from_yaml(path).validate())) == 5
+    assert out.returncode == 0 and out.stdout.startswith("9 trials")  # 2 x 2 x 2 arms + the baseline
+    assert len(grid_variants(StackWiseConfig.from_yaml(path).validate())) == 9
 
 
 def run_sweep(path, storage, env, resume=False):
