@@ -10,7 +10,10 @@ matched on FLOPs and optimizer steps. Stacks of 1, 1 and 2 blocks
 The corpus is the running Python's standard library as JSONL, built in a temporary
 directory and deleted afterwards. Per schedule one sweep; FLOPs to reach the baseline's
 final loss are given on the mean curve and per seed (mean ± std over the seeds that reach
-it).
+it), and so are the tokens to reach it (each trial's tokens per step times the interpolated
+step): growth buys cheaper steps, so the FLOPs view and the equal-tokens view can disagree.
+The run_cosine run behind docs/benchmarks.md is kept in benchmarks/kept/p6b/run_cosine/
+(`--from` reports it again without running).
 
     python benchmarks/quality_growth.py              # the full protocol: 2 schedules x 4 arms x 5 LRs x 3 seeds
                                                      # = 120 trials (about 2.7 hours on 2 CPUs: 80 min
@@ -90,8 +93,11 @@ def run(tmp: str, args) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 
 def per_seed_reach(results: pd.DataFrame, curves: pd.DataFrame, rows: list[dict]) -> dict:
-    """{arm: (mean, std, seeds reaching, seeds)} of the FLOPs at which each of the arm's
-    trials at its best LR first reaches the baseline's mean final val_loss."""
+    """{arm: {"flops": (mean, std, seeds reaching, seeds), "tokens": (mean, std, ...)}}: the
+    FLOPs, and the training tokens, at which each of the arm's trials at its best LR first
+    reaches the baseline's mean final val_loss. Tokens are the trial's tokens per optimizer
+    step times the (interpolated) global step: growth buys cheaper steps, so the two views
+    can disagree."""
     base = next((r for r in rows if r["arm"] == "baseline"), None)
     if base is None:
         return {}
@@ -100,25 +106,40 @@ def per_seed_reach(results: pd.DataFrame, curves: pd.DataFrame, rows: list[dict]
         trials = results[(results["arm"] == r["arm"]) & results["val_loss"].notna()]
         if r["lr"] is not None and "training.lr" in trials:
             trials = trials[trials["training.lr"] == r["lr"]]
-        reached = []
-        for trial_id in trials["trial_id"]:
-            c = curves[curves["trial_id"] == trial_id].sort_values("global_step")
-            f = flops_to_reach(c["flops"].tolist(), c["val_loss"].tolist(), base["val_loss_mean"]) if len(c) else None
+        reached = {"flops": [], "tokens": []}
+        for trial in trials.itertuples():
+            c = curves[curves["trial_id"] == trial.trial_id].sort_values("global_step")
+            losses = c["val_loss"].tolist()
+            f = flops_to_reach(c["flops"].tolist(), losses, base["val_loss_mean"]) if len(c) else None
+            step = flops_to_reach(c["global_step"].tolist(), losses, base["val_loss_mean"]) if len(c) else None
             if f is not None:
-                reached.append(f)
-        s = pd.Series(reached, dtype=float)
-        out[r["arm"]] = (s.mean(), s.std(ddof=1) if len(s) > 1 else float("nan"), len(s), len(trials))
+                reached["flops"].append(f)
+                reached["tokens"].append(step * trial.tokens / trial.steps)
+        out[r["arm"]] = {k: spread(v, len(trials)) for k, v in reached.items()}
     return out
 
 
+def spread(values: list[float], total: int) -> tuple[float, float, int, int]:
+    s = pd.Series(values, dtype=float)
+    return s.mean(), s.std(ddof=1) if len(s) > 1 else float("nan"), len(s), total
+
+
 def markdown_table(rows: list[dict], reach: dict) -> str:
-    header = [*COMPARE_HEADER, "FLOPs to reach, per seed (mean ± std, reached/seeds)"]
+    base = next((r for r in rows if r["arm"] == "baseline"), None)
+    header = [*COMPARE_HEADER, "FLOPs to reach, per seed (mean ± std, reached/seeds)",
+              "tokens to reach, per seed (mean ± std, x the baseline's tokens)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r, cells in zip(rows, comparison_rows(rows)):
-        mean, std, n, total = reach.get(r["arm"], (float("nan"), float("nan"), 0, 0))
-        spread = "-" if n == 0 else f"{mean:.3g} ± {'-' if pd.isna(std) else f'{std:.2g}'} ({n}/{total})"
-        lines.append("| " + " | ".join([*cells, spread]) + " |")
+        empty = (float("nan"), float("nan"), 0, 0)
+        flops, tokens = (reach.get(r["arm"], {}).get(k, empty) for k in ("flops", "tokens"))
+        ratio = f" ({tokens[0] / base['tokens']:.2f}x)" if tokens[2] and base is not None else ""
+        lines.append("| " + " | ".join([*cells, per_seed_cell(flops), per_seed_cell(tokens) + ratio]) + " |")
     return "\n".join(lines)
+
+
+def per_seed_cell(stats: tuple[float, float, int, int]) -> str:
+    mean, std, n, total = stats
+    return "-" if n == 0 else f"{mean:.3g} ± {'-' if pd.isna(std) else f'{std:.2g}'} ({n}/{total})"
 
 
 def command(a: dict) -> str:
@@ -152,6 +173,23 @@ def caveats(a: dict) -> list[str]:
     return out
 
 
+def tokens_to_reach_ratios(rows: list[dict], reach: dict) -> list[float]:
+    """Each operator arm's mean tokens to reach the baseline's final loss, over the baseline's tokens."""
+    base = next((r for r in rows if r["arm"] == "baseline"), None)
+    return [reach[r["arm"]]["tokens"][0] / base["tokens"] for r in rows
+            if base is not None and r["arm"] != "baseline" and reach.get(r["arm"], {}).get("tokens", (0, 0, 0))[2]]
+
+
+def equal_tokens(ratios: list[float]) -> str:
+    """The sentence on the equal-tokens view (column *tokens to reach*)."""
+    if not ratios:
+        return "No arm reached the baseline's final loss, so there is no equal-tokens view."
+    verdict = ("so per token of training the arms learn no faster than the baseline: the saving is in FLOPs per token"
+               if min(ratios) >= 1 else "so some arm also needs fewer tokens than the baseline to get there")
+    return (f"Put on equal tokens (column *tokens to reach*), the arms reach the baseline's final loss after "
+            f"{min(ratios):.2f}-{max(ratios):.2f}x the tokens the baseline trained on, {verdict}.")
+
+
 def tokens_ratio(results: pd.DataFrame) -> float:
     """Tokens an operator arm trained on, over the baseline's (both means over trials)."""
     done = results[results["val_loss"].notna()]
@@ -181,25 +219,28 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
         + ", ".join(f"{s} {w / 60:.0f} min" for s, w in facts["walls"].items()) + "."
         + (f" **Not run: {missing}** (the protocol has both schedules)." if missing else ""),
     ]
+    token_ratios = []
     for schedule in schedules:
         r = by_schedule[schedule]
         reduced = reductions(r)
         res, cur = results[results["schedule"] == schedule], curves[curves["schedule"] == schedule]
         rows = comparison(res, cur)
         lines = weak_evidence(rows)
+        reach = per_seed_reach(res, cur, rows)
+        token_ratios += tokens_to_reach_ratios(rows, reach)
         parts.append(
             f"**lr_schedule: {schedule}**, LRs {r['lrs']} x seeds {r['seeds']}"
             + (f". **A REDUCED run, not the protocol**: {'; '.join(reduced)}. " + sentence("; ".join(caveats(r))) if reduced
                else " (the protocol)")
             + ". Difference: arm minus baseline, nats, Welch 95% CI over seeds; FLOPs to reach: where the arm's "
-            f"curve first reaches the baseline's mean final val_loss:\n\n{markdown_table(rows, per_seed_reach(res, cur, rows))}"
+            f"curve first reaches the baseline's mean final val_loss:\n\n{markdown_table(rows, reach)}"
             + ("\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""))
     parts.append(
         "What this does not show: one small model (3 stacks, 4 blocks in all) and one short run per arm; one corpus "
         "(Python source); CPU float32. Matching FLOPs and steps gives the baseline a smaller batch (the whole "
         f"rack costs more per example than a growing one), so it sees fewer tokens (column *tokens*: the arms "
         f"trained on {tokens_ratio(results):.2f}x the baseline's). That is where growth's saving comes from (its "
-        "early steps are cheaper), and it also means that at a fixed token count the ordering could differ. Every run "
+        "early steps are cheaper). " + equal_tokens(token_ratios) + " Every run "
         f"is short ({a['steps'] * 3} steps, under a tenth of an epoch) and its loss is still falling at the end "
         f"({'{} of {}'.format(*still_falling(curves))} trials lower at their last evaluation than at the one before): "
         "whether the gap closes with longer training, as \"No Train No Gain\" (Kaddour et al. 2023) found for "
