@@ -270,3 +270,26 @@ def test_the_comparison_says_under_it_what_makes_its_evidence_weak(tmp_path):
     assert len(pd.read_csv(tmp_path / "comparison.csv", comment="#")) == 3
     md = open(write_report(str(tmp_path))["summary_md"]).read()
     assert all(line in md for line in lines)
+
+
+def test_growth_benchmark_puts_each_seed_on_flops_and_on_tokens():
+    """P6b's per-seed reach (benchmarks/quality_growth.py), against a hand count: the arm
+    trains 20 tokens a step and crosses the baseline's final loss (2.0) halfway between its
+    evaluations at steps 50 and 100 (FLOPs 10 and 20): step 75, so 15 FLOPs and 1500 tokens,
+    1.5x the baseline's 1000 tokens."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import quality_growth as q
+    finally:
+        sys.path.remove(bench)
+    results = pd.DataFrame({"trial_id": ["a", "b"], "arm": ["arm", "baseline"], "training.lr": [1e-3, 1e-3],
+                            "val_loss": [1.5, 2.0], "tokens": [2000, 1000], "steps": [100, 100]})
+    curves = pd.DataFrame({"trial_id": ["a", "a", "b", "b"], "global_step": [50, 100, 50, 100],
+                           "flops": [10.0, 20.0, 30.0, 60.0], "val_loss": [2.5, 1.5, 2.4, 2.0]})
+    rows = [{"arm": "arm", "lr": 1e-3, "tokens": 2000}, {"arm": "baseline", "lr": 1e-3, "val_loss_mean": 2.0, "tokens": 1000}]
+    reach = q.per_seed_reach(results, curves, rows)
+    assert reach["arm"]["flops"][:3] == (15.0, pytest.approx(float("nan"), nan_ok=True), 1)
+    assert reach["arm"]["tokens"][0] == 1500.0 and reach["baseline"]["tokens"][0] == 1000.0
+    assert q.tokens_to_reach_ratios(rows, reach) == [1.5]
+    assert "after 1.50-1.50x the tokens" in q.equal_tokens([1.5]) and "no faster" in q.equal_tokens([1.5])
