@@ -12,8 +12,8 @@ directory and deleted afterwards. Per schedule one sweep; FLOPs to reach the bas
 final loss are given on the mean curve and per seed (mean ± std over the seeds that reach
 it), and so are the tokens to reach it (each trial's tokens per step times the interpolated
 step): growth buys cheaper steps, so the FLOPs view and the equal-tokens view can disagree.
-The run_cosine run behind docs/benchmarks.md is kept in benchmarks/kept/p6b/run_cosine/
-(`--from` reports it again without running).
+The runs behind docs/benchmarks.md are kept in benchmarks/kept/p6b/ (`--from` reports them
+again without running).
 
     python benchmarks/quality_growth.py              # the full protocol: 2 schedules x 4 arms x 5 LRs x 3 seeds
                                                      # = 120 trials (about 2.7 hours on 2 CPUs: 80 min
@@ -209,7 +209,9 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
     by_schedule = {s: r for r in runs for s in r["schedules"]}
     missing = [s for s in SCHEDULES if s not in schedules]
     parts = [
-        "The run" + ("s" if len(runs) > 1 else "") + ": " + "; ".join(f"`{command(r)}`" for r in runs) + ".",
+        "The run" + ("s" if len(runs) > 1 else "") + ": " + "; ".join(f"`{command(r)}`" for r in runs) + "."
+        + (" Their tables are kept in " + ", ".join(f"`{d}`" for d in facts["sources"]) + " (`--from` reports them "
+           "again)." if facts.get("sources") else ""),
         f"`{EXPERIMENT}` with `trunk_strategy: full` (d_model 128, 4 heads, 3 stacks of 1, 1 and 2 blocks, seq_len "
         f"128, byte tokenizer, batch 16, {a['steps']} steps per stack, 20 warmup steps once per run, validation "
         f"every {a['eval_every']} steps on the whole validation split) on the standard library's `.py` files as "
@@ -256,7 +258,7 @@ def merged(sources: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """The kept runs in `sources` as one: each schedule run on its own (so a long protocol
     can be run, and kept, a schedule at a time) and reported together."""
     kept_runs = [kept(source) for source in sources]
-    facts = {**kept_runs[0][2], "walls": {}, "trials": 0, "runs": []}
+    facts = {**kept_runs[0][2], "walls": {}, "trials": 0, "runs": [], "sources": sources}
     for _, _, more in kept_runs:
         if set(facts["walls"]) & set(more["walls"]):
             raise SystemExit(f"--from: {sources} run a schedule twice")
