@@ -16,7 +16,7 @@ The runs behind docs/benchmarks.md are kept in benchmarks/kept/p6b/ (`--from` re
 again without running).
 
     python benchmarks/quality_growth.py              # the full protocol: 2 schedules x 4 arms x 5 LRs x 3 seeds
-                                                     # = 120 trials (about 2.7 hours on 2 CPUs: 80 min
+                                                     # = 120 trials (2-2.7 hours on 2 CPUs: 62-80 min
                                                      # a schedule; the operators share phase 0)
     python benchmarks/quality_growth.py --schedules wsd --lrs 2e-3 --seeds 0 --steps 30   # a reduced run
     python benchmarks/quality_growth.py --from DIR   # the report again, from a run made with --keep DIR
@@ -93,7 +93,8 @@ def run(tmp: str, args) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 
 def per_seed_reach(results: pd.DataFrame, curves: pd.DataFrame, rows: list[dict]) -> dict:
-    """{arm: {"flops": (mean, std, seeds reaching, seeds), "tokens": (mean, std, ...)}}: the
+    """{arm: {"flops": (mean, std, seeds reaching, seeds), "tokens": (mean, std, ...), "tokens_x":
+    mean tokens over the baseline's, or None}}: the
     FLOPs, and the training tokens, at which each of the arm's trials at its best LR first
     reaches the baseline's mean final val_loss. Tokens are the trial's tokens per optimizer
     step times the (interpolated) global step: growth buys cheaper steps, so the two views
@@ -116,6 +117,7 @@ def per_seed_reach(results: pd.DataFrame, curves: pd.DataFrame, rows: list[dict]
                 reached["flops"].append(f)
                 reached["tokens"].append(step * trial.tokens / trial.steps)
         out[r["arm"]] = {k: spread(v, len(trials)) for k, v in reached.items()}
+        out[r["arm"]]["tokens_x"] = out[r["arm"]]["tokens"][0] / base["tokens"] if reached["tokens"] else None
     return out
 
 
@@ -125,15 +127,14 @@ def spread(values: list[float], total: int) -> tuple[float, float, int, int]:
 
 
 def markdown_table(rows: list[dict], reach: dict) -> str:
-    base = next((r for r in rows if r["arm"] == "baseline"), None)
     header = [*COMPARE_HEADER, "FLOPs to reach, per seed (mean ± std, reached/seeds)",
               "tokens to reach, per seed (mean ± std, x the baseline's tokens)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    empty = {"flops": (float("nan"), float("nan"), 0, 0), "tokens": (float("nan"), float("nan"), 0, 0), "tokens_x": None}
     for r, cells in zip(rows, comparison_rows(rows)):
-        empty = (float("nan"), float("nan"), 0, 0)
-        flops, tokens = (reach.get(r["arm"], {}).get(k, empty) for k in ("flops", "tokens"))
-        ratio = f" ({tokens[0] / base['tokens']:.2f}x)" if tokens[2] and base is not None else ""
-        lines.append("| " + " | ".join([*cells, per_seed_cell(flops), per_seed_cell(tokens) + ratio]) + " |")
+        arm = reach.get(r["arm"], empty)
+        ratio = f" ({arm['tokens_x']:.2f}x)" if arm["tokens_x"] is not None else ""
+        lines.append("| " + " | ".join([*cells, per_seed_cell(arm["flops"]), per_seed_cell(arm["tokens"]) + ratio]) + " |")
     return "\n".join(lines)
 
 
@@ -173,11 +174,9 @@ def caveats(a: dict) -> list[str]:
     return out
 
 
-def tokens_to_reach_ratios(rows: list[dict], reach: dict) -> list[float]:
+def tokens_to_reach_ratios(reach: dict) -> list[float]:
     """Each operator arm's mean tokens to reach the baseline's final loss, over the baseline's tokens."""
-    base = next((r for r in rows if r["arm"] == "baseline"), None)
-    return [reach[r["arm"]]["tokens"][0] / base["tokens"] for r in rows
-            if base is not None and r["arm"] != "baseline" and reach.get(r["arm"], {}).get("tokens", (0, 0, 0))[2]]
+    return [v["tokens_x"] for arm, v in reach.items() if arm != "baseline" and v["tokens_x"] is not None]
 
 
 def equal_tokens(ratios: list[float]) -> str:
@@ -229,7 +228,7 @@ def report(results: pd.DataFrame, curves: pd.DataFrame, facts: dict) -> str:
         rows = comparison(res, cur)
         lines = weak_evidence(rows)
         reach = per_seed_reach(res, cur, rows)
-        token_ratios += tokens_to_reach_ratios(rows, reach)
+        token_ratios += tokens_to_reach_ratios(reach)
         parts.append(
             f"**lr_schedule: {schedule}**, LRs {r['lrs']} x seeds {r['seeds']}"
             + (f". **A REDUCED run, not the protocol**: {'; '.join(reduced)}. " + sentence("; ".join(caveats(r))) if reduced

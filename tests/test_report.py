@@ -291,5 +291,5 @@ def test_growth_benchmark_puts_each_seed_on_flops_and_on_tokens():
     reach = q.per_seed_reach(results, curves, rows)
     assert reach["arm"]["flops"][:3] == (15.0, pytest.approx(float("nan"), nan_ok=True), 1)
     assert reach["arm"]["tokens"][0] == 1500.0 and reach["baseline"]["tokens"][0] == 1000.0
-    assert q.tokens_to_reach_ratios(rows, reach) == [1.5]
+    assert reach["arm"]["tokens_x"] == 1.5 and q.tokens_to_reach_ratios(reach) == [1.5]
     assert "after 1.50-1.50x the tokens" in q.equal_tokens([1.5]) and "no faster" in q.equal_tokens([1.5])

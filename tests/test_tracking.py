@@ -60,7 +60,6 @@ def wandb_history(path) -> tuple[list[dict], bool]:
     wandb >= 0.19 reads these only in its Go core, so this follows the file format: a 7-byte
     header, then LevelDB-log records (7-byte record headers, 32 KiB blocks) each holding a
     protobuf Record. A record the core has not finished writing ends the reading, unfinished."""
-    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
     data, pos, buf, rows, finished = path.read_bytes(), 7, b"", [], False
@@ -75,10 +74,7 @@ def wandb_history(path) -> tuple[list[dict], bool]:
         buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # a full record, or the last part of one
             record = pb.Record()
-            try:
-                record.ParseFromString(buf)
-            except DecodeError:  # a record caught mid-write: read again later
-                return rows, False
+            record.ParseFromString(buf)
             buf = b""
             if record.WhichOneof("record_type") == "history":
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
